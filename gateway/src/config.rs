@@ -1,0 +1,170 @@
+//! Gateway configuration: one TOML file, every key also a `serve` flag, a sane
+//! default for each. Flags override the file; the file overrides defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Port the gateway listens on when nothing else is configured.
+pub const DEFAULT_PORT: u16 = 8480;
+
+/// Everything `nixpfs serve` needs to know, after merging file and flags.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP address for Nix (and the admin API). Loopback by default.
+    pub listen: SocketAddr,
+    /// libp2p listen multiaddrs of the embedded IPFS node.
+    pub ipfs_listen: Vec<String>,
+    /// Peers to dial and keep connected (multiaddrs ending in `/p2p/<id>`).
+    pub peers: Vec<String>,
+    /// The signed anchor registry: a file path or an http(s) URL.
+    pub registry: Option<String>,
+    /// How many distinct registry anchors must agree before a path is served.
+    pub require: u32,
+    /// Only these registry anchors count (all of the registry's when empty).
+    pub anchors: Vec<String>,
+    /// File holding the token that authorises uploads and admin writes.
+    pub upload_token_file: Option<PathBuf>,
+    /// `Priority:` in `nix-cache-info` (lower is preferred by Nix).
+    pub priority: u32,
+    /// `WantMassQuery:` in `nix-cache-info`.
+    pub want_mass_query: bool,
+    /// Seconds between two anchor syncs while serving; 0 disables the timer.
+    pub sync_interval_secs: u64,
+    /// Pin what the gateway fetched for Nix, so it seeds it to others.
+    pub seed_fetched: bool,
+    /// Seconds to wait for a block nobody has before giving up.
+    pub fetch_timeout_secs: u64,
+    /// The gateway's own narinfo signing key (generated on first start).
+    pub signing_key_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            ipfs_listen: vec!["/ip4/127.0.0.1/tcp/0".to_owned()],
+            peers: Vec::new(),
+            registry: None,
+            require: 1,
+            anchors: Vec::new(),
+            upload_token_file: None,
+            priority: 40,
+            want_mass_query: true,
+            sync_interval_secs: 600,
+            seed_fetched: false,
+            fetch_timeout_secs: 60,
+            signing_key_file: None,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: `require` must be at least 1 (got {0})")]
+    RequireZero(u32),
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the *default* location yields defaults,
+    /// a missing file the user named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Self::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.require == 0 {
+            return Err(ConfigError::RequireZero(self.require));
+        }
+        Ok(())
+    }
+}
+
+/// The data directory when none is given: `$XDG_DATA_HOME/nixpfs`, else
+/// `~/.local/share/nixpfs`, else `./nixpfs-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("nixpfs");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/share/nixpfs");
+    }
+    PathBuf::from("nixpfs-data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_default_file_gives_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load(&dir.path().join("config.toml"), false).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::load(&dir.path().join("nope.toml"), true).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nrequire = 2\npeers = [\"/ip4/127.0.0.1/tcp/4001/p2p/x\"]\n",
+        )
+        .unwrap();
+        let config = Config::load(&path, true).unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.require, 2);
+        assert_eq!(config.peers.len(), 1);
+        assert_eq!(config.priority, 40);
+    }
+
+    #[test]
+    fn unknown_keys_and_zero_require_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(&path, true).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        std::fs::write(&path, "require = 0\n").unwrap();
+        assert!(matches!(
+            Config::load(&path, true),
+            Err(ConfigError::RequireZero(0))
+        ));
+    }
+}

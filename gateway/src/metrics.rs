@@ -1,0 +1,68 @@
+//! Counters of what the gateway did, security-relevant failures first. Plain
+//! atomics: cheap on hot paths, read by `status` and `GET /metrics`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Monotonic counters since the gateway started.
+        #[derive(Debug, Default)]
+        pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A point-in-time copy of [`Metrics`], for JSON and text output.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+        pub struct MetricsSnapshot { $(pub $name: u64,)* }
+
+        impl Metrics {
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl MetricsSnapshot {
+            /// Prometheus text exposition format.
+            pub fn to_prometheus(&self) -> String {
+                let mut out = String::new();
+                $(out.push_str(&format!(concat!("nixpfs_", stringify!($name), " {}\n"), self.$name));)*
+                out
+            }
+        }
+    };
+}
+
+counters! {
+    /// narinfo requests answered with a narinfo.
+    narinfo_served,
+    /// narinfo requests answered 404 (unknown or policy not met).
+    narinfo_not_found,
+    /// narinfo requests refused because registry anchors disagree.
+    narinfo_conflict,
+    /// NAR responses started.
+    nar_served,
+    /// NAR bytes sent.
+    nar_bytes,
+    /// NAR streams aborted because the bytes did not match the signed NarHash.
+    nar_hash_mismatch,
+    /// NAR streams aborted because a block could not be fetched or verified.
+    nar_fetch_failed,
+    /// Requests rejected for a missing or wrong token.
+    auth_failures,
+    /// Anchor sets rejected during sync (bad signature, rollback, fork…).
+    sync_rejected,
+    /// Anchor sets accepted during sync.
+    sync_accepted,
+}
+
+impl Metrics {
+    /// Adds one to a counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
