@@ -148,15 +148,11 @@ impl SecretKey {
             .split_once(':')
             .ok_or(KeyError::SecretMissingColon)?;
         let bytes: [u8; SECRET_LEN] = parse_named("secret key", name, b64)?;
-        let (seed, public) = bytes.split_at(SEED_LEN);
-        let mut seed_arr = [0u8; SEED_LEN];
-        seed_arr.copy_from_slice(seed);
-        let key = SigningKey::from_bytes(&seed_arr);
-        if key.verifying_key().as_bytes()[..] != *public {
-            return Err(KeyError::PublicHalfMismatch {
+        // Fails unless the public half is the one the seed derives.
+        let key =
+            SigningKey::from_keypair_bytes(&bytes).map_err(|_| KeyError::PublicHalfMismatch {
                 name: excerpt(name),
-            });
-        }
+            })?;
         Ok(Self {
             name: name.to_owned(),
             key,
