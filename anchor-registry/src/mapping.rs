@@ -29,12 +29,12 @@ pub enum MappingError {
     #[error("mapping is not valid JSON of the entry schema: {reason}")]
     Json { reason: String },
     #[error("mapping of {path} is not in canonical form (fields, order, spacing or encodings differ from its rendering)")]
-    NotCanonical { path: StorePath },
+    NotCanonical { path: String },
     #[error("mapping of {path}: NarSize {nar_size} exceeds {MAX_SAFE_INTEGER}, the largest size canonical JSON carries exactly")]
-    SizeTooLarge { path: StorePath, nar_size: u64 },
+    SizeTooLarge { path: String, nar_size: u64 },
     #[error("mapping of {path}: signature by key `{signer}` does not verify under key `{key}`")]
     BadSignature {
-        path: StorePath,
+        path: String,
         signer: String,
         key: String,
     },
@@ -166,7 +166,7 @@ impl Mapping {
             Ok(())
         } else {
             Err(MappingError::BadSignature {
-                path: self.data.path.clone(),
+                path: self.data.path.to_string(),
                 signer: self.signature.name().to_owned(),
                 key: key.name().to_owned(),
             })
@@ -194,7 +194,7 @@ impl Mapping {
             .into();
         if mapping.data.nar_size > MAX_SAFE_INTEGER {
             return Err(MappingError::SizeTooLarge {
-                path: mapping.data.path,
+                path: mapping.data.path.to_string(),
                 nar_size: mapping.data.nar_size,
             });
         }
@@ -202,7 +202,7 @@ impl Mapping {
         mapping.write_canonical(scratch);
         if scratch.as_slice() != line {
             return Err(MappingError::NotCanonical {
-                path: mapping.data.path,
+                path: mapping.data.path.to_string(),
             });
         }
         Ok(mapping)

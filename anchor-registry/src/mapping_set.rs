@@ -80,7 +80,7 @@ pub enum SetError {
     BadHeaderSignature {
         anchor: AnchorName,
         version: u64,
-        key: PublicKey,
+        key: String,
     },
     #[error("`{anchor}` line {line}: malformed entry: {source}")]
     MalformedEntry {
@@ -94,20 +94,20 @@ pub enum SetError {
     DuplicateEntry {
         anchor: AnchorName,
         line: u64,
-        path: StorePath,
+        path: String,
     },
     #[error("`{anchor}` line {line}: entry {path} is not after {previous} (entries are sorted by hash part)")]
     UnsortedEntry {
         anchor: AnchorName,
         line: u64,
-        path: StorePath,
-        previous: StorePath,
+        path: String,
+        previous: String,
     },
     #[error("`{anchor}` line {line}: Nix signature of {path} by key `{signer}` does not verify under the set key `{key}`")]
     EntrySignature {
         anchor: AnchorName,
         line: u64,
-        path: StorePath,
+        path: String,
         signer: String,
         key: String,
     },
@@ -132,13 +132,13 @@ pub enum SetError {
     #[error("cannot sign for `{anchor}` with key `{given}`: the header names key `{expected}`")]
     WrongSigningKey {
         anchor: AnchorName,
-        expected: PublicKey,
-        given: PublicKey,
+        expected: String,
+        given: String,
     },
     #[error("cannot write {path} into the set of `{anchor}`: it is signed by key `{signer}`, not the set key `{key}`")]
     ForeignEntry {
         anchor: AnchorName,
-        path: StorePath,
+        path: String,
         signer: String,
         key: String,
     },
@@ -250,8 +250,8 @@ impl SignedHeader {
         if public != header.key {
             return Err(SetError::WrongSigningKey {
                 anchor: header.anchor,
-                expected: header.key,
-                given: public,
+                expected: header.key.to_string(),
+                given: public.to_string(),
             });
         }
         let unsigned = header.unsigned_bytes();
@@ -299,7 +299,7 @@ impl SignedHeader {
             return Err(SetError::BadHeaderSignature {
                 anchor: header.anchor,
                 version: header.version,
-                key: header.key,
+                key: header.key.to_string(),
             });
         }
         Ok(Self {
@@ -431,7 +431,7 @@ where
         if mapping.signature().name() != key.name() {
             return Err(SetError::ForeignEntry {
                 anchor: params.anchor.clone(),
-                path: mapping.path().clone(),
+                path: mapping.path().to_string(),
                 signer: mapping.signature().name().to_owned(),
                 key: key.name().to_owned(),
             });
@@ -441,7 +441,7 @@ where
                 anchor: params.anchor.clone(),
                 line,
                 source: MappingError::SizeTooLarge {
-                    path: mapping.path().clone(),
+                    path: mapping.path().to_string(),
                     nar_size: mapping.data().nar_size,
                 },
             });
@@ -488,13 +488,13 @@ fn check_order(
         Some(prev) if prev.hash() == path.hash() => Err(SetError::DuplicateEntry {
             anchor: anchor.clone(),
             line,
-            path: path.clone(),
+            path: path.to_string(),
         }),
         Some(prev) if prev.hash() > path.hash() => Err(SetError::UnsortedEntry {
             anchor: anchor.clone(),
             line,
-            path: path.clone(),
-            previous: prev.clone(),
+            path: path.to_string(),
+            previous: prev.to_string(),
         }),
         _ => Ok(()),
     }
@@ -692,7 +692,7 @@ impl<R: BufRead> SetReader<R> {
             return Err(SetError::EntrySignature {
                 anchor: anchor.clone(),
                 line: line_no,
-                path: mapping.path().clone(),
+                path: mapping.path().to_string(),
                 signer: mapping.signature().name().to_owned(),
                 key: h.key.name().to_owned(),
             });

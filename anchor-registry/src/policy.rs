@@ -105,10 +105,11 @@ pub struct Vouch {
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Decision {
     /// Enough anchors agree and none disagrees. `mapping` is the first
-    /// agreeing anchor's; all `agreeing` share its fingerprint (their CIDs may
-    /// differ; their Nix signatures can all go into the narinfo).
+    /// agreeing anchor's; all `agreeing` (sorted by anchor) share its
+    /// fingerprint: their CIDs may differ, and all their Nix signatures can go
+    /// into the narinfo.
     Serve {
-        mapping: Mapping,
+        mapping: Box<Mapping>,
         agreeing: Vec<Vouch>,
     },
     /// Nobody disagrees, but fewer than `need` anchors vouch.
@@ -227,7 +228,7 @@ impl Policy {
             .unwrap_or_default();
         match agreeing.first() {
             Some(first) if agreeing.len() as u64 >= self.require => Decision::Serve {
-                mapping: first.mapping.clone(),
+                mapping: Box::new(first.mapping.clone()),
                 agreeing,
             },
             _ => Decision::NotEnough {
@@ -236,5 +237,318 @@ impl Policy {
                 agreeing,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SecretKey;
+    use crate::mapping::testing::{cid_of, data, key};
+    use crate::mapping::MappingData;
+    use crate::registry::Anchor;
+
+    const EXPIRES: u64 = 2_000_000_000;
+
+    struct World {
+        anchors: Vec<SecretKey>,
+        registry: Registry,
+    }
+
+    /// A registry of `n` anchors named a0, a1, … with keys a0-1, a1-1, …
+    fn world(n: usize) -> World {
+        let root = key("root-1");
+        let mut registry = Registry::init(vec![root.public()], 1, EXPIRES).expect("valid");
+        let anchors: Vec<SecretKey> = (0..n).map(|i| key(&format!("a{i}-1"))).collect();
+        for (i, k) in anchors.iter().enumerate() {
+            registry
+                .add_anchor(Anchor {
+                    key: k.public(),
+                    name: name(&format!("a{i}")),
+                    note: None,
+                    sources: vec![],
+                })
+                .expect("new");
+        }
+        registry.sign(&root);
+        World { anchors, registry }
+    }
+
+    fn name(s: &str) -> AnchorName {
+        AnchorName::parse(s).expect("valid")
+    }
+
+    fn truth() -> MappingData {
+        data(1, b"the real NAR")
+    }
+
+    fn lie() -> MappingData {
+        data(1, b"a backdoored NAR")
+    }
+
+    fn by(k: &SecretKey, d: MappingData) -> Assertion {
+        Assertion {
+            kind: SetKind::Anchor,
+            mapping: d.sign(k),
+        }
+    }
+
+    fn agreeing_names(d: &Decision) -> Vec<String> {
+        match d {
+            Decision::Serve { agreeing, .. } | Decision::NotEnough { agreeing, .. } => {
+                agreeing.iter().map(|v| v.anchor.to_string()).collect()
+            }
+            Decision::Conflict { evidence, .. } => {
+                evidence.iter().map(|v| v.anchor.to_string()).collect()
+            }
+        }
+    }
+
+    #[test]
+    fn one_anchor_serves_under_default_policy() {
+        let w = world(3);
+        let d =
+            Policy::default().evaluate(&w.registry, &truth().path, &[by(&w.anchors[0], truth())]);
+        assert!(
+            matches!(&d, Decision::Serve { mapping, .. } if mapping.nar_hash() == &truth().nar_hash)
+        );
+        assert_eq!(agreeing_names(&d), ["a0"]);
+    }
+
+    #[test]
+    fn five_sockpuppets_agreeing_on_a_wrong_nar_hash_do_not_satisfy_k1() {
+        let w = world(3);
+        let mut puppets: Vec<Assertion> = (0..5)
+            .map(|i| by(&key(&format!("puppet{i}-1")), lie()))
+            .collect();
+        // One even borrows a registry anchor's key name.
+        puppets.push(by(&key("a0-1"), lie()));
+        let d = Policy::default().evaluate(&w.registry, &truth().path, &puppets);
+        assert_eq!(
+            d,
+            Decision::NotEnough {
+                have: 0,
+                need: 1,
+                agreeing: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn sockpuppets_cannot_raise_a_conflict() {
+        let w = world(3);
+        let mut assertions = vec![by(&w.anchors[0], truth())];
+        assertions.extend((0..5).map(|i| by(&key(&format!("puppet{i}-1")), lie())));
+        let d = Policy::default().evaluate(&w.registry, &truth().path, &assertions);
+        assert!(matches!(d, Decision::Serve { .. }));
+    }
+
+    #[test]
+    fn two_of_three_agreeing_satisfy_k2() {
+        let w = world(3);
+        let policy = Policy::new(2, None).expect("valid");
+        let d = policy.evaluate(
+            &w.registry,
+            &truth().path,
+            &[by(&w.anchors[0], truth()), by(&w.anchors[2], truth())],
+        );
+        assert!(matches!(d, Decision::Serve { .. }));
+        assert_eq!(agreeing_names(&d), ["a0", "a2"]);
+    }
+
+    #[test]
+    fn an_offline_anchor_does_not_lower_the_bar() {
+        let w = world(3);
+        let policy = Policy::new(2, None).expect("valid");
+        let d = policy.evaluate(&w.registry, &truth().path, &[by(&w.anchors[1], truth())]);
+        assert!(matches!(
+            d,
+            Decision::NotEnough {
+                have: 1,
+                need: 2,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_same_anchor_twice_counts_once() {
+        let w = world(3);
+        let policy = Policy::new(2, None).expect("valid");
+        let once = by(&w.anchors[0], truth());
+        let d = policy.evaluate(&w.registry, &truth().path, &[once.clone(), once]);
+        assert!(matches!(
+            d,
+            Decision::NotEnough {
+                have: 1,
+                need: 2,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn one_disagreeing_anchor_blocks_the_path_with_evidence() {
+        let w = world(3);
+        let policy = Policy::new(2, None).expect("valid");
+        let assertions = [
+            by(&w.anchors[0], truth()),
+            by(&w.anchors[1], truth()),
+            by(&w.anchors[2], lie()),
+        ];
+        match policy.evaluate(&w.registry, &truth().path, &assertions) {
+            Decision::Conflict { path, evidence } => {
+                assert_eq!(path, truth().path);
+                assert_eq!(evidence.len(), 3);
+                for v in &evidence {
+                    assert_eq!(v.mapping.verify(&v.key), Ok(()), "evidence must verify");
+                }
+                assert_eq!(evidence[2].mapping.nar_hash(), &lie().nar_hash);
+            }
+            other => panic!("expected conflict, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_anchor_contradicting_itself_is_a_conflict() {
+        let w = world(1);
+        let d = Policy::default().evaluate(
+            &w.registry,
+            &truth().path,
+            &[by(&w.anchors[0], truth()), by(&w.anchors[0], lie())],
+        );
+        assert!(matches!(d, Decision::Conflict { .. }));
+    }
+
+    #[test]
+    fn different_cids_for_the_same_nar_hash_agree() {
+        let w = world(2);
+        let mut elsewhere = truth();
+        elsewhere.cid = cid_of(b"another profile's DAG");
+        let policy = Policy::new(2, None).expect("valid");
+        let d = policy.evaluate(
+            &w.registry,
+            &truth().path,
+            &[by(&w.anchors[0], truth()), by(&w.anchors[1], elsewhere)],
+        );
+        assert!(matches!(d, Decision::Serve { ref agreeing, .. } if agreeing.len() == 2));
+    }
+
+    #[test]
+    fn a_different_nar_size_for_the_same_nar_hash_conflicts() {
+        let w = world(2);
+        let mut odd = truth();
+        odd.nar_size += 1;
+        let d = Policy::default().evaluate(
+            &w.registry,
+            &truth().path,
+            &[by(&w.anchors[0], truth()), by(&w.anchors[1], odd)],
+        );
+        assert!(matches!(d, Decision::Conflict { .. }));
+    }
+
+    #[test]
+    fn claims_never_count() {
+        let w = world(2);
+        let claims: Vec<Assertion> = w
+            .anchors
+            .iter()
+            .map(|k| Assertion {
+                kind: SetKind::Claims,
+                mapping: truth().sign(k),
+            })
+            .collect();
+        let d = Policy::default().evaluate(&w.registry, &truth().path, &claims);
+        assert!(matches!(d, Decision::NotEnough { have: 0, .. }));
+    }
+
+    #[test]
+    fn bad_signatures_and_other_paths_are_ignored() {
+        let w = world(1);
+        let good = truth().sign(&w.anchors[0]);
+        let forged = Mapping::new(lie(), good.signature().clone());
+        let other_path = by(&w.anchors[0], data(2, b"other"));
+        let d = Policy::default().evaluate(
+            &w.registry,
+            &truth().path,
+            &[
+                Assertion {
+                    kind: SetKind::Anchor,
+                    mapping: forged,
+                },
+                other_path,
+            ],
+        );
+        assert!(matches!(d, Decision::NotEnough { have: 0, .. }));
+    }
+
+    #[test]
+    fn only_configured_anchors_count_or_conflict() {
+        let w = world(3);
+        let policy = Policy::new(1, Some([name("a0")].into())).expect("valid");
+        let d = policy.evaluate(
+            &w.registry,
+            &truth().path,
+            &[by(&w.anchors[0], truth()), by(&w.anchors[1], lie())],
+        );
+        assert!(matches!(d, Decision::Serve { .. }));
+        let d = policy.evaluate(&w.registry, &truth().path, &[by(&w.anchors[2], truth())]);
+        assert!(matches!(d, Decision::NotEnough { have: 0, .. }));
+    }
+
+    #[test]
+    fn policy_must_be_satisfiable() {
+        let w = world(2);
+        assert_eq!(Policy::new(0, None), Err(PolicyError::RequireZero));
+        assert_eq!(
+            Policy::new(1, Some(BTreeSet::new())),
+            Err(PolicyError::NoAnchors)
+        );
+        assert_eq!(
+            Policy::new(3, None).expect("valid").check(&w.registry),
+            Err(PolicyError::RequireExceedsAnchors {
+                require: 3,
+                available: 2
+            })
+        );
+        assert!(matches!(
+            Policy::new(1, Some([name("zz")].into()))
+                .expect("valid")
+                .check(&w.registry),
+            Err(PolicyError::UnknownAnchor { .. })
+        ));
+        assert_eq!(
+            Policy::new(2, None).expect("valid").check(&w.registry),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn policy_reads_from_config_and_refuses_zero() {
+        let p: Policy =
+            serde_json::from_str(r#"{"require":2,"anchors":["a0","a1"]}"#).expect("valid");
+        assert_eq!(
+            p,
+            Policy::new(2, Some([name("a0"), name("a1")].into())).expect("valid")
+        );
+        assert!(serde_json::from_str::<Policy>(r#"{"require":0}"#).is_err());
+        let json = serde_json::to_string(&p).expect("serialises");
+        assert_eq!(
+            serde_json::from_str::<Policy>(&json).expect("round trips"),
+            p
+        );
+    }
+
+    #[test]
+    fn conflict_evidence_exports_and_reimports() {
+        let w = world(2);
+        let d = Policy::default().evaluate(
+            &w.registry,
+            &truth().path,
+            &[by(&w.anchors[0], truth()), by(&w.anchors[1], lie())],
+        );
+        let json = serde_json::to_string(&d).expect("serialises");
+        assert!(json.starts_with("{\"decision\":\"conflict\""), "{json}");
+        assert_eq!(serde_json::from_str::<Decision>(&json).expect("parses"), d);
     }
 }

@@ -65,17 +65,17 @@ pub enum RegistryError {
     #[error("threshold {threshold} is invalid for {keys} distinct root keys (need 1 <= threshold <= keys)")]
     InvalidThreshold { threshold: u64, keys: usize },
     #[error("root key `{key}` appears twice (keys are compared by their bytes)")]
-    DuplicateRootKey { key: PublicKey },
+    DuplicateRootKey { key: String },
     #[error("anchor `{name}` appears twice")]
     DuplicateAnchor { name: AnchorName },
     #[error("anchor `{name}` reuses key `{key}` (or its name) of anchor `{other}`")]
     DuplicateAnchorKey {
         name: AnchorName,
         other: AnchorName,
-        key: PublicKey,
+        key: String,
     },
     #[error("key `{key}` signed twice")]
-    DuplicateSignature { key: PublicKey },
+    DuplicateSignature { key: String },
     #[error("{what} are not in canonical order")]
     NotSorted { what: &'static str },
     #[error("no anchor named `{name}` in the registry")]
@@ -387,7 +387,7 @@ impl Registry {
                 return Err(RegistryError::DuplicateAnchorKey {
                     name: anchor.name,
                     other: other.name.clone(),
-                    key: anchor.key,
+                    key: anchor.key.to_string(),
                 });
             }
         }
@@ -584,7 +584,7 @@ impl Registry {
                 return Err(RegistryError::DuplicateAnchorKey {
                     name: anchor.name.clone(),
                     other: other.name.clone(),
-                    key: anchor.key.clone(),
+                    key: anchor.key.to_string(),
                 });
             }
         }
@@ -593,7 +593,9 @@ impl Registry {
             return Err(RegistryError::NotSorted { what: "signatures" });
         }
         if let Some(dup) = first_duplicate_bytes(&keys) {
-            return Err(RegistryError::DuplicateSignature { key: dup.clone() });
+            return Err(RegistryError::DuplicateSignature {
+                key: dup.to_string(),
+            });
         }
         Ok(())
     }
@@ -620,7 +622,9 @@ struct FileRef<'a> {
 
 fn check_root_keys(keys: &[PublicKey], threshold: u64) -> Result<(), RegistryError> {
     if let Some(dup) = first_duplicate_bytes(keys) {
-        return Err(RegistryError::DuplicateRootKey { key: dup.clone() });
+        return Err(RegistryError::DuplicateRootKey {
+            key: dup.to_string(),
+        });
     }
     if threshold == 0 || threshold > keys.len() as u64 {
         return Err(RegistryError::InvalidThreshold {
