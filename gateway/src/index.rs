@@ -9,12 +9,24 @@
 
 use std::path::Path;
 
-use anchor_registry::{NarHash, NarInfo, StorePathHash};
+use anchor_registry::{
+    Assertion, Mapping, NarHash, NarInfo, SetKind, SignedHeader, StorePathHash, TrustedState,
+};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const LOCAL_PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_paths");
 const NAR_LOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nar_locations");
+/// (store-path hash, set owner) → canonical mapping line.
+const BY_PATH: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("mappings_by_path");
+/// (set owner, store-path hash) → nothing: lets a new version replace the old.
+const BY_OWNER: TableDefinition<(&str, &str), ()> = TableDefinition::new("mappings_by_owner");
+/// set owner → the trusted state (newest accepted signed header).
+const TRUSTED: TableDefinition<&str, &[u8]> = TableDefinition::new("trusted_state");
+/// name → small values: the trusted registry document.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (anchor, sequence) → fork evidence: two signed headers of one version.
+const FORKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("fork_evidence");
 
 /// Failures of the index; all of them are ours, none the client's.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +102,11 @@ impl Index {
         let txn = db.begin_write()?;
         txn.open_table(LOCAL_PATHS)?;
         txn.open_table(NAR_LOCATIONS)?;
+        txn.open_table(BY_PATH)?;
+        txn.open_table(BY_OWNER)?;
+        txn.open_table(TRUSTED)?;
+        txn.open_table(FORKS)?;
+        txn.open_table(META)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -213,6 +230,191 @@ impl Index {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// Who published a set: anchors and contributors share names' namespace only
+/// within their kind, so the kind is part of the key.
+pub fn set_owner(kind: SetKind, name: &str) -> String {
+    format!("{kind}:{name}")
+}
+
+/// Two signed headers of the same version with different digests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkEvidence {
+    pub anchor: String,
+    pub version: u64,
+    pub trusted: SignedHeader,
+    pub found: SignedHeader,
+}
+
+impl Index {
+    /// Replaces everything `state`'s publisher said with a newly verified
+    /// version, in one transaction with its new trusted state: readers see
+    /// the old set or the new one, never a mix.
+    pub fn replace_set(
+        &self,
+        state: &TrustedState,
+        mappings: &[Mapping],
+    ) -> Result<(), IndexError> {
+        let header = state.header().header();
+        let owner = set_owner(header.kind, header.anchor.as_str());
+        let txn = self.db.begin_write()?;
+        {
+            let mut by_path = txn.open_table(BY_PATH)?;
+            let mut by_owner = txn.open_table(BY_OWNER)?;
+            let mut old = Vec::new();
+            for entry in by_owner.range((owner.as_str(), "")..)? {
+                let (key, _) = entry?;
+                let (o, path) = key.value();
+                if o != owner {
+                    break;
+                }
+                old.push(path.to_owned());
+            }
+            for path in &old {
+                by_path.remove((path.as_str(), owner.as_str()))?;
+                by_owner.remove((owner.as_str(), path.as_str()))?;
+            }
+            let mut nars = txn.open_table(NAR_LOCATIONS)?;
+            for mapping in mappings {
+                let data = mapping.data();
+                let hash = data.path.hash().as_str();
+                by_path.insert(
+                    (hash, owner.as_str()),
+                    mapping.to_canonical_string().as_bytes(),
+                )?;
+                by_owner.insert((owner.as_str(), hash), ())?;
+                let key = data.nar_hash.as_bytes().as_slice();
+                if nars.get(key)?.is_none() {
+                    let location = NarLocation {
+                        cid: data.cid.to_string(),
+                        nar_size: data.nar_size,
+                        verified: false,
+                    };
+                    nars.insert(key, encode(&location).as_slice())?;
+                }
+            }
+            let mut trusted = txn.open_table(TRUSTED)?;
+            trusted.insert(owner.as_str(), encode(state).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The newest version accepted from this publisher.
+    pub fn trusted_state(
+        &self,
+        kind: SetKind,
+        name: &str,
+    ) -> Result<Option<TrustedState>, IndexError> {
+        let owner = set_owner(kind, name);
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TRUSTED)?;
+        match table.get(owner.as_str())? {
+            Some(v) => Ok(Some(decode("trusted_state", &owner, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every publisher's trusted state.
+    pub fn trusted_states(&self) -> Result<Vec<TrustedState>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TRUSTED)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.push(decode("trusted_state", k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// What every publisher whose set has not expired at `now` says about
+    /// the path with this hash.
+    pub fn assertions(&self, hash: &StorePathHash, now: u64) -> Result<Vec<Assertion>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let by_path = txn.open_table(BY_PATH)?;
+        let trusted = txn.open_table(TRUSTED)?;
+        let mut out = Vec::new();
+        let mut scratch = Vec::new();
+        for entry in by_path.range((hash.as_str(), "")..)? {
+            let (key, value) = entry?;
+            let (path, owner) = key.value();
+            if path != hash.as_str() {
+                break;
+            }
+            let Some(state) = trusted.get(owner)? else {
+                continue;
+            };
+            let state: TrustedState = decode("trusted_state", owner, state.value())?;
+            let header = state.header().header();
+            if header.expires <= now {
+                continue;
+            }
+            let mapping = Mapping::parse_canonical(value.value(), &mut scratch).map_err(|e| {
+                IndexError::Corrupt {
+                    table: "mappings_by_path",
+                    key: format!("{path}/{owner}"),
+                    message: e.to_string(),
+                }
+            })?;
+            out.push(Assertion {
+                kind: header.kind,
+                mapping,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The registry document last accepted (its text), the base for rotation checks.
+    pub fn registry_text(&self) -> Result<Option<String>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        Ok(table
+            .get("registry")?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+    }
+
+    /// Records a newly accepted registry document.
+    pub fn put_registry_text(&self, text: &str) -> Result<(), IndexError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert("registry", text.as_bytes())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Keeps both signed headers of an equivocating anchor, forever.
+    pub fn record_fork(&self, evidence: &ForkEvidence) -> Result<(), IndexError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut forks = txn.open_table(FORKS)?;
+            let anchor = evidence.anchor.as_str();
+            let mut duplicate = false;
+            let mut next = 0;
+            for entry in forks.range((anchor, 0)..=(anchor, u64::MAX))? {
+                let (k, v) = entry?;
+                let seen: ForkEvidence = decode("fork_evidence", anchor, v.value())?;
+                duplicate |= seen == *evidence;
+                next = k.value().1 + 1;
+            }
+            if !duplicate {
+                forks.insert((anchor, next), encode(evidence).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// All fork evidence recorded.
+    pub fn forks(&self) -> Result<Vec<ForkEvidence>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FORKS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.push(decode("fork_evidence", k.value().0, v.value())?);
+        }
+        Ok(out)
     }
 }
 

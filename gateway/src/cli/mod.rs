@@ -12,6 +12,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::nar;
 
+mod registry;
+
 /// nixpfs: a Nix binary cache whose bytes live on IPFS and whose truth comes
 /// from well-known trust anchors.
 #[derive(Debug, Parser)]
@@ -45,6 +47,12 @@ pub enum Command {
     /// NAR serialisation of filesystem paths.
     #[command(subcommand)]
     Nar(NarCommand),
+    /// The signed registry of trust anchors (for its root-key holders).
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
+    /// Mapping sets published by anchors.
+    #[command(subcommand)]
+    Set(registry::SetCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +103,8 @@ pub fn run(cli: Cli) -> Result<()> {
             out.flush().context("while writing to stdout")?;
             Ok(())
         }
+        Command::Registry(cmd) => registry::run_registry(cmd),
+        Command::Set(cmd) => registry::run_set(cmd),
         Command::Nar(NarCommand::Hash { path }) => {
             let summary = nar::hash_path(&path)
                 .with_context(|| format!("while hashing the NAR of {}", path.display()))?;
@@ -102,6 +112,55 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Reads a Nix-format secret key file.
+pub(crate) fn read_secret_key(path: &Path) -> Result<SecretKey> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("while reading the secret key {}", path.display()))?;
+    SecretKey::parse(&text).with_context(|| format!("invalid secret key in {}", path.display()))
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so a
+/// crash never leaves a half-written document where a good one was.
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("while creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("while writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Parses durations such as `90d`, `12h`, `30m`, `45s` (a bare number is seconds).
+pub(crate) fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 90d, 12h, 30m or 45s"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?}: use s, m, h, d or w"
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("duration {text:?} is too large"))
 }
 
 fn key_generate(name: &str, out: &Path) -> Result<()> {
