@@ -8,3 +8,4 @@ pub mod metrics;
 pub mod nar;
 pub mod nix_store;
 pub mod verify;
+pub mod ipfs;
