@@ -178,6 +178,14 @@ mod tests {
     }
 
     #[test]
+    fn rejects_over_long_input_before_decoding() {
+        assert!(matches!(
+            ContentId::parse(&"b".repeat(MAX_CID_LEN + 1)),
+            Err(ContentIdError::TooLong { .. })
+        ));
+    }
+
+    #[test]
     fn round_trips_through_cid_crate() {
         let id = ContentId::parse(V1_RAW).expect("valid");
         assert_eq!(ContentId::from_cid(id.cid()), id);

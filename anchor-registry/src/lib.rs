@@ -18,11 +18,11 @@ pub use hash::{HashError, NarHash, Sha256Hash};
 pub use keys::{fingerprint, KeyError, PublicKey, SecretKey, Signature};
 pub use mapping::{ContentAddress, Mapping, MappingData, MappingError};
 pub use mapping_set::{
-    read_set, write_set, MappingSetBuilder, SetError, SetHeader, SetKind, SetParams, SetReader,
-    SignedHeader,
+    read_set, write_set, EntryChecks, MappingSetBuilder, SetError, SetHeader, SetKind, SetParams,
+    SetReader, SignedHeader,
 };
 pub use narinfo::{CacheInfo, NarInfo, NarInfoError};
 pub use policy::{Assertion, Decision, Policy, PolicyError, Vouch};
 pub use registry::{Anchor, AnchorName, Registry, RegistryError, RegistrySignature, Source};
 pub use store_path::{StorePath, StorePathError, StorePathHash, STORE_DIR};
-pub use trust::{check_header, verify_set, TrustError, TrustedState, VerifiedSet};
+pub use trust::{check_header, verify_set, verify_set_with, TrustError, TrustedState, VerifiedSet};

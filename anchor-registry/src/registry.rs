@@ -951,6 +951,37 @@ mod tests {
     }
 
     #[test]
+    fn refuses_bad_notes_versions_expiry_and_unknown_removals() {
+        let r = roots(1);
+        let mut reg = Registry::init(publics(&r), 1, LATER).expect("valid");
+        let (_, mut a) = anchor("alpha");
+        a.note = Some("line\nbreak".into());
+        assert!(matches!(
+            reg.add_anchor(a),
+            Err(RegistryError::InvalidNote { .. })
+        ));
+        assert!(matches!(
+            reg.remove_anchor(&AnchorName::parse("ghost").expect("valid")),
+            Err(RegistryError::UnknownAnchor { .. })
+        ));
+        assert!(matches!(
+            reg.set_expires(MAX_SAFE_INTEGER + 1),
+            Err(RegistryError::InvalidExpiry { .. })
+        ));
+        let mut v0 = reg.clone();
+        v0.body.version = 0;
+        assert!(matches!(
+            Registry::parse(&v0.render()),
+            Err(RegistryError::InvalidVersion { version: 0 })
+        ));
+        reg.body.version = MAX_SAFE_INTEGER;
+        assert!(matches!(
+            reg.next_version(),
+            Err(RegistryError::InvalidVersion { .. })
+        ));
+    }
+
+    #[test]
     fn sources_parse_each_scheme() {
         for ok in [
             "/srv/anchor/set.jsonl",
@@ -982,6 +1013,24 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn parse_never_panics(text in "\\PC{0,400}") {
+            let _ = Registry::parse(&text);
+        }
+
+        #[test]
+        fn parse_never_panics_on_mutated_registries(at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let r = roots(2);
+            let mut bytes = signed_v1(&r, 2).render().into_bytes();
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                if let Ok(reg) = Registry::parse(text) {
+                    let _ = reg.verify(None, NOW);
+                }
+            }
+        }
+
         #[test]
         fn render_parse_round_trip(
             n_anchors in 0usize..4,

@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::hash::Sha256Hash;
 use crate::mapping::Mapping;
-use crate::mapping_set::{SetError, SetKind, SetReader, SignedHeader};
+use crate::mapping_set::{EntryChecks, SetError, SetKind, SetReader, SignedHeader};
 use crate::registry::{AnchorName, Registry};
 
 /// Why a set is not trusted. Format and signature failures come wrapped from
@@ -186,10 +186,22 @@ pub fn verify_set<R: BufRead>(
     now: u64,
     on_entry: impl FnMut(Mapping),
 ) -> Result<(VerifiedSet, TrustedState), TrustError> {
-    let reader = SetReader::open(reader)?;
+    verify_set_with(reader, registry, trusted, now, EntryChecks::All, on_entry)
+}
+
+/// [`verify_set`] with a choice of entry checks: a syncing gateway may pass
+/// [`EntryChecks::DeferNixSignatures`] for large sets (see there why that is sound).
+pub fn verify_set_with<R: BufRead>(
+    reader: R,
+    registry: &Registry,
+    trusted: Option<&TrustedState>,
+    now: u64,
+    checks: EntryChecks,
+    mut on_entry: impl FnMut(Mapping),
+) -> Result<(VerifiedSet, TrustedState), TrustError> {
+    let reader = SetReader::open_with(reader, checks)?;
     let state = check_header(reader.header(), registry, trusted, now)?;
     let mut entries = 0u64;
-    let mut on_entry = on_entry;
     let header = reader.for_each(|mapping| {
         entries += 1;
         on_entry(mapping);
