@@ -68,8 +68,9 @@ pub struct NarLocation {
     /// Root CID of the UnixFS file (profile `unixfs-v1-2025` for our imports).
     pub cid: String,
     pub nar_size: u64,
-    /// The whole NAR was hashed against NarHash and its blocks are local:
-    /// it may be served without re-hashing.
+    /// This CID's bytes were once hashed whole and matched NarHash. A CID
+    /// fixes its bytes (every block is checked against its CID as it is
+    /// read), so later responses need no whole-NAR hash.
     pub verified: bool,
 }
 
@@ -381,6 +382,34 @@ impl Index {
         txn.open_table(META)?.insert("registry", text.as_bytes())?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// Hash parts that more than one publisher has a mapping for: the only
+    /// paths where anchors can disagree.
+    pub fn multi_asserted_paths(&self) -> Result<Vec<StorePathHash>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BY_PATH)?;
+        let mut out = Vec::new();
+        let mut current: Option<(String, usize)> = None;
+        let flush = |entry: Option<(String, usize)>, out: &mut Vec<StorePathHash>| {
+            if let Some((path, n)) = entry {
+                if n > 1 {
+                    if let Ok(hash) = StorePathHash::parse(&path) {
+                        out.push(hash);
+                    }
+                }
+            }
+        };
+        for entry in table.iter()? {
+            let (key, _) = entry?;
+            let (path, _) = key.value();
+            match &mut current {
+                Some((p, n)) if p == path => *n += 1,
+                _ => flush(current.replace((path.to_owned(), 1)), &mut out),
+            }
+        }
+        flush(current, &mut out);
+        Ok(out)
     }
 
     /// Keeps both signed headers of an equivocating anchor, forever.

@@ -2,7 +2,9 @@
 //! deciding whether an external tool is present (skip locally, fail in CI),
 //! and an isolated real-Nix environment.
 
+pub mod gateway;
 pub mod nix;
+pub mod peers;
 
 use std::path::PathBuf;
 use std::process::Command;

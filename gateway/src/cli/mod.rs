@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::nar;
 
+mod node;
 mod registry;
+
+use crate::admin::AdminRequest;
+use serde_json::Value;
 
 /// nixpfs: a Nix binary cache whose bytes live on IPFS and whose truth comes
 /// from well-known trust anchors.
@@ -53,6 +57,91 @@ pub enum Command {
     /// Mapping sets published by anchors.
     #[command(subcommand)]
     Set(registry::SetCommand),
+    /// Run the gateway: the binary cache for Nix, the IPFS node, anchor sync.
+    Serve(node::ServeArgs),
+    /// Print the nix.conf lines that point Nix at this gateway.
+    NixConfig,
+    /// Pins, anchors, conflicts, peers and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// This node's IPFS peer id and listen addresses.
+    Id,
+    /// Connected IPFS peers and their agent versions.
+    Peers,
+    /// Import any file into the IPFS node (pinned) and print its CID.
+    Add { file: PathBuf },
+    /// Fetch a file by CID (local blocks or peers), every block verified.
+    Fetch {
+        cid: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pin store paths from the local Nix store (served and seeded), or CIDs from peers.
+    Pin {
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Also pin everything the store paths reference.
+        #[arg(long)]
+        closure: bool,
+    },
+    /// Unpin store paths or CIDs.
+    Unpin {
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// List pins with sizes.
+    Pins {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete blocks no pin needs; reports what was freed.
+    Gc,
+    /// Act as a trust anchor: sign mappings and publish mapping sets.
+    #[command(subcommand)]
+    Anchor(AnchorCommand),
+    /// Registry anchors as seen by this gateway.
+    #[command(subcommand)]
+    Anchors(AnchorsCommand),
+    /// Paths registry anchors disagree about, with the signed evidence.
+    Conflicts {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AnchorCommand {
+    /// Pin store paths and sign their mappings into this anchor's working set.
+    Sign {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        closure: bool,
+        /// The anchor's Nix-format secret key.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Write the next version of this anchor's signed mapping set.
+    Publish {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the set stays valid, e.g. `30d`.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        expires: u64,
+        /// Anchor name as listed in the registry (default: the key's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AnchorsCommand {
+    /// Fetch and verify the registry and every anchor's newest set now.
+    Sync,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +193,155 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Registry(cmd) => registry::run_registry(cmd),
+        Command::Serve(args) => node::serve(&cli.global, args),
+        Command::NixConfig => node::nix_config(&cli.global),
+        Command::Status { json } => {
+            let v = node::dispatch(&cli.global, AdminRequest::Status)?;
+            print_value(&v, json, render_status)
+        }
+        Command::Id => {
+            let v = node::dispatch(&cli.global, AdminRequest::Id)?;
+            print_value(&v, false, |v| {
+                let mut out = format!("peer id: {}\n", v["peer_id"].as_str().unwrap_or(""));
+                for a in v["listen_addrs"].as_array().into_iter().flatten() {
+                    out.push_str(&format!("listen: {}\n", a.as_str().unwrap_or("")));
+                }
+                out.push_str(&format!(
+                    "gateway key: {}",
+                    v["gateway_key"].as_str().unwrap_or("")
+                ));
+                out
+            })
+        }
+        Command::Peers => {
+            let v = node::dispatch(&cli.global, AdminRequest::Peers)?;
+            print_value(&v, false, |v| {
+                lines(v, |p| {
+                    format!(
+                        "{} {}",
+                        p["peer_id"].as_str().unwrap_or(""),
+                        p["agent_version"].as_str().unwrap_or("(unknown agent)")
+                    )
+                })
+            })
+        }
+        Command::Add { file } => {
+            let path = node::absolute(&file)?;
+            let v = node::dispatch(&cli.global, AdminRequest::Add { path })?;
+            print_value(&v, false, |v| v["cid"].as_str().unwrap_or("").to_owned())
+        }
+        Command::Fetch { cid, out } => {
+            let out = node::absolute(&out)?;
+            let v = node::dispatch(
+                &cli.global,
+                AdminRequest::Fetch {
+                    cid,
+                    out: out.clone(),
+                },
+            )?;
+            print_value(&v, false, |v| {
+                format!("fetched {} bytes to {}", v["bytes"], out.display())
+            })
+        }
+        Command::Pin { targets, closure } => {
+            let targets = absolute_store_paths(targets)?;
+            let v = node::dispatch(&cli.global, AdminRequest::Pin { targets, closure })?;
+            print_value(&v, false, render_pins)
+        }
+        Command::Unpin { targets } => {
+            let targets = absolute_store_paths(targets)?;
+            let v = node::dispatch(&cli.global, AdminRequest::Unpin { targets })?;
+            print_value(&v, false, |v| {
+                lines(v, |t| format!("unpinned {}", t.as_str().unwrap_or("")))
+            })
+        }
+        Command::Pins { json } => {
+            let v = node::dispatch(&cli.global, AdminRequest::Pins)?;
+            print_value(&v, json, render_pins)
+        }
+        Command::Gc => {
+            let v = node::dispatch(&cli.global, AdminRequest::Gc)?;
+            print_value(&v, false, |v| {
+                format!("freed {} blocks, {} bytes", v["blocks"], v["bytes"])
+            })
+        }
+        Command::Anchor(AnchorCommand::Sign {
+            paths,
+            closure,
+            key,
+        }) => {
+            let request = AdminRequest::AnchorSign {
+                targets: absolute_store_paths(paths)?,
+                closure,
+                key_file: node::absolute(&key)?,
+            };
+            let v = node::dispatch(&cli.global, request)?;
+            print_value(&v, false, |v| {
+                lines(v, |p| format!("signed {}", p.as_str().unwrap_or("")))
+            })
+        }
+        Command::Anchor(AnchorCommand::Publish {
+            key,
+            out,
+            expires,
+            name,
+        }) => {
+            let (data_dir, _) = node::resolve(&cli.global)?;
+            let key = read_secret_key(&key)?;
+            let kind = anchor_registry::SetKind::Anchor;
+            let header =
+                crate::anchor::publish(&data_dir, &key, name.as_deref(), kind, expires, &out)?;
+            let h = header.header();
+            println!(
+                "published {} version {} ({} entries, digest {}) to {}",
+                h.anchor,
+                h.version,
+                h.count,
+                header.digest(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Anchors(AnchorsCommand::Sync) => {
+            let v = node::dispatch(&cli.global, AdminRequest::Sync)?;
+            print_value(&v, false, |v| {
+                let mut out = format!("registry version {}\n", v["registry_version"]);
+                out.push_str(&lines(&v["anchors"], |a| {
+                    let mut line = format!(
+                        "{}: {}",
+                        a["anchor"].as_str().unwrap_or(""),
+                        a["outcome"].as_str().unwrap_or("")
+                    );
+                    if let Some(version) = a["version"].as_u64() {
+                        line.push_str(&format!(" version {version}"));
+                    }
+                    for e in a["errors"].as_array().into_iter().flatten() {
+                        line.push_str(&format!("\n  {}", e.as_str().unwrap_or("")));
+                    }
+                    line
+                }));
+                out
+            })
+        }
+        Command::Conflicts { json } => {
+            let v = node::dispatch(&cli.global, AdminRequest::Conflicts)?;
+            print_value(&v, json, |v| {
+                if v.as_array().is_none_or(|a| a.is_empty()) {
+                    return "no conflicts".to_owned();
+                }
+                lines(v, |c| {
+                    let mut out = format!("{}:", c["store_path"].as_str().unwrap_or(""));
+                    for e in c["evidence"].as_array().into_iter().flatten() {
+                        out.push_str(&format!(
+                            "\n  {} says {}",
+                            e["anchor"].as_str().unwrap_or(""),
+                            e["mapping"].to_string()
+                        ));
+                    }
+                    out
+                })
+            })
+        }
         Command::Set(cmd) => registry::run_set(cmd),
         Command::Nar(NarCommand::Hash { path }) => {
             let summary = nar::hash_path(&path)
@@ -112,6 +350,86 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints a reply as pretty JSON or through its text renderer.
+fn print_value(value: &Value, json: bool, text: impl Fn(&Value) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        let rendered = text(value);
+        if !rendered.is_empty() {
+            println!("{rendered}");
+        }
+    }
+    Ok(())
+}
+
+fn lines(value: &Value, line: impl Fn(&Value) -> String) -> String {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(line)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn render_pins(value: &Value) -> String {
+    lines(value, |p| {
+        let mut line = format!("{} {}", p["cid"].as_str().unwrap_or(""), p["size"]);
+        if let Some(path) = p["store_path"].as_str() {
+            line.push(' ');
+            line.push_str(path);
+        }
+        line
+    })
+}
+
+fn render_status(v: &Value) -> String {
+    let mut out = format!(
+        "peer {}\nconnected peers: {}\npins: {} ({} bytes), own store paths: {}\nregistry version: {}\nforks seen: {}, conflicts: {}\n",
+        v["peer_id"].as_str().unwrap_or(""),
+        v["connected_peers"],
+        v["pins"],
+        v["pinned_bytes"],
+        v["local_paths"],
+        v["registry_version"],
+        v["forks"],
+        v["conflicts"],
+    );
+    for a in v["anchors"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{} {}: version {}, {} entries, expires {}\n",
+            a["kind"].as_str().unwrap_or(""),
+            a["name"].as_str().unwrap_or(""),
+            a["version"],
+            a["entries"],
+            a["expires"]
+        ));
+    }
+    if let Some(counters) = v["counters"].as_object() {
+        for (k, n) in counters {
+            out.push_str(&format!("{k}: {n}\n"));
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+/// Store paths may be given relative to /nix/store's symlinks (`./result`):
+/// resolve those to the store path; CIDs pass through.
+fn absolute_store_paths(targets: Vec<String>) -> Result<Vec<String>> {
+    targets
+        .into_iter()
+        .map(|t| {
+            if t.starts_with('/') || t.starts_with('.') {
+                let resolved = fs::canonicalize(&t).with_context(|| format!("no such path {t}"))?;
+                Ok(resolved.to_string_lossy().into_owned())
+            } else {
+                Ok(t)
+            }
+        })
+        .collect()
 }
 
 /// Reads a Nix-format secret key file.
@@ -179,7 +497,7 @@ fn key_generate(name: &str, out: &Path) -> Result<()> {
 
 /// Creates a file readable only by its owner: secret keys must not leak
 /// through a permissive umask.
-fn write_secret_file(path: &Path, contents: &str) -> io::Result<()> {
+pub(crate) fn write_secret_file(path: &Path, contents: &str) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = fs::OpenOptions::new()
         .write(true)

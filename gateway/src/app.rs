@@ -1,0 +1,491 @@
+//! The gateway's state directory opened as one thing — IPFS node, index,
+//! signing key, catalog — and the operations on it. The CLI runs these
+//! directly when no gateway is serving, and through the admin API (see
+//! `admin`) when one is, so both paths execute the same code.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anchor_registry::{
+    Decision, NarHash, NarInfo, Policy, SecretKey, StorePath, StorePathHash, Vouch,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::catalog::{Catalog, Trust};
+use crate::config::Config;
+use crate::index::{Index, LocalPath};
+use crate::ipfs::{Cid, Multiaddr, Node, NodeConfig};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::nar::{NarReader, Sha256Tee};
+use crate::sync::{SyncReport, Syncer};
+
+/// Everything the gateway keeps under its data directory.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub data_dir: PathBuf,
+    pub config: Config,
+    pub node: Node,
+    pub index: Arc<Index>,
+    pub catalog: Catalog,
+    pub key: Arc<SecretKey>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One pinned thing, as `nixpfs pins` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinEntry {
+    pub cid: String,
+    /// File bytes (the NAR size for store paths).
+    pub size: u64,
+    /// The store path whose NAR this is, when pinned as a store path.
+    pub store_path: Option<String>,
+}
+
+/// A conflict: registry anchors that signed different contents for one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub store_path: String,
+    pub evidence: Vec<Vouch>,
+}
+
+/// What `nixpfs status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub pins: usize,
+    pub pinned_bytes: u64,
+    pub local_paths: usize,
+    pub registry_version: Option<u64>,
+    pub anchors: Vec<AnchorStatus>,
+    pub forks: usize,
+    pub conflicts: usize,
+    pub counters: MetricsSnapshot,
+}
+
+/// Per publisher: the newest set version trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorStatus {
+    pub name: String,
+    pub kind: String,
+    pub version: u64,
+    pub expires: u64,
+    pub entries: u64,
+}
+
+/// The file holding the gateway's own narinfo signing key, by default.
+pub fn default_key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("gateway.key")
+}
+
+impl App {
+    /// Opens (creating on first use) the data directory and starts the node.
+    pub async fn open(data_dir: &Path, config: Config) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("while creating the data directory {}", data_dir.display()))?;
+        let key_file = config
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| default_key_file(data_dir));
+        let key = Arc::new(load_or_create_key(&key_file)?);
+        let index =
+            Arc::new(Index::open(&data_dir.join("index.redb")).context(
+                "while opening the index (is another nixpfs using this data directory?)",
+            )?);
+        let mut node_config = NodeConfig::new(data_dir.join("ipfs"));
+        node_config.listen = parse_addrs(&config.ipfs_listen, "ipfs_listen")?;
+        node_config.peers = parse_addrs(&config.peers, "peers")?;
+        node_config.fetch_timeout = std::time::Duration::from_secs(config.fetch_timeout_secs);
+        let node = Node::start(node_config)
+            .await
+            .context("while starting the IPFS node")?;
+        let policy = Policy::new(
+            u64::from(config.require),
+            if config.anchors.is_empty() {
+                None
+            } else {
+                Some(
+                    config
+                        .anchors
+                        .iter()
+                        .map(|a| anchor_registry::AnchorName::parse(a))
+                        .collect::<Result<_, _>>()
+                        .context("invalid anchor name in `anchors`")?,
+                )
+            },
+        )
+        .context("invalid policy")?;
+        let catalog = Catalog::new(
+            index.clone(),
+            key.clone(),
+            Trust {
+                registry: None,
+                policy,
+            },
+        );
+        if let Some(text) = index.registry_text()? {
+            if let Ok(registry) = anchor_registry::Registry::parse(&text) {
+                catalog.set_registry(registry);
+            }
+        }
+        Ok(Self {
+            data_dir: data_dir.to_owned(),
+            config,
+            node,
+            index,
+            catalog,
+            key,
+            metrics: Arc::new(Metrics::default()),
+        })
+    }
+
+    /// Pins store paths from the local Nix store: serialise each to NAR,
+    /// import and pin it, check it against the store's NarHash, and only then
+    /// index it as the user's own (served and seeded).
+    pub async fn pin_store_paths(&self, paths: &[String], closure: bool) -> Result<Vec<PinEntry>> {
+        let wanted = paths.to_vec();
+        let infos =
+            tokio::task::spawn_blocking(move || crate::nix_store::path_infos(&wanted, closure))
+                .await??;
+        let mut out = Vec::new();
+        for info in infos {
+            out.push(self.pin_store_path(info).await?);
+        }
+        Ok(out)
+    }
+
+    async fn pin_store_path(&self, info: NarInfo) -> Result<PinEntry> {
+        let path = info.store_path.to_string();
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let source = PathBuf::from(&path);
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut tee = Sha256Tee::new(NarReader::new(&source));
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match tee.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx
+                            .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        let _ = tx.blocking_send(Err(e));
+                        return Err(anyhow!(message));
+                    }
+                }
+            }
+            Ok(tee.summary())
+        });
+        let reader = tokio_util::io::StreamReader::new(tokio_stream_from(rx));
+        let pinned = self.node.add_and_pin(reader).await;
+        let summary = producer
+            .await?
+            .with_context(|| format!("while serialising {path}"))?;
+        let pin = pinned.with_context(|| format!("while importing {path}"))?;
+        if summary.nar_hash != info.nar_hash || summary.nar_size != info.nar_size {
+            let _ = self.node.unpin(pin.cid).await;
+            bail!(
+                "{path} changed on disk: the store says {} ({} bytes), its NAR is {} ({} bytes); run `nix-store --verify --check-contents`",
+                info.nar_hash,
+                info.nar_size,
+                summary.nar_hash,
+                summary.nar_size
+            );
+        }
+        let mut narinfo = info;
+        narinfo.url = crate::catalog::nar_url(&narinfo);
+        narinfo.compression = Some("none".to_owned());
+        let local = LocalPath {
+            narinfo,
+            cid: pin.cid.to_string(),
+        };
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || index.put_local(&local)).await??;
+        Ok(PinEntry {
+            cid: pin.cid.to_string(),
+            size: pin.size,
+            store_path: Some(path),
+        })
+    }
+
+    /// Pins store paths like [`App::pin_store_paths`] and signs a mapping of
+    /// each into the working set of the anchor whose key is in `key_file`.
+    pub async fn anchor_sign(
+        &self,
+        paths: &[String],
+        closure: bool,
+        key_file: &Path,
+    ) -> Result<Vec<String>> {
+        let key = crate::cli::read_secret_key(key_file)?;
+        let wanted = paths.to_vec();
+        let infos =
+            tokio::task::spawn_blocking(move || crate::nix_store::path_infos(&wanted, closure))
+                .await??;
+        let mut mappings = Vec::new();
+        for info in infos {
+            let pinned = self.pin_store_path(info.clone()).await?;
+            mappings.push(crate::anchor::mapping_for(&info, &pinned.cid, &key)?);
+        }
+        let signed = mappings.iter().map(|m| m.path().to_string()).collect();
+        crate::anchor::add_to_working(&crate::anchor::anchor_dir(&self.data_dir, &key), mappings)?;
+        Ok(signed)
+    }
+
+    /// Pins a CID, fetching missing blocks from peers.
+    pub async fn pin_cid(&self, cid: &str) -> Result<PinEntry> {
+        let cid = parse_cid(cid)?;
+        let pin = self.node.pin(cid).await?;
+        Ok(PinEntry {
+            cid: pin.cid.to_string(),
+            size: pin.size,
+            store_path: None,
+        })
+    }
+
+    /// Pins each target: a store path (from the local Nix store) or a CID.
+    pub async fn pin(&self, targets: &[String], closure: bool) -> Result<Vec<PinEntry>> {
+        let (paths, cids): (Vec<String>, Vec<String>) =
+            targets.iter().cloned().partition(|t| t.starts_with('/'));
+        let mut out = Vec::new();
+        if !paths.is_empty() {
+            out.extend(self.pin_store_paths(&paths, closure).await?);
+        }
+        for cid in &cids {
+            out.push(self.pin_cid(cid).await?);
+        }
+        Ok(out)
+    }
+
+    /// Unpins store paths (and forgets them as the user's own) or CIDs.
+    pub async fn unpin(&self, targets: &[String]) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        for target in targets {
+            let cid = if target.starts_with('/') {
+                let path = StorePath::parse(target)?;
+                let hash = *path.hash();
+                let index = self.index.clone();
+                let removed =
+                    tokio::task::spawn_blocking(move || index.remove_local(&hash)).await??;
+                let Some(local) = removed else {
+                    bail!("{target} is not pinned");
+                };
+                parse_cid(&local.cid)?
+            } else {
+                parse_cid(target)?
+            };
+            self.node.unpin(cid).await?;
+            done.push(target.clone());
+        }
+        Ok(done)
+    }
+
+    /// Everything pinned, with the store path for the user's own paths.
+    pub async fn pins(&self) -> Result<Vec<PinEntry>> {
+        let index = self.index.clone();
+        let locals = tokio::task::spawn_blocking(move || index.locals()).await??;
+        let by_cid: std::collections::HashMap<String, String> = locals
+            .into_iter()
+            .map(|l| (l.cid, l.narinfo.store_path.to_string()))
+            .collect();
+        Ok(self
+            .node
+            .pins()
+            .await?
+            .into_iter()
+            .map(|p| {
+                let cid = p.cid.to_string();
+                PinEntry {
+                    store_path: by_cid.get(&cid).cloned(),
+                    cid,
+                    size: p.size,
+                }
+            })
+            .collect())
+    }
+
+    /// Imports any file (pinned) and returns its CID.
+    pub async fn add_file(&self, path: &Path) -> Result<PinEntry> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("while opening {}", path.display()))?;
+        let pin = self
+            .node
+            .add_and_pin(tokio::io::BufReader::with_capacity(1 << 20, file))
+            .await?;
+        Ok(PinEntry {
+            cid: pin.cid.to_string(),
+            size: pin.size,
+            store_path: None,
+        })
+    }
+
+    /// Fetches a file by CID (local or peers, every block verified) into `out`,
+    /// through a temporary file so a failed fetch leaves nothing behind.
+    pub async fn fetch(&self, cid: &str, out: &Path) -> Result<u64> {
+        let cid = parse_cid(cid)?;
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let (std_file, tmp_path) = tmp.into_parts();
+        let mut file = tokio::fs::File::from_std(std_file);
+        let mut stream = Box::pin(self.node.cat(cid));
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.with_context(|| format!("while fetching {cid}"))?;
+            file.write_all(&chunk).await?;
+            written += chunk.len() as u64;
+        }
+        file.sync_all().await?;
+        tmp_path
+            .persist(out)
+            .with_context(|| format!("while writing {}", out.display()))?;
+        Ok(written)
+    }
+
+    /// Loads the registry and anchors' sets from their sources.
+    pub async fn sync(&self) -> Result<SyncReport> {
+        let Some(source) = self.config.registry.clone() else {
+            bail!(
+                "no registry configured: set `registry` in the config or pass --registry FILE|URL"
+            );
+        };
+        let syncer = Syncer {
+            index: self.index.clone(),
+            catalog: self.catalog.clone(),
+            node: Some(self.node.clone()),
+            metrics: self.metrics.clone(),
+            registry_source: source,
+        };
+        Ok(syncer.sync().await?)
+    }
+
+    /// Paths that registry anchors disagree about, with the signed evidence.
+    pub async fn conflicts(&self) -> Result<Vec<Conflict>> {
+        let index = self.index.clone();
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for hash in index.multi_asserted_paths()? {
+                if let Some(Decision::Conflict { path, evidence }) = catalog.decide(&hash)? {
+                    out.push(Conflict {
+                        store_path: path.to_string(),
+                        evidence,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await?
+    }
+
+    /// Pins, anchors, conflicts, peers and counters.
+    pub async fn status(&self) -> Result<Status> {
+        let pins = self.node.pins().await?;
+        let peers = self.node.connected_peers().await?;
+        let conflicts = self.conflicts().await?.len();
+        let index = self.index.clone();
+        let (states, forks, locals) = tokio::task::spawn_blocking(move || {
+            Ok::<_, anyhow::Error>((
+                index.trusted_states()?,
+                index.forks()?.len(),
+                index.locals()?.len(),
+            ))
+        })
+        .await??;
+        Ok(Status {
+            peer_id: self.node.peer_id().to_string(),
+            listen_addrs: self
+                .node
+                .listen_addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            connected_peers: peers.len(),
+            pins: pins.len(),
+            pinned_bytes: pins.iter().map(|p| p.size).sum(),
+            local_paths: locals,
+            registry_version: self
+                .catalog
+                .trust()
+                .and_then(|t| t.registry)
+                .map(|r| r.version()),
+            anchors: states
+                .iter()
+                .map(|s| {
+                    let h = s.header().header();
+                    AnchorStatus {
+                        name: h.anchor.to_string(),
+                        kind: h.kind.to_string(),
+                        version: h.version,
+                        expires: h.expires,
+                        entries: h.count,
+                    }
+                })
+                .collect(),
+            forks,
+            conflicts,
+            counters: self.metrics.snapshot(),
+        })
+    }
+
+    /// The narinfo this gateway would serve for a store path, if any.
+    pub fn lookup(&self, hash: &StorePathHash) -> Result<crate::catalog::Lookup> {
+        Ok(self.catalog.lookup(hash)?)
+    }
+
+    /// The CID of the NAR with this hash, if known.
+    pub fn nar_cid(&self, nar_hash: &NarHash) -> Result<Option<String>> {
+        Ok(self.index.nar_location(nar_hash)?.map(|l| l.cid))
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Unpin {
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// Parses a CID given by a user, with a reason they can act on.
+pub fn parse_cid(text: &str) -> Result<Cid> {
+    text.parse::<Cid>()
+        .map_err(|e| anyhow!("{text:?} is not a CID ({e}); expected e.g. bafybei…"))
+}
+
+fn parse_addrs(addrs: &[String], what: &str) -> Result<Vec<Multiaddr>> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .map_err(|e| anyhow!("invalid multiaddr {a:?} in {what}: {e}"))
+        })
+        .collect()
+}
+
+/// The gateway's narinfo signing key: read it, or create it on first start.
+pub fn load_or_create_key(path: &Path) -> Result<SecretKey> {
+    if path.exists() {
+        return crate::cli::read_secret_key(path);
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && !h.contains(':') && !h.contains(char::is_whitespace))
+        .unwrap_or_else(|| "localhost".to_owned());
+    let key = SecretKey::generate(&format!("{host}-nixpfs-1"))?;
+    crate::cli::write_secret_file(path, &key.to_string())
+        .with_context(|| format!("while writing the gateway key {}", path.display()))?;
+    Ok(key)
+}

@@ -1,0 +1,150 @@
+//! Commands that act on the gateway's state: `serve`, and the node commands
+//! that go through a running gateway's admin API, or open the data
+//! directory themselves when none is running.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::Value;
+
+use super::GlobalArgs;
+use crate::admin::{AdminRequest, Client};
+use crate::app::App;
+use crate::config::{default_data_dir, Config};
+
+/// `nixpfs serve` options; each also a config key.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// HTTP address for Nix and the admin API (config `listen`).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// libp2p listen multiaddr; repeat for more (config `ipfs_listen`).
+    #[arg(long = "ipfs-listen")]
+    pub ipfs_listen: Vec<String>,
+    /// Peer multiaddr ending in /p2p/<id>; repeat (config `peers`).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    /// The anchor registry: file path or http(s) URL (config `registry`).
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Distinct registry anchors that must agree (config `require`).
+    #[arg(long)]
+    pub require: Option<u32>,
+    /// Only these registry anchors count; repeat (config `anchors`).
+    #[arg(long = "anchor")]
+    pub anchors: Vec<String>,
+    /// Token file for uploads (config `upload_token_file`).
+    #[arg(long)]
+    pub upload_token_file: Option<PathBuf>,
+    /// Seconds between anchor syncs, 0 = only at start (config `sync_interval_secs`).
+    #[arg(long)]
+    pub sync_interval: Option<u64>,
+    /// Pin what was fetched for Nix, to seed it (config `seed_fetched`).
+    #[arg(long)]
+    pub seed_fetched: bool,
+    /// Priority in nix-cache-info (config `priority`).
+    #[arg(long)]
+    pub priority: Option<u32>,
+}
+
+impl ServeArgs {
+    fn apply(self, config: &mut Config) {
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if !self.ipfs_listen.is_empty() {
+            config.ipfs_listen = self.ipfs_listen;
+        }
+        if !self.peers.is_empty() {
+            config.peers = self.peers;
+        }
+        if self.registry.is_some() {
+            config.registry = self.registry;
+        }
+        if let Some(require) = self.require {
+            config.require = require;
+        }
+        if !self.anchors.is_empty() {
+            config.anchors = self.anchors;
+        }
+        if self.upload_token_file.is_some() {
+            config.upload_token_file = self.upload_token_file;
+        }
+        if let Some(interval) = self.sync_interval {
+            config.sync_interval_secs = interval;
+        }
+        if self.seed_fetched {
+            config.seed_fetched = true;
+        }
+        if let Some(priority) = self.priority {
+            config.priority = priority;
+        }
+    }
+}
+
+/// The data directory and configuration every command starts from.
+pub fn resolve(global: &GlobalArgs) -> Result<(PathBuf, Config)> {
+    let data_dir = global.data_dir.clone().unwrap_or_else(default_data_dir);
+    let (path, explicit) = match &global.config {
+        Some(path) => (path.clone(), true),
+        None => (data_dir.join("config.toml"), false),
+    };
+    let config = Config::load(&path, explicit)?;
+    Ok((data_dir, config))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("while starting the async runtime")
+}
+
+/// `nixpfs serve`.
+pub fn serve(global: &GlobalArgs, args: ServeArgs) -> Result<()> {
+    let (data_dir, mut config) = resolve(global)?;
+    args.apply(&mut config);
+    config.validate()?;
+    runtime()?.block_on(async {
+        let app = App::open(&data_dir, config).await?;
+        crate::serve::serve(app).await
+    })
+}
+
+/// Runs a node command through the running gateway, or directly.
+pub fn dispatch(global: &GlobalArgs, request: AdminRequest) -> Result<Value> {
+    let (data_dir, mut config) = resolve(global)?;
+    if let Some(client) = Client::discover(&data_dir) {
+        return client.call(&request);
+    }
+    // Direct mode: no need to listen for peers on a port of our own.
+    config.ipfs_listen = vec!["/ip4/127.0.0.1/tcp/0".to_owned()];
+    runtime()?.block_on(async {
+        let app = App::open(&data_dir, config).await?;
+        let result = crate::admin::execute(&app, request).await;
+        app.node.shutdown().await;
+        result
+    })
+}
+
+/// `nixpfs nix-config`: the nix.conf lines that make Nix use this gateway.
+pub fn nix_config(global: &GlobalArgs) -> Result<()> {
+    let (data_dir, config) = resolve(global)?;
+    std::fs::create_dir_all(&data_dir)?;
+    let key_file = config
+        .signing_key_file
+        .clone()
+        .unwrap_or_else(|| crate::app::default_key_file(&data_dir));
+    let key = crate::app::load_or_create_key(&key_file)?;
+    println!("# nixpfs gateway at {}", data_dir.display());
+    println!("extra-substituters = http://{}", config.listen);
+    println!("extra-trusted-public-keys = {}", key.public());
+    Ok(())
+}
+
+/// Makes a user-given path absolute: the gateway may run in another directory.
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("invalid path {}", path.display()))
+}

@@ -1,0 +1,97 @@
+//! `nixpfs serve`: binds the HTTP cache and the admin API on one loopback
+//! port, keeps anchors synced in the background, and shuts down cleanly on
+//! SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anchor_registry::CacheInfo;
+use anyhow::{Context, Result};
+
+use crate::app::App;
+use crate::http::{self, AppState};
+
+/// Serves until a shutdown signal arrives.
+pub async fn serve(app: App) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(app.config.listen)
+        .await
+        .with_context(|| format!("while binding {}", app.config.listen))?;
+    let local = listener.local_addr()?;
+    let token = crate::admin::ensure_token(&app.data_dir)?;
+
+    let cache_info = CacheInfo {
+        store_dir: anchor_registry::STORE_DIR.to_owned(),
+        want_mass_query: app.config.want_mass_query,
+        priority: Some(app.config.priority),
+    }
+    .to_string();
+    let state = Arc::new(AppState {
+        catalog: app.catalog.clone(),
+        index: app.index.clone(),
+        node: app.node.clone(),
+        metrics: app.metrics.clone(),
+        cache_info,
+    });
+    let router = http::router(state)
+        .merge(crate::admin::router(app.clone(), token))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+
+    let syncing = spawn_sync_loop(&app);
+    crate::admin::announce(&app.data_dir, local)?;
+    tracing::info!(
+        "serving http://{local} (gateway key {}, IPFS peer {})",
+        app.key.public(),
+        app.node.peer_id()
+    );
+    println!("nixpfs serving on http://{local}");
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    crate::admin::withdraw(&app.data_dir);
+    if let Some(task) = syncing {
+        task.abort();
+    }
+    app.node.shutdown().await;
+    served.context("while serving HTTP")
+}
+
+fn spawn_sync_loop(app: &App) -> Option<tokio::task::JoinHandle<()>> {
+    app.config.registry.as_ref()?;
+    let interval = app.config.sync_interval_secs;
+    let app = app.clone();
+    Some(tokio::spawn(async move {
+        loop {
+            match app.sync().await {
+                Ok(report) => tracing::info!(
+                    registry_version = report.registry_version,
+                    anchors = report.anchors.len(),
+                    "anchor sync done"
+                ),
+                Err(e) => tracing::warn!("anchor sync failed: {e:#}"),
+            }
+            if interval == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(interval)).await;
+        }
+    }))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

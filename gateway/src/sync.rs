@@ -1,0 +1,325 @@
+//! Fetching the anchor registry and each anchor's newest mapping set from
+//! where they publish (file, http(s), IPFS), verifying them through
+//! `anchor-registry`, and indexing what passed. Nothing is indexed, and no
+//! trusted state moves, unless every check passed.
+
+use std::sync::Arc;
+
+use anchor_registry::{Anchor, Mapping, Registry, SetKind, Source, TrustError};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{unix_now, Catalog};
+use crate::index::{ForkEvidence, Index, IndexError};
+use crate::ipfs::Node;
+use crate::metrics::Metrics;
+
+/// Largest registry or mapping set accepted from one source.
+const MAX_DOCUMENT: u64 = 1 << 30;
+
+/// Why a sync could not even start (per-anchor failures are in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot load the registry from {source_name}: {message}")]
+    RegistrySource {
+        source_name: String,
+        message: String,
+    },
+    #[error("registry from {source_name} refused: {error}")]
+    Registry {
+        source_name: String,
+        error: anchor_registry::RegistryError,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("sync task failed: {0}")]
+    Task(String),
+}
+
+/// What one sync did, per anchor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub registry_version: u64,
+    pub anchors: Vec<AnchorSync>,
+}
+
+/// The outcome for one anchor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorSync {
+    pub anchor: String,
+    /// `accepted`, `unchanged` or `rejected`.
+    pub outcome: String,
+    pub version: Option<u64>,
+    pub entries: Option<u64>,
+    /// Why each source failed, when none succeeded.
+    pub errors: Vec<String>,
+}
+
+/// Everything a sync touches.
+#[derive(Debug, Clone)]
+pub struct Syncer {
+    pub index: Arc<Index>,
+    pub catalog: Catalog,
+    pub node: Option<Node>,
+    pub metrics: Arc<Metrics>,
+    /// The registry's own location (file path or http(s) URL).
+    pub registry_source: String,
+}
+
+impl Syncer {
+    /// Loads and verifies the registry (rotation checked against the last
+    /// accepted one), then every anchor's newest set.
+    pub async fn sync(&self) -> Result<SyncReport, SyncError> {
+        let registry = self.load_registry().await?;
+        self.catalog.set_registry(registry.clone());
+        let mut report = SyncReport {
+            registry_version: registry.version(),
+            anchors: Vec::new(),
+        };
+        for anchor in registry.anchors() {
+            let outcome = self.sync_anchor(&registry, anchor).await?;
+            report.anchors.push(outcome);
+        }
+        Ok(report)
+    }
+
+    async fn load_registry(&self) -> Result<Registry, SyncError> {
+        let source = &self.registry_source;
+        let bytes = fetch_location(source, self.node.as_ref())
+            .await
+            .map_err(|message| SyncError::RegistrySource {
+                source_name: source.clone(),
+                message,
+            })?;
+        let text = String::from_utf8(bytes.to_vec()).map_err(|_| SyncError::RegistrySource {
+            source_name: source.clone(),
+            message: "not UTF-8 text".to_owned(),
+        })?;
+        let refused = |error| SyncError::Registry {
+            source_name: source.clone(),
+            error,
+        };
+        let registry = Registry::parse(&text).map_err(refused)?;
+        let previous = match self.index.registry_text()? {
+            Some(old) => Registry::parse(&old).ok(),
+            None => None,
+        };
+        registry
+            .verify(previous.as_ref(), unix_now())
+            .map_err(refused)?;
+        if previous.as_ref().map(Registry::version) != Some(registry.version()) {
+            self.index.put_registry_text(&text)?;
+        }
+        Ok(registry)
+    }
+
+    async fn sync_anchor(
+        &self,
+        registry: &Registry,
+        anchor: &Anchor,
+    ) -> Result<AnchorSync, SyncError> {
+        let mut errors = Vec::new();
+        for source in &anchor.sources {
+            let bytes = match fetch_source(source, self.node.as_ref()).await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    errors.push(format!("{source}: {e}"));
+                    continue;
+                }
+            };
+            let index = self.index.clone();
+            let registry = registry.clone();
+            let name = anchor.name.as_str().to_owned();
+            let result = tokio::task::spawn_blocking(move || {
+                verify_and_index(&index, &registry, SetKind::Anchor, &name, &bytes)
+            })
+            .await
+            .map_err(|e| SyncError::Task(e.to_string()))?;
+            match result {
+                Ok(Indexed::Accepted { version, entries }) => {
+                    Metrics::inc(&self.metrics.sync_accepted);
+                    tracing::info!(anchor = %anchor.name, version, entries, "accepted mapping set");
+                    return Ok(AnchorSync {
+                        anchor: anchor.name.to_string(),
+                        outcome: "accepted".to_owned(),
+                        version: Some(version),
+                        entries: Some(entries),
+                        errors,
+                    });
+                }
+                Ok(Indexed::Unchanged { version }) => {
+                    return Ok(AnchorSync {
+                        anchor: anchor.name.to_string(),
+                        outcome: "unchanged".to_owned(),
+                        version: Some(version),
+                        entries: None,
+                        errors,
+                    });
+                }
+                Err(SetRejected::Index(e)) => return Err(e.into()),
+                Err(SetRejected::Trust(e)) => {
+                    Metrics::inc(&self.metrics.sync_rejected);
+                    tracing::warn!(anchor = %anchor.name, %source, "refused mapping set: {e}");
+                    errors.push(format!("{source}: {e}"));
+                }
+            }
+        }
+        Ok(AnchorSync {
+            anchor: anchor.name.to_string(),
+            outcome: "rejected".to_owned(),
+            version: None,
+            entries: None,
+            errors,
+        })
+    }
+}
+
+/// What became of one fetched set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexed {
+    Accepted {
+        version: u64,
+        entries: u64,
+    },
+    /// The trusted version again: nothing to do.
+    Unchanged {
+        version: u64,
+    },
+}
+
+/// Why a fetched set was not indexed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetRejected {
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// Verifies a set against the registry and the trusted state and, only when
+/// every check passed, replaces the publisher's mappings and state in one
+/// transaction. A fork is recorded as evidence before it is refused.
+pub fn verify_and_index(
+    index: &Index,
+    registry: &Registry,
+    kind: SetKind,
+    name: &str,
+    bytes: &[u8],
+) -> Result<Indexed, SetRejected> {
+    let trusted = index.trusted_state(kind, name)?;
+    let mut staged: Vec<Mapping> = Vec::new();
+    let verified =
+        anchor_registry::verify_set(bytes, registry, trusted.as_ref(), unix_now(), |m| {
+            staged.push(m)
+        });
+    match verified {
+        Ok((set, state)) => {
+            if trusted
+                .as_ref()
+                .is_some_and(|t| t.digest() == state.digest())
+            {
+                return Ok(Indexed::Unchanged {
+                    version: state.version(),
+                });
+            }
+            index.replace_set(&state, &staged)?;
+            Ok(Indexed::Accepted {
+                version: state.version(),
+                entries: set.entries,
+            })
+        }
+        Err(TrustError::Fork {
+            anchor,
+            version,
+            trusted,
+            found,
+        }) => {
+            tracing::error!(%anchor, version, "anchor signed two different sets of one version: fork");
+            index.record_fork(&ForkEvidence {
+                anchor: anchor.to_string(),
+                version,
+                trusted: (*trusted).clone(),
+                found: (*found).clone(),
+            })?;
+            Err(TrustError::Fork {
+                anchor,
+                version,
+                trusted,
+                found,
+            }
+            .into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Fetches a registry location given as text (file path or http(s) URL).
+async fn fetch_location(location: &str, node: Option<&Node>) -> Result<Bytes, String> {
+    match Source::parse(location) {
+        Ok(source) => fetch_source(&source, node).await,
+        Err(_) => tokio::fs::read(location)
+            .await
+            .map(Bytes::from)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Fetches one published document, bounded in size.
+pub async fn fetch_source(source: &Source, node: Option<&Node>) -> Result<Bytes, String> {
+    match source {
+        Source::File(path) => {
+            let meta = tokio::fs::metadata(path).await.map_err(|e| e.to_string())?;
+            if meta.len() > MAX_DOCUMENT {
+                return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+            }
+            tokio::fs::read(path)
+                .await
+                .map(Bytes::from)
+                .map_err(|e| e.to_string())
+        }
+        Source::Http(url) => {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || http_get(&url))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        Source::Ipfs(cid) => {
+            let Some(node) = node else {
+                return Err("ipfs:// sources need the IPFS node (run through `nixpfs serve`)".to_owned());
+            };
+            let cid: cid::Cid = cid.to_string().parse().map_err(|e| format!("{e}"))?;
+            let mut stream = Box::pin(node.cat(cid));
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                if (out.len() + chunk.len()) as u64 > MAX_DOCUMENT {
+                    return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(Bytes::from(out))
+        }
+        Source::Ipns(name) => Err(format!(
+            "ipns://{name}: IPNS resolution is not supported yet; publish the set as a file, http(s) URL or ipfs:// CID too"
+        )),
+    }
+}
+
+fn http_get(url: &str) -> Result<Bytes, String> {
+    use std::io::Read;
+    let response = ureq::get(url)
+        .timeout(std::time::Duration::from_secs(60))
+        .call()
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    response
+        .into_reader()
+        .take(MAX_DOCUMENT + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    if out.len() as u64 > MAX_DOCUMENT {
+        return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+    }
+    Ok(Bytes::from(out))
+}

@@ -1,0 +1,146 @@
+//! A `nixpfs serve` process on loopback for a test: started on a free port,
+//! awaited until it answers, stopped with SIGTERM when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{nixpfs, run_ok_str};
+
+/// One running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    pub data_dir: PathBuf,
+    pub url: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Gateway {
+    /// Starts `nixpfs --data-dir DIR serve --listen … EXTRA…` and waits until
+    /// `nix-cache-info` answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        let port = free_port();
+        let log = data_dir.with_extension("log");
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = nixpfs()
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--ipfs-listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(extra)
+            .env("RUST_LOG", "info,gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn nixpfs serve");
+        let mut gateway = Self {
+            data_dir: data_dir.to_owned(),
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ureq::get(&format!("{}/nix-cache-info", gateway.url))
+                .call()
+                .is_ok()
+                && data_dir.join("api.json").exists()
+            {
+                return gateway;
+            }
+            if let Ok(Some(status)) = gateway.child.try_wait() {
+                panic!("nixpfs serve exited ({status}):\n{}", gateway.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nixpfs serve did not answer within 30 s:\n{}",
+                gateway.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The gateway's log so far (for assertion messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A `nixpfs --data-dir DIR …` command (goes through the admin API).
+    pub fn cli(&self) -> Command {
+        let mut cmd = nixpfs();
+        cmd.arg("--data-dir").arg(&self.data_dir);
+        cmd
+    }
+
+    /// `nixpfs id` as JSON-ish fields: (peer id, first listen multiaddr, gateway public key).
+    pub fn id(&self) -> (String, String, String) {
+        let out = run_ok_str(self.cli().arg("id"));
+        let field = |prefix: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("`{prefix}` missing in `nixpfs id`: {out}"))
+                .trim()
+                .to_owned()
+        };
+        (field("peer id:"), field("listen:"), field("gateway key:"))
+    }
+
+    /// A dialable multiaddr of this gateway's IPFS node.
+    pub fn multiaddr(&self) -> String {
+        let (peer, addr, _) = self.id();
+        if addr.contains("/p2p/") {
+            addr
+        } else {
+            format!("{addr}/p2p/{peer}")
+        }
+    }
+
+    /// GET a path: (status, body).
+    pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        self.get_with(path, &[])
+    }
+
+    /// GET with extra headers: (status, body).
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
+        let mut req = ureq::get(&format!("{}{path}", self.url));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        let status = resp.status();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).ok();
+        (status, body)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
