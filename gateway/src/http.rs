@@ -148,7 +148,7 @@ async fn nar(
     let range = match headers.get(header::RANGE).map(|v| parse_range(v, size)) {
         None => None,
         Some(Ok(range)) => range,
-        Some(Err(())) => {
+        Some(Err(Unsatisfiable)) => {
             return (
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 [(header::CONTENT_RANGE, format!("bytes */{size}"))],
@@ -266,10 +266,14 @@ fn nar_response(
     resp
 }
 
+/// A `Range` header that cannot be satisfied for this resource (HTTP 416).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// Parses a single `bytes=` range against a resource of `size` bytes:
 /// `Ok(None)` = serve the whole resource (absent, multi-range or not bytes),
-/// `Ok(Some((first, last)))` inclusive, `Err(())` = not satisfiable (416).
-pub fn parse_range(value: &HeaderValue, size: u64) -> Result<Option<(u64, u64)>, ()> {
+/// `Ok(Some((first, last)))` inclusive, `Err(Unsatisfiable)` = 416.
+pub fn parse_range(value: &HeaderValue, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = value
         .to_str()
         .ok()
@@ -287,23 +291,23 @@ pub fn parse_range(value: &HeaderValue, size: u64) -> Result<Option<(u64, u64)>,
     let parsed = match (first.is_empty(), last.is_empty()) {
         (true, true) => return Ok(None),
         (true, false) => {
-            let n: u64 = last.parse().map_err(|_| ())?;
+            let n: u64 = last.parse().map_err(|_| Unsatisfiable)?;
             if n == 0 || size == 0 {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (size.saturating_sub(n), size - 1)
         }
         (false, _) => {
-            let a: u64 = first.parse().map_err(|_| ())?;
+            let a: u64 = first.parse().map_err(|_| Unsatisfiable)?;
             let b: u64 = if last.is_empty() {
                 size.saturating_sub(1)
             } else {
                 last.parse::<u64>()
-                    .map_err(|_| ())?
+                    .map_err(|_| Unsatisfiable)?
                     .min(size.saturating_sub(1))
             };
             if a >= size || a > b {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (a, b)
         }
@@ -315,7 +319,7 @@ pub fn parse_range(value: &HeaderValue, size: u64) -> Result<Option<(u64, u64)>,
 mod tests {
     use super::*;
 
-    fn range(v: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    fn range(v: &str, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
         parse_range(&HeaderValue::from_str(v).unwrap(), size)
     }
 
@@ -330,10 +334,10 @@ mod tests {
 
     #[test]
     fn unsatisfiable_ranges_are_416() {
-        assert_eq!(range("bytes=100-", 100), Err(()));
-        assert_eq!(range("bytes=5-4", 100), Err(()));
-        assert_eq!(range("bytes=-0", 100), Err(()));
-        assert_eq!(range("bytes=x-4", 100), Err(()));
+        assert_eq!(range("bytes=100-", 100), Err(Unsatisfiable));
+        assert_eq!(range("bytes=5-4", 100), Err(Unsatisfiable));
+        assert_eq!(range("bytes=-0", 100), Err(Unsatisfiable));
+        assert_eq!(range("bytes=x-4", 100), Err(Unsatisfiable));
     }
 
     #[test]

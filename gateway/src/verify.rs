@@ -23,6 +23,9 @@ pub enum VerifyError {
     Source(String),
 }
 
+/// Called once when a stream fails verification (to log and count it).
+type OnMismatch = Box<dyn FnOnce(&VerifyError) + Send>;
+
 /// Wraps a stream of NAR chunks; see the module docs.
 pub struct VerifiedNar<S> {
     inner: S,
@@ -32,7 +35,7 @@ pub struct VerifiedNar<S> {
     seen: u64,
     held: Option<Bytes>,
     done: bool,
-    on_mismatch: Option<Box<dyn FnOnce(&VerifyError) + Send>>,
+    on_mismatch: Option<OnMismatch>,
 }
 
 impl<S> std::fmt::Debug for VerifiedNar<S> {

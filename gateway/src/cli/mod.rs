@@ -335,7 +335,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         out.push_str(&format!(
                             "\n  {} says {}",
                             e["anchor"].as_str().unwrap_or(""),
-                            e["mapping"].to_string()
+                            e["mapping"]
                         ));
                     }
                     out

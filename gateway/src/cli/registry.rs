@@ -79,7 +79,7 @@ fn load(file: &PathBuf) -> Result<Registry> {
     Registry::parse(&text).with_context(|| format!("invalid registry {}", file.display()))
 }
 
-fn save(file: &PathBuf, registry: &Registry) -> Result<()> {
+fn save(file: &std::path::Path, registry: &Registry) -> Result<()> {
     write_atomically(file, registry.render().as_bytes())
 }
 
