@@ -50,11 +50,35 @@ pub enum AdminRequest {
     Conflicts,
     Peers,
     Id,
+    Seed {
+        anchors: Vec<String>,
+        max_size: Option<u64>,
+    },
     AnchorSign {
         targets: Vec<String>,
         closure: bool,
         key_file: PathBuf,
     },
+    /// Seed store paths and publish the contributor's claims about them.
+    Contribute {
+        targets: Vec<String>,
+        closure: bool,
+        key_file: PathBuf,
+        out: Option<PathBuf>,
+        expires: u64,
+    },
+    /// Accept a claims set (file path, http(s) URL or `ipfs://<cid>`).
+    ImportClaims {
+        source: String,
+    },
+    Claims,
+    /// Rebuild derivations and sign this node's own results.
+    AnchorRebuild {
+        targets: Vec<String>,
+        key_file: PathBuf,
+        only_if_matches: bool,
+    },
+    Repro,
 }
 
 /// Runs one request on the opened state; the reply is JSON for both the
@@ -80,11 +104,37 @@ pub async fn execute(app: &App, request: AdminRequest) -> Result<Value> {
                 .map(|p| json!({ "peer_id": p.peer_id.to_string(), "agent_version": p.agent_version }))
                 .collect::<Vec<_>>())
         }
+        AdminRequest::Seed { anchors, max_size } => json!(app.seed(&anchors, max_size).await?),
         AdminRequest::AnchorSign {
             targets,
             closure,
             key_file,
         } => json!(app.anchor_sign(&targets, closure, &key_file).await?),
+        AdminRequest::Contribute {
+            targets,
+            closure,
+            key_file,
+            out,
+            expires,
+        } => json!(
+            crate::community::contribute(app, &targets, closure, &key_file, out, expires).await?
+        ),
+        AdminRequest::ImportClaims { source } => {
+            json!(crate::community::import_claims(app, &source).await?)
+        }
+        AdminRequest::Claims => json!(crate::community::list(app).await?),
+        AdminRequest::AnchorRebuild {
+            targets,
+            key_file,
+            only_if_matches,
+        } => {
+            let options = crate::community::RebuildOptions {
+                key: crate::cli::read_secret_key(&key_file)?,
+                only_if_matches,
+            };
+            json!(crate::community::rebuild(app, &targets, &options).await?)
+        }
+        AdminRequest::Repro => json!(crate::community::repro(app).await?),
         AdminRequest::Id => json!({
             "peer_id": app.node.peer_id().to_string(),
             "listen_addrs": app.node.listen_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),

@@ -66,6 +66,9 @@ pub struct Status {
     pub anchors: Vec<AnchorStatus>,
     pub forks: usize,
     pub conflicts: usize,
+    /// Reproducibility verdicts over claimed, rebuilt and multiply signed paths.
+    #[serde(default)]
+    pub repro: crate::community::ReproCounts,
     pub counters: MetricsSnapshot,
 }
 
@@ -160,7 +163,8 @@ impl App {
         Ok(out)
     }
 
-    async fn pin_store_path(&self, info: NarInfo) -> Result<PinEntry> {
+    /// Pins one store path whose metadata the caller already has.
+    pub(crate) async fn pin_store_path(&self, info: NarInfo) -> Result<PinEntry> {
         let path = info.store_path.to_string();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
         let source = PathBuf::from(&path);
@@ -240,6 +244,63 @@ impl App {
         let signed = mappings.iter().map(|m| m.path().to_string()).collect();
         crate::anchor::add_to_working(&crate::anchor::anchor_dir(&self.data_dir, &key), mappings)?;
         Ok(signed)
+    }
+
+    /// Pins what registry anchors signed, newest set first, until the NARs
+    /// pinned this way would exceed `max_size` bytes, so this node seeds
+    /// them to others. `anchors` restricts to those names (all when empty).
+    pub async fn seed(&self, anchors: &[String], max_size: Option<u64>) -> Result<Vec<PinEntry>> {
+        let index = self.index.clone();
+        let wanted: Vec<String> = anchors.to_vec();
+        let candidates = tokio::task::spawn_blocking(move || {
+            let mut states: Vec<_> = index
+                .trusted_states()?
+                .into_iter()
+                .filter(|s| s.header().header().kind == anchor_registry::SetKind::Anchor)
+                .filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == s.anchor().as_str()))
+                .collect();
+            states.sort_by_key(|s| std::cmp::Reverse(s.header().header().created));
+            let mut seen = std::collections::HashSet::new();
+            let mut out = Vec::new();
+            for state in states {
+                for mapping in index
+                    .owner_mappings(anchor_registry::SetKind::Anchor, state.anchor().as_str())?
+                {
+                    let data = mapping.data();
+                    if seen.insert(data.nar_hash) {
+                        out.push((data.path.to_string(), data.cid.to_string(), data.nar_size));
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(out)
+        })
+        .await??;
+        if !anchors.is_empty() && candidates.is_empty() {
+            bail!(
+                "no synced mappings from {}: run `nixpfs anchors sync` first",
+                anchors.join(", ")
+            );
+        }
+        let budget = max_size.unwrap_or(u64::MAX);
+        let mut used = 0u64;
+        let mut pinned = Vec::new();
+        for (path, cid, size) in candidates {
+            if used.saturating_add(size) > budget {
+                continue;
+            }
+            let pin = self
+                .node
+                .pin(parse_cid(&cid)?)
+                .await
+                .with_context(|| format!("while seeding {path} ({cid})"))?;
+            used += size;
+            pinned.push(PinEntry {
+                cid: pin.cid.to_string(),
+                size: pin.size,
+                store_path: Some(path),
+            });
+        }
+        Ok(pinned)
     }
 
     /// Pins a CID, fetching missing blocks from peers.
@@ -437,6 +498,7 @@ impl App {
                 .collect(),
             forks,
             conflicts,
+            repro: crate::community::repro_counts(self).await?,
             counters: self.metrics.snapshot(),
         })
     }

@@ -27,6 +27,9 @@ pub struct Config {
     pub anchors: Vec<String>,
     /// File holding the token that authorises uploads and admin writes.
     pub upload_token_file: Option<PathBuf>,
+    /// Public keys (`name:base64`) of which an uploaded narinfo must carry a
+    /// valid signature by at least one; empty: any authorised upload.
+    pub upload_require_sig: Vec<String>,
     /// `Priority:` in `nix-cache-info` (lower is preferred by Nix).
     pub priority: u32,
     /// `WantMassQuery:` in `nix-cache-info`.
@@ -51,6 +54,7 @@ impl Default for Config {
             require: 1,
             anchors: Vec::new(),
             upload_token_file: None,
+            upload_require_sig: Vec::new(),
             priority: 40,
             want_mass_query: true,
             sync_interval_secs: 600,

@@ -30,6 +30,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Pre-rendered `nix-cache-info`.
     pub cache_info: String,
+    /// Pin NARs fetched for Nix once verified, so this node seeds them.
+    pub seed_fetched: bool,
 }
 
 /// The binary-cache routes.

@@ -384,6 +384,35 @@ impl Index {
         Ok(())
     }
 
+    /// Every mapping a publisher's trusted set contains, in hash-part order.
+    pub fn owner_mappings(&self, kind: SetKind, name: &str) -> Result<Vec<Mapping>, IndexError> {
+        let owner = set_owner(kind, name);
+        let txn = self.db.begin_read()?;
+        let by_owner = txn.open_table(BY_OWNER)?;
+        let by_path = txn.open_table(BY_PATH)?;
+        let mut out = Vec::new();
+        let mut scratch = Vec::new();
+        for entry in by_owner.range((owner.as_str(), "")..)? {
+            let (key, _) = entry?;
+            let (o, path) = key.value();
+            if o != owner {
+                break;
+            }
+            let Some(line) = by_path.get((path, owner.as_str()))? else {
+                continue;
+            };
+            let mapping = Mapping::parse_canonical(line.value(), &mut scratch).map_err(|e| {
+                IndexError::Corrupt {
+                    table: "mappings_by_path",
+                    key: format!("{path}/{owner}"),
+                    message: e.to_string(),
+                }
+            })?;
+            out.push(mapping);
+        }
+        Ok(out)
+    }
+
     /// Hash parts that more than one publisher has a mapping for: the only
     /// paths where anchors can disagree.
     pub fn multi_asserted_paths(&self) -> Result<Vec<StorePathHash>, IndexError> {

@@ -49,6 +49,10 @@ counters! {
     nar_fetch_failed,
     /// Requests rejected for a missing or wrong token.
     auth_failures,
+    /// Uploaded store paths accepted (narinfo matched its NAR; pinned).
+    uploads_accepted,
+    /// Upload requests refused (bad NAR, mismatching or unsigned narinfo…).
+    uploads_rejected,
     /// Anchor sets rejected during sync (bad signature, rollback, fork…).
     sync_rejected,
     /// Anchor sets accepted during sync.

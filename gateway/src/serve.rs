@@ -31,9 +31,13 @@ pub async fn serve(app: App) -> Result<()> {
         node: app.node.clone(),
         metrics: app.metrics.clone(),
         cache_info,
+        seed_fetched: app.config.seed_fetched,
     });
     let router = http::router(state)
         .merge(crate::admin::router(app.clone(), token))
+        .merge(crate::upload::router(crate::upload::Uploads::from_app(
+            &app,
+        )?))
         .layer(tower_http::trace::TraceLayer::new_for_http());
 
     let syncing = spawn_sync_loop(&app);

@@ -78,3 +78,87 @@ pub fn helia_hash(
         importer: field("importer")?,
     })
 }
+
+/// A running Helia node (`helia/peer.mjs`), stopped when dropped.
+#[derive(Debug)]
+pub struct HeliaPeer {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// Multiaddrs ending in `/p2p/<id>`.
+    pub addrs: Vec<String>,
+    pub version: String,
+}
+
+impl HeliaPeer {
+    /// Starts a loopback-only Helia node and waits for its addresses.
+    pub fn start(peers: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new("node")
+            .arg("peer.mjs")
+            .current_dir(peers.join("helia"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning node peer.mjs")?;
+        let stdin = child.stdin.take();
+        let stdout = std::io::BufReader::new(child.stdout.take().context("node stdout")?);
+        let mut peer = HeliaPeer {
+            child,
+            stdin,
+            stdout,
+            addrs: Vec::new(),
+            version: String::new(),
+        };
+        let hello = peer.read_json()?;
+        peer.addrs = hello["addrs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        peer.version = hello["helia"].as_str().unwrap_or_default().to_owned();
+        if peer.addrs.is_empty() {
+            bail!("helia peer reported no addresses: {hello}");
+        }
+        Ok(peer)
+    }
+
+    fn read_json(&mut self) -> anyhow::Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("helia peer exited");
+        }
+        serde_json::from_str(&line).with_context(|| format!("helia peer said {line:?}"))
+    }
+
+    /// Sends one command line; returns the JSON answer, failing on `error`.
+    pub fn request(&mut self, line: &str) -> anyhow::Result<serde_json::Value> {
+        let stdin = self.stdin.as_mut().context("helia peer stdin closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        let v = self.read_json()?;
+        if let Some(e) = v.get("error") {
+            bail!("helia peer: {line}: {e}");
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for HeliaPeer {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

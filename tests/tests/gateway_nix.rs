@@ -301,6 +301,27 @@ fn anchors_policy_decides_what_a_client_gateway_serves_from_a_peer() {
         "the closure includes a conflicted path: Nix must not get it"
     );
 
+    // Seeding for others: pin what anchor B signed (top only: its forged dep
+    // mapping points at a CID nobody has, and the budget leaves it out).
+    let top_size = a_mappings
+        .iter()
+        .find(|m| m.path().to_string() == top)
+        .unwrap()
+        .data()
+        .nar_size;
+    let seeded = run_ok_str(client.cli().args([
+        "seed",
+        "--anchor",
+        "anchor-b",
+        "--max-size",
+        &top_size.to_string(),
+    ]));
+    assert_eq!(seeded.lines().count(), 1, "{seeded}");
+    assert!(seeded.contains(&top), "{seeded}");
+    let seeded_cid = seeded.split_whitespace().next().unwrap();
+    let pins = run_ok_str(client.cli().args(["pins", "--json"]));
+    assert!(pins.contains(seeded_cid), "{pins}");
+
     // With require 1 and only anchor A counting, Nix substitutes the whole closure.
     drop(client);
     let client2 = Gateway::start(

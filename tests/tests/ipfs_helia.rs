@@ -1,14 +1,16 @@
 //! Our `unixfs-v1-2025` root CIDs equal real Helia's (its importer defaults
 //! are that profile) for edge sizes and a file over 1 GiB, where the DAG
 //! needs a second level (width 1024). Data is generated on the fly and
-//! streamed to both sides; neither holds a whole file in memory.
+//! streamed to both sides; neither holds a whole file in memory. Then a
+//! real Helia node and ours exchange files over bitswap in both directions.
 
 use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use e2e::peers::{helia_hash, peers_dir};
-use gateway::ipfs::dag;
+use e2e::peers::{helia_hash, peers_dir, HeliaPeer};
+use futures::StreamExt;
+use gateway::ipfs::{dag, Node, NodeConfig};
 use tokio::io::{AsyncRead, ReadBuf};
 
 const MIB: u64 = 1024 * 1024;
@@ -133,4 +135,81 @@ fn root_cids_equal_helias_for_edge_sizes_and_over_1_gib() {
         three.cid.to_string(),
         "bafybeihzpjrbcpjpzcx4yxh3hasnjidsikmwmsrli7hhamhny5iueulu5a"
     );
+}
+
+fn write_file(path: &std::path::Path, data: Data) -> Vec<u8> {
+    let mut f = std::fs::File::create(path).expect("create");
+    data.write_to(&mut f).expect("write");
+    std::fs::read(path).expect("read back")
+}
+
+#[test]
+fn helia_and_our_node_exchange_files_over_bitswap() {
+    let Some(peers) = peers_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let len = 20 * MIB + 3;
+    let ours_path = tmp.path().join("ours.bin");
+    let theirs_path = tmp.path().join("theirs.bin");
+    let ours_bytes = write_file(&ours_path, Data::noise(len));
+    let theirs_bytes = write_file(&theirs_path, Data::pattern(len));
+
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let mut cfg = NodeConfig::new(tmp.path().join("node"));
+    cfg.fetch_timeout = std::time::Duration::from_secs(30);
+    let node = rt.block_on(Node::start(cfg)).expect("start node");
+    let pinned = rt
+        .block_on(async {
+            node.add_and_pin(tokio::fs::File::open(&ours_path).await?)
+                .await
+                .map_err(std::io::Error::other)
+        })
+        .expect("add");
+
+    let mut helia = HeliaPeer::start(&peers).expect("start helia");
+    println!("Helia {} at {}", helia.version, helia.addrs[0]);
+    let theirs = helia
+        .request(&format!("add {}", theirs_path.display()))
+        .expect("helia add");
+    let theirs_cid: gateway::ipfs::Cid = theirs["cid"]
+        .as_str()
+        .expect("cid")
+        .parse()
+        .expect("parse cid");
+    rt.block_on(node.connect(helia.addrs[0].parse().expect("multiaddr")))
+        .expect("connect to helia");
+
+    // Ours <- Helia.
+    let t0 = std::time::Instant::now();
+    let got = rt.block_on(async {
+        let mut s = Box::pin(node.cat(theirs_cid));
+        let mut out = Vec::new();
+        while let Some(chunk) = s.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok::<_, gateway::ipfs::IpfsError>(out)
+    });
+    let got = got.expect("fetch from helia");
+    println!(
+        "ours <- helia: {:.1} MB/s",
+        len as f64 / t0.elapsed().as_secs_f64() / 1e6
+    );
+    assert!(got == theirs_bytes, "bytes from Helia differ");
+
+    // Helia <- ours (Helia asks only peers whose identify lists bitswap).
+    let out_path = tmp.path().join("from-ours.bin");
+    let r = helia
+        .request(&format!("cat {} {} 60", pinned.cid, out_path.display()))
+        .expect("helia cat");
+    println!(
+        "helia <- ours: {r} ({:.1} MB/s)",
+        len as f64 / r["ms"].as_f64().unwrap_or(1.0) / 1e3
+    );
+    assert!(
+        std::fs::read(&out_path).expect("read") == ours_bytes,
+        "bytes Helia got from us differ"
+    );
+    let stats = node.bitswap_stats();
+    println!("our bitswap: {stats:?}");
+    drop(helia);
+    rt.block_on(node.shutdown());
 }

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::nar;
 
+mod community;
 mod node;
 mod registry;
 
@@ -86,6 +87,15 @@ pub enum Command {
         #[arg(long)]
         closure: bool,
     },
+    /// Pin what registry anchors signed (newest first, within a size budget) to seed it to others.
+    Seed {
+        /// Only this anchor's mappings; repeat for more (default: all).
+        #[arg(long = "anchor")]
+        anchors: Vec<String>,
+        /// Budget for the NARs pinned, e.g. `10G`, `500M`, or bytes.
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
+    },
     /// Unpin store paths or CIDs.
     Unpin {
         #[arg(required = true)]
@@ -109,6 +119,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Seed store paths and publish your signed claims about them (evidence for rebuilders).
+    Contribute(community::ContributeArgs),
+    /// Claims seen, by path (who claimed which NarHash); `claims import` accepts claims sets.
+    Claims(community::ClaimsArgs),
+    /// Per path: claims, anchors agreeing and disagreeing, reproducibility verdict.
+    Repro(community::ReproArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +152,8 @@ pub enum AnchorCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Rebuild derivations with the local Nix (`--check` if present) and sign this node's own results.
+    Rebuild(community::RebuildArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,6 +266,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let v = node::dispatch(&cli.global, AdminRequest::Pin { targets, closure })?;
             print_value(&v, false, render_pins)
         }
+        Command::Seed { anchors, max_size } => {
+            let v = node::dispatch(&cli.global, AdminRequest::Seed { anchors, max_size })?;
+            print_value(&v, false, render_pins)
+        }
         Command::Unpin { targets } => {
             let targets = absolute_store_paths(targets)?;
             let v = node::dispatch(&cli.global, AdminRequest::Unpin { targets })?;
@@ -343,6 +365,10 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Set(cmd) => registry::run_set(cmd),
+        Command::Contribute(args) => community::contribute(&cli.global, args),
+        Command::Claims(args) => community::claims(&cli.global, args),
+        Command::Repro(args) => community::repro(&cli.global, args),
+        Command::Anchor(AnchorCommand::Rebuild(args)) => community::rebuild(&cli.global, args),
         Command::Nar(NarCommand::Hash { path }) => {
             let summary = nar::hash_path(&path)
                 .with_context(|| format!("while hashing the NAR of {}", path.display()))?;
@@ -398,6 +424,11 @@ fn render_status(v: &Value) -> String {
         v["forks"],
         v["conflicts"],
     );
+    let repro = &v["repro"];
+    out.push_str(&format!(
+        "repro: {} paths, {} reproduced, {} differ, {} not checked\n",
+        repro["paths"], repro["reproduced"], repro["differs"], repro["not_checked"]
+    ));
     for a in v["anchors"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{} {}: version {}, {} entries, expires {}\n",
@@ -481,6 +512,28 @@ pub(crate) fn parse_duration(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("duration {text:?} is too large"))
 }
 
+/// Parses sizes such as `10G`, `500M`, `64K` (powers of 1024) or plain bytes.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected e.g. 10G, 500M or 1048576"))?;
+    let scale: u64 = match unit.trim_end_matches(['B', 'b', 'i']) {
+        "" => 1,
+        "K" | "k" => 1 << 10,
+        "M" | "m" => 1 << 20,
+        "G" | "g" => 1 << 30,
+        "T" | "t" => 1 << 40,
+        _ => return Err(format!("invalid size unit in {text:?}: use K, M, G or T")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
 fn key_generate(name: &str, out: &Path) -> Result<()> {
     if out.exists() {
         bail!(
@@ -506,4 +559,31 @@ pub(crate) fn write_secret_file(path: &Path, contents: &str) -> io::Result<()> {
         .open(path)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_common_units() {
+        assert_eq!(parse_duration("45"), Ok(45));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("12h"), Ok(43_200));
+        assert_eq!(parse_duration("90d"), Ok(90 * 86_400));
+        assert!(parse_duration("3x").is_err());
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("99999999999999999999w").is_err());
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Token file for uploads (config `upload_token_file`).
     #[arg(long)]
     pub upload_token_file: Option<PathBuf>,
+    /// Uploaded narinfos must be signed by this key; repeat (config `upload_require_sig`).
+    #[arg(long = "upload-require-sig")]
+    pub upload_require_sig: Vec<String>,
     /// Seconds between anchor syncs, 0 = only at start (config `sync_interval_secs`).
     #[arg(long)]
     pub sync_interval: Option<u64>,
@@ -71,6 +74,9 @@ impl ServeArgs {
         }
         if self.upload_token_file.is_some() {
             config.upload_token_file = self.upload_token_file;
+        }
+        if !self.upload_require_sig.is_empty() {
+            config.upload_require_sig = self.upload_require_sig;
         }
         if let Some(interval) = self.sync_interval {
             config.sync_interval_secs = interval;
