@@ -1,0 +1,27 @@
+# A sketch of a NixOS module running the gateway as a system service.
+{ config, lib, pkgs, ... }:
+let cfg = config.services.nixpfs; in {
+  options.services.nixpfs = {
+    enable = lib.mkEnableOption "nixpfs gateway";
+    package = lib.mkOption { type = lib.types.package; };
+    registry = lib.mkOption { type = lib.types.str; description = "Registry file or URL."; };
+    require = lib.mkOption { type = lib.types.int; default = 1; };
+    peers = lib.mkOption { type = lib.types.listOf lib.types.str; default = [ ]; };
+  };
+  config = lib.mkIf cfg.enable {
+    systemd.services.nixpfs = {
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network-online.target" ];
+      serviceConfig = {
+        ExecStart = lib.concatStringsSep " " ([
+          "${cfg.package}/bin/nixpfs" "--data-dir" "/var/lib/nixpfs" "serve"
+          "--registry" cfg.registry "--require" (toString cfg.require)
+        ] ++ lib.concatMap (p: [ "--peer" p ]) cfg.peers);
+        StateDirectory = "nixpfs";
+        DynamicUser = true;
+        Restart = "on-failure";
+      };
+    };
+    nix.settings.extra-substituters = [ "http://127.0.0.1:8480" ];
+  };
+}
