@@ -48,6 +48,9 @@ pub async fn serve(app: App) -> Result<()> {
         app.node.peer_id()
     );
     println!("nixpfs serving on http://{local}");
+    println!("add to nix.conf (or run `nixpfs nix-config`):");
+    println!("  extra-substituters = http://{local}");
+    println!("  extra-trusted-public-keys = {}", app.key.public());
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await;

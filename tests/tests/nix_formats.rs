@@ -267,3 +267,76 @@ fn key_generate_refuses_to_overwrite() {
     let mode = fs::metadata(&key_file).expect("meta").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// sha256 and length of everything a command writes to stdout, streamed.
+fn stdout_digest(cmd: &mut std::process::Command) -> ([u8; 32], u64) {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = out.read(&mut buf).expect("read stdout");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    assert!(child.wait().expect("wait").success(), "{cmd:?} failed");
+    (hasher.finalize().into(), len)
+}
+
+#[test]
+fn odd_trees_and_a_1_gib_file_agree_with_nix_byte_for_byte() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let Some(env) = NixEnv::new() else {
+        return;
+    };
+    let root = env.path().join("odd");
+    fs::create_dir_all(root.join("empty-dir")).unwrap();
+    fs::create_dir_all(root.join("a/b/c/d")).unwrap();
+    fs::write(
+        root.join(std::ffi::OsStr::from_bytes(b"caf\xe9-latin1")),
+        b"not utf-8 name",
+    )
+    .unwrap();
+    fs::write(root.join("n".repeat(255)), b"255-byte name").unwrap();
+    for (name, mode) in [
+        ("m0654", 0o654),
+        ("m0700", 0o700),
+        ("m0755", 0o755),
+        ("m0600", 0o600),
+    ] {
+        let p = root.join(name);
+        fs::write(&p, name).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::write(root.join("empty-file"), b"").unwrap();
+    symlink("t".repeat(4000), root.join("long-link")).unwrap();
+    symlink("/nonexistent/dangling", root.join("dangling")).unwrap();
+    symlink("a/b", root.join("dir-link")).unwrap();
+    fs::write(root.join("a/b/c/d/deep"), b"deep").unwrap();
+    let big = fs::File::create(root.join("big-1gib")).unwrap();
+    big.set_len(1 << 30).unwrap();
+    drop(big);
+
+    let theirs = stdout_digest(env.cmd("nix-store").arg("--dump").arg(&root));
+    let ours = stdout_digest(nixpfs().args(["nar", "dump"]).arg(&root));
+    assert_eq!(ours.1, theirs.1, "NAR sizes differ");
+    assert_eq!(ours.0, theirs.0, "NAR bytes differ");
+
+    let nix_hash = run_ok_str(
+        env.cmd("nix-hash")
+            .args(["--type", "sha256", "--base32"])
+            .arg(&root),
+    );
+    let out = run_ok_str(nixpfs().args(["nar", "hash"]).arg(&root));
+    assert_eq!(out, format!("sha256:{nix_hash} {}", theirs.1));
+}
