@@ -487,3 +487,85 @@ in builtins.derivation {
         total_ms.saturating_sub(nix_ms)
     );
 }
+
+#[test]
+fn an_absent_output_is_built_here_and_only_if_matches_withholds_lonely_results() {
+    let Some(env) = NixEnv::new() else { return };
+    let file = env.path().join("fresh.nix");
+    fs::write(
+        &file,
+        r#"{ nonce }: builtins.derivation {
+  name = "community-fresh"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo fresh-${nonce} > $out" ];
+}
+"#,
+    )
+    .expect("write nix file");
+    let drv = run_ok_str(env.cmd("nix-instantiate").arg(&file).args([
+        "--argstr",
+        "nonce",
+        &e2e::nix::nonce(),
+    ]));
+    let dir = env.path().to_owned();
+    let (sk, public) = key(&dir, "rebuilder-1");
+    let data = dir.join("rebuilder");
+    let report = json(&run_ok_str(
+        nixpfs_with_nix(&env, &data)
+            .args(["anchor", "rebuild", &drv, "--json", "--key"])
+            .arg(&sk),
+    ));
+    let records = report["records"].as_array().expect("records");
+    assert_eq!(records.len(), 1, "{report}");
+    let r = &records[0];
+    let out = r["store_path"].as_str().expect("output").to_owned();
+    assert_eq!(r["mode"], "built", "{r}");
+    assert_eq!(r["result"]["built_at"], out.as_str(), "{r}");
+    assert_eq!(r["verdict"]["verdict"], "not_checked", "{r}");
+    assert_eq!(r["signed"], true, "{r}");
+    run_ok(env.cmd("nix-store").args(["--verify-path", &out]));
+    let info = env.path_info(&out);
+    let parse = |v: &Value| NarHash::parse(v.as_str().expect("a hash")).expect("a NarHash");
+    assert_eq!(
+        parse(&r["result"]["nar_hash"]),
+        parse(&info["narHash"]),
+        "{r}"
+    );
+
+    // Present now: checked. Nobody claimed it, so --only-if-matches keeps it
+    // out of the working set, though the verdict is recorded.
+    let again = json(&run_ok_str(
+        nixpfs_with_nix(&env, &data)
+            .args([
+                "anchor",
+                "rebuild",
+                &out,
+                "--only-if-matches",
+                "--json",
+                "--key",
+            ])
+            .arg(&sk),
+    ));
+    assert_eq!(again["records"][0]["mode"], "checked", "{again}");
+    assert_eq!(again["records"][0]["signed"], false, "{again}");
+    assert_eq!(again["signed"], 0, "{again}");
+    let published = dir.join("set.jsonl");
+    run_ok(
+        nixpfs()
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["anchor", "publish", "--key"])
+            .arg(&sk)
+            .arg("--out")
+            .arg(&published),
+    );
+    let set = fs::read_to_string(&published).expect("set");
+    assert_eq!(set.lines().count(), 2, "header + the one signed mapping");
+    assert!(set.contains(&public.split(':').next().expect("name").to_string()));
+    let repro = json(&run_ok_str(
+        nixpfs()
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["repro", "--json"]),
+    ));
+    assert_eq!(entry(&repro, &out)["rebuilt"]["mode"], "checked", "{repro}");
+}

@@ -207,7 +207,10 @@ fn text(v: &Value) -> &str {
 /// `reproduced (2 matches)`, `differs: sha256:… sha256:…`, `not checked: …`.
 fn verdict(v: &Value) -> String {
     match text(&v["verdict"]) {
-        "reproduced" => format!("reproduced ({} matches)", v["matches"]),
+        "reproduced" => match v["matches"].as_u64() {
+            Some(1) => "reproduced (1 match)".to_owned(),
+            _ => format!("reproduced ({} matches)", v["matches"]),
+        },
         "differs" => {
             let hashes: Vec<&str> = v["nar_hashes"]
                 .as_array()
