@@ -34,6 +34,8 @@ pub struct App {
     pub catalog: Catalog,
     pub key: Arc<SecretKey>,
     pub metrics: Arc<Metrics>,
+    /// When the last sync finished (unix seconds) and what it did.
+    pub last_sync: Arc<std::sync::Mutex<Option<(u64, SyncReport)>>>,
 }
 
 /// One pinned thing, as `nixpfs pins` lists it.
@@ -63,6 +65,8 @@ pub struct Status {
     pub pinned_bytes: u64,
     pub local_paths: usize,
     pub registry_version: Option<u64>,
+    /// Unix seconds when the last anchor sync finished, if any since start.
+    pub last_sync: Option<u64>,
     pub anchors: Vec<AnchorStatus>,
     pub forks: usize,
     pub conflicts: usize,
@@ -80,6 +84,8 @@ pub struct AnchorStatus {
     pub version: u64,
     pub expires: u64,
     pub entries: u64,
+    /// The last sync's outcome for this publisher (`accepted`, `unchanged`, `rejected`).
+    pub last_sync: Option<String>,
 }
 
 /// The file holding the gateway's own narinfo signing key, by default.
@@ -145,6 +151,7 @@ impl App {
             catalog,
             key,
             metrics: Arc::new(Metrics::default()),
+            last_sync: Arc::default(),
         })
     }
 
@@ -430,7 +437,11 @@ impl App {
             metrics: self.metrics.clone(),
             registry_source: source,
         };
-        Ok(syncer.sync().await?)
+        let report = syncer.sync().await?;
+        if let Ok(mut last) = self.last_sync.lock() {
+            *last = Some((crate::catalog::unix_now(), report.clone()));
+        }
+        Ok(report)
     }
 
     /// Paths that registry anchors disagree about, with the signed evidence.
@@ -466,6 +477,16 @@ impl App {
             ))
         })
         .await??;
+        let last_sync = self.last_sync.lock().ok().and_then(|l| l.clone());
+        let outcome = |name: &str| {
+            last_sync.as_ref().and_then(|(_, report)| {
+                report
+                    .anchors
+                    .iter()
+                    .find(|a| a.anchor == name)
+                    .map(|a| a.outcome.clone())
+            })
+        };
         Ok(Status {
             peer_id: self.node.peer_id().to_string(),
             listen_addrs: self
@@ -478,6 +499,7 @@ impl App {
             pins: pins.len(),
             pinned_bytes: pins.iter().map(|p| p.size).sum(),
             local_paths: locals,
+            last_sync: last_sync.as_ref().map(|(at, _)| *at),
             registry_version: self
                 .catalog
                 .trust()
@@ -493,6 +515,7 @@ impl App {
                         version: h.version,
                         expires: h.expires,
                         entries: h.count,
+                        last_sync: outcome(h.anchor.as_str()),
                     }
                 })
                 .collect(),

@@ -414,13 +414,14 @@ fn render_pins(value: &Value) -> String {
 
 fn render_status(v: &Value) -> String {
     let mut out = format!(
-        "peer {}\nconnected peers: {}\npins: {} ({} bytes), own store paths: {}\nregistry version: {}\nforks seen: {}, conflicts: {}\n",
+        "peer {}\nconnected peers: {}\npins: {} ({} bytes), own store paths: {}\nregistry version: {} (last sync at {})\nforks seen: {}, conflicts: {}\n",
         v["peer_id"].as_str().unwrap_or(""),
         v["connected_peers"],
         v["pins"],
         v["pinned_bytes"],
         v["local_paths"],
         v["registry_version"],
+        v["last_sync"],
         v["forks"],
         v["conflicts"],
     );
@@ -431,12 +432,13 @@ fn render_status(v: &Value) -> String {
     ));
     for a in v["anchors"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{} {}: version {}, {} entries, expires {}\n",
+            "{} {}: version {}, {} entries, expires {}, last sync {}\n",
             a["kind"].as_str().unwrap_or(""),
             a["name"].as_str().unwrap_or(""),
             a["version"],
             a["entries"],
-            a["expires"]
+            a["expires"],
+            a["last_sync"].as_str().unwrap_or("-")
         ));
     }
     if let Some(counters) = v["counters"].as_object() {
