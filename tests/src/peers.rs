@@ -14,10 +14,13 @@ pub fn peers_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("NIXPFS_PEERS_DIR").map(PathBuf::from);
     let problem = match &dir {
         None => "NIXPFS_PEERS_DIR is not set".to_owned(),
-        Some(d) if !d.join("helia/hash.mjs").is_file() => {
-            format!("{} has no helia/hash.mjs", d.display())
-        }
-        Some(_) => return dir,
+        Some(d) => match ["helia/hash.mjs", "helia/car.mjs", "helia/vfetch.mjs", "kubo.py"]
+            .into_iter()
+            .find(|f| !d.join(f).is_file())
+        {
+            Some(f) => format!("{} has no {f} (rerun scripts/install-peers)", d.display()),
+            None => return dir,
+        },
     };
     assert!(
         !crate::in_ci(),
@@ -79,76 +82,63 @@ pub fn helia_hash(
     })
 }
 
-/// A running Helia node (`helia/peer.mjs`), stopped when dropped.
+/// A peer process driven by JSON lines: one command per stdin line, one
+/// JSON answer per stdout line; closing stdin stops it.
 #[derive(Debug)]
-pub struct HeliaPeer {
+struct Driven {
     child: std::process::Child,
     stdin: Option<std::process::ChildStdin>,
     stdout: std::io::BufReader<std::process::ChildStdout>,
-    /// Multiaddrs ending in `/p2p/<id>`.
-    pub addrs: Vec<String>,
-    pub version: String,
+    name: &'static str,
 }
 
-impl HeliaPeer {
-    /// Starts a loopback-only Helia node and waits for its addresses.
-    pub fn start(peers: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new("node")
-            .arg("peer.mjs")
-            .current_dir(peers.join("helia"))
+impl Driven {
+    /// Spawns `cmd` and reads its first line (its addresses and version).
+    fn start(name: &'static str, mut cmd: Command) -> anyhow::Result<(Self, serde_json::Value)> {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("spawning node peer.mjs")?;
+            .with_context(|| format!("spawning the {name} peer"))?;
         let stdin = child.stdin.take();
-        let stdout = std::io::BufReader::new(child.stdout.take().context("node stdout")?);
-        let mut peer = HeliaPeer {
+        let stdout = std::io::BufReader::new(child.stdout.take().context("peer stdout")?);
+        let mut peer = Driven {
             child,
             stdin,
             stdout,
-            addrs: Vec::new(),
-            version: String::new(),
+            name,
         };
         let hello = peer.read_json()?;
-        peer.addrs = hello["addrs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        peer.version = hello["helia"].as_str().unwrap_or_default().to_owned();
-        if peer.addrs.is_empty() {
-            bail!("helia peer reported no addresses: {hello}");
-        }
-        Ok(peer)
+        Ok((peer, hello))
     }
 
     fn read_json(&mut self) -> anyhow::Result<serde_json::Value> {
         use std::io::BufRead;
         let mut line = String::new();
         if self.stdout.read_line(&mut line)? == 0 {
-            bail!("helia peer exited");
+            bail!("{} peer exited", self.name);
         }
-        serde_json::from_str(&line).with_context(|| format!("helia peer said {line:?}"))
+        serde_json::from_str(&line).with_context(|| format!("{} peer said {line:?}", self.name))
     }
 
-    /// Sends one command line; returns the JSON answer, failing on `error`.
-    pub fn request(&mut self, line: &str) -> anyhow::Result<serde_json::Value> {
-        let stdin = self.stdin.as_mut().context("helia peer stdin closed")?;
+    fn request(&mut self, line: &str) -> anyhow::Result<serde_json::Value> {
+        let name = self.name;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .with_context(|| format!("{name} peer stdin closed"))?;
         writeln!(stdin, "{line}")?;
         stdin.flush()?;
         let v = self.read_json()?;
         if let Some(e) = v.get("error") {
-            bail!("helia peer: {line}: {e}");
+            bail!("{name} peer: {line}: {e}");
         }
         Ok(v)
     }
 }
 
-impl Drop for HeliaPeer {
+impl Drop for Driven {
     fn drop(&mut self) {
         drop(self.stdin.take());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -161,4 +151,122 @@ impl Drop for HeliaPeer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn addrs_of(hello: &serde_json::Value) -> Vec<String> {
+    hello["addrs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A running Helia node (`helia/peer.mjs`), stopped when dropped.
+#[derive(Debug)]
+pub struct HeliaPeer {
+    driven: Driven,
+    /// Multiaddrs ending in `/p2p/<id>`.
+    pub addrs: Vec<String>,
+    pub peer_id: String,
+    pub version: String,
+}
+
+impl HeliaPeer {
+    /// Starts a loopback-only Helia node and waits for its addresses.
+    pub fn start(peers: &Path) -> anyhow::Result<Self> {
+        let mut cmd = Command::new("node");
+        cmd.arg("peer.mjs").current_dir(peers.join("helia"));
+        let (driven, hello) = Driven::start("helia", cmd)?;
+        let addrs = addrs_of(&hello);
+        if addrs.is_empty() {
+            bail!("helia peer reported no addresses: {hello}");
+        }
+        Ok(HeliaPeer {
+            driven,
+            addrs,
+            peer_id: hello["peer_id"].as_str().unwrap_or_default().to_owned(),
+            version: hello["helia"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// Sends one command line; returns the JSON answer, failing on `error`.
+    pub fn request(&mut self, line: &str) -> anyhow::Result<serde_json::Value> {
+        self.driven.request(line)
+    }
+}
+
+/// Which key a Kubo node identifies with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KuboKey {
+    /// Peer ids `12D3KooW…`.
+    Ed25519,
+    /// Kubo's own default (RSA-2048, peer ids `Qm…`).
+    Rsa,
+}
+
+/// A running Kubo node (`kubo.py` in the peers venv), stopped when dropped.
+/// Commands: `add FILE`, `connect MADDR`, `get CID OUT SECS`, `pin CID SECS`.
+#[derive(Debug)]
+pub struct KuboPeer {
+    driven: Driven,
+    /// Multiaddrs ending in `/p2p/<id>`.
+    pub addrs: Vec<String>,
+    pub peer_id: String,
+    pub version: String,
+}
+
+impl KuboPeer {
+    /// Starts a loopback-only Kubo node and waits for its addresses.
+    pub fn start(peers: &Path, key: KuboKey) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(peers.join("venv/bin/python"));
+        cmd.arg("-u").arg(peers.join("kubo.py")).env(
+            "KUBO_KEY",
+            match key {
+                KuboKey::Ed25519 => "ed25519",
+                KuboKey::Rsa => "rsa",
+            },
+        );
+        let (driven, hello) = Driven::start("kubo", cmd)?;
+        let addrs = addrs_of(&hello);
+        if addrs.is_empty() {
+            bail!("kubo peer reported no addresses: {hello}");
+        }
+        Ok(KuboPeer {
+            driven,
+            addrs,
+            peer_id: hello["peer_id"].as_str().unwrap_or_default().to_owned(),
+            version: hello["kubo"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// Sends one command line; returns the JSON answer, failing on `error`.
+    pub fn request(&mut self, line: &str) -> anyhow::Result<serde_json::Value> {
+        self.driven.request(line)
+    }
+}
+
+/// Runs `node SCRIPT ARGS…` in the Helia directory (car.mjs, vfetch.mjs)
+/// and parses the last line it prints as JSON.
+pub fn node_script(peers: &Path, script: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new("node")
+        .arg(script)
+        .args(args)
+        .current_dir(peers.join("helia"))
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("spawning node {script}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    if !out.status.success() {
+        bail!("node {script} {args:?} failed ({}): {text}", out.status);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(last).with_context(|| format!("node {script} said {text:?}"))?;
+    if let Some(e) = v.get("error") {
+        bail!("node {script} {args:?}: {e}");
+    }
+    Ok(v)
 }

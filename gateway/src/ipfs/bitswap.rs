@@ -4,9 +4,10 @@
 //! message, and rust-ipfs's own bitswap loses all but the last); want-have is
 //! answered with HAVE/DONT_HAVE, want-block with the block, in messages of
 //! about 1 MiB of blocks. Client: want-block goes straight to every connected
-//! peer, many wants stay in flight, and a want is re-sent when later blocks
-//! overtook it or it stayed unanswered (libp2p-stream silently drops an
-//! inbound stream when its one-slot channel is full). Received blocks are
+//! peer (a few per peer at a time), many wants stay in flight, and a want is
+//! re-sent when later blocks overtook it or it stayed unanswered
+//! (libp2p-stream silently drops an inbound stream when its one-slot channel
+//! is full). Received blocks are
 //! hashed on the blocking pool; only bytes that hash to a wanted CID count.
 
 use std::collections::{HashMap, HashSet};
@@ -42,6 +43,13 @@ const REWANT_IDLE: Duration = Duration::from_secs(1);
 const HASHERS: usize = 8;
 /// Messages queued per peer before senders wait.
 const PEER_QUEUE: usize = 8;
+/// Want-blocks in flight per peer that is not known to be a nixpfs node.
+/// Helia 7 packs every wanted block it has into one send, sometimes cuts
+/// multi-MiB sends short and then stops answering us; with two 1 MiB blocks
+/// in flight it never did here (20 MiB in ~0.3 s).
+pub const WANTS_PER_PEER: usize = 2;
+/// Want-blocks in flight per nixpfs peer (our server has no such limit).
+pub const WANTS_PER_NIXPFS_PEER: usize = 32;
 
 /// What a wantlist entry asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +97,18 @@ pub enum MessageError {
 impl Message {
     fn is_empty(&self) -> bool {
         self.wantlist.is_empty() && self.blocks.is_empty() && self.presences.is_empty()
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.blocks.iter().map(|b| b.1.len()).sum()
+    }
+
+    /// Appends `other`'s entries, keeping their order.
+    fn merge(&mut self, other: Message) {
+        self.wantlist.extend(other.wantlist);
+        self.full |= other.full;
+        self.blocks.extend(other.blocks);
+        self.presences.extend(other.presences);
     }
 
     /// Protobuf encoding, without the length prefix.
@@ -280,7 +300,18 @@ async fn read_frame(stream: &mut Stream) -> std::io::Result<Option<Bytes>> {
         .filter(|l| *l <= MAX_MESSAGE)
         .ok_or_else(|| std::io::Error::other(format!("bitswap message of {len} bytes")))?;
     let mut buf = BytesMut::zeroed(len);
-    stream.read_exact(&mut buf).await?;
+    let mut filled = 0;
+    while filled < len {
+        match stream.read(&mut buf[filled..]).await? {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("stream ended after {filled} of {len} message bytes"),
+                ))
+            }
+            n => filled += n,
+        }
+    }
     Ok(Some(buf.freeze()))
 }
 
@@ -301,6 +332,9 @@ pub struct Stats {
     /// nobody asked for, and corrupted bytes (which hash to no wanted CID).
     pub unmatched: AtomicU64,
     pub rewants: AtomicU64,
+    /// Inbound messages cut short by the sender (seen from Helia 7 when it
+    /// has to send several MiB at once).
+    pub truncated: AtomicU64,
 }
 
 /// A block we are waiting for.
@@ -308,20 +342,107 @@ pub struct Stats {
 struct Want {
     cid: Cid,
     waiters: Vec<oneshot::Sender<Bytes>>,
+    /// Creation order: older wants are sent first.
+    order: u64,
     /// Order in which wants were (re)sent; a block for a later want
     /// arriving first means this one was probably lost.
     seq: u64,
     sent_at: Instant,
+    /// Peers asked since the last re-send.
     asked: HashSet<PeerId>,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    tx: mpsc::Sender<Message>,
+    /// Most wants in flight at once.
+    cap: usize,
+    /// Wants sent to this peer and not answered yet.
+    in_flight: HashSet<Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     wants: HashMap<Vec<u8>, Want>,
-    peers: HashMap<PeerId, mpsc::Sender<Message>>,
+    peers: HashMap<PeerId, PeerState>,
     next_seq: u64,
     /// Highest seq of a want answered so far.
     answered_seq: u64,
+}
+
+type Outbox = Vec<(mpsc::Sender<Message>, Message)>;
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Sends every peer the oldest wants it was not asked for yet, keeping
+    /// at most [`WANTS_PER_PEER`] in flight per peer.
+    fn pump(&mut self) -> Outbox {
+        let mut order: Vec<(u64, Vec<u8>)> = self
+            .wants
+            .iter()
+            .map(|(k, w)| (w.order, k.clone()))
+            .collect();
+        order.sort_unstable();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (peer, ps) in self.peers.iter_mut() {
+            let mut entries = Vec::new();
+            for (_, key) in &order {
+                if ps.in_flight.len() >= ps.cap {
+                    break;
+                }
+                let Some(w) = self.wants.get_mut(key) else {
+                    continue;
+                };
+                if !w.asked.insert(*peer) {
+                    continue;
+                }
+                if w.asked.len() == 1 {
+                    w.sent_at = now;
+                }
+                ps.in_flight.insert(key.clone());
+                entries.push(want_block(w.cid, w.seq));
+            }
+            if !entries.is_empty() {
+                out.push((
+                    ps.tx.clone(),
+                    Message {
+                        wantlist: entries,
+                        ..Message::default()
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// Forgets a want everywhere; returns cancels for the peers asked.
+    fn remove_want(&mut self, key: &[u8]) -> Option<(Want, Outbox)> {
+        let w = self.wants.remove(key)?;
+        let mut out = Vec::new();
+        for (peer, ps) in self.peers.iter_mut() {
+            if ps.in_flight.remove(key) && w.asked.contains(peer) {
+                out.push((
+                    ps.tx.clone(),
+                    Message {
+                        wantlist: vec![cancel(w.cid)],
+                        ..Message::default()
+                    },
+                ));
+            }
+        }
+        Some((w, out))
+    }
+}
+
+async fn send_all(out: Outbox) {
+    for (tx, msg) in out {
+        let _ = tx.send(msg).await;
+    }
 }
 
 struct Shared {
@@ -384,31 +505,27 @@ impl Bitswap {
         &self.shared.stats
     }
 
-    /// Replaces the set of peers wants go to; new peers get the whole
-    /// current wantlist, departed peers' senders are dropped.
-    pub fn set_peers(&self, peers: &[PeerId]) {
-        let mut st = self.shared.lock();
-        st.peers.retain(|p, _| peers.contains(p));
-        for p in peers {
-            if !st.peers.contains_key(p) {
-                let tx = spawn_writer(self.shared.clone(), *p);
-                st.peers.insert(*p, tx.clone());
-                let entries: Vec<WantEntry> = st
-                    .wants
-                    .values_mut()
-                    .map(|w| {
-                        w.asked.insert(*p);
-                        want_block(w.cid, w.seq)
-                    })
-                    .collect();
-                if !entries.is_empty() {
-                    let _ = tx.try_send(Message {
-                        wantlist: entries,
-                        ..Message::default()
-                    });
+    /// Replaces the set of peers wants go to, each with its limit of wants
+    /// in flight; new peers get the oldest current wants, departed peers'
+    /// senders are dropped.
+    pub async fn set_peers(&self, peers: &[(PeerId, usize)]) {
+        let out = {
+            let mut st = self.shared.lock();
+            st.peers.retain(|p, _| peers.iter().any(|(q, _)| q == p));
+            for (p, cap) in peers {
+                let cap = (*cap).max(1);
+                match st.peers.get_mut(p) {
+                    Some(ps) => ps.cap = cap,
+                    None => {
+                        let tx = spawn_writer(self.shared.clone(), *p);
+                        let in_flight = HashSet::new();
+                        st.peers.insert(*p, PeerState { tx, cap, in_flight });
+                    }
                 }
             }
-        }
+            st.pump()
+        };
+        send_all(out).await;
     }
 
     /// Fetches one block from the connected peers: verified bytes, or
@@ -420,61 +537,53 @@ impl Bitswap {
         }
         let key = cid.hash().to_bytes();
         let (tx, rx) = oneshot::channel();
-        let sends = {
+        let out = {
             let mut st = self.shared.lock();
             if let Some(w) = st.wants.get_mut(&key) {
                 w.waiters.push(tx);
                 Vec::new()
             } else {
-                st.next_seq += 1;
-                let seq = st.next_seq;
-                let peers: Vec<(PeerId, mpsc::Sender<Message>)> =
-                    st.peers.iter().map(|(p, s)| (*p, s.clone())).collect();
+                let seq = st.next_seq();
                 st.wants.insert(
                     key.clone(),
                     Want {
                         cid,
                         waiters: vec![tx],
+                        order: seq,
                         seq,
                         sent_at: Instant::now(),
-                        asked: peers.iter().map(|p| p.0).collect(),
+                        asked: HashSet::new(),
                     },
                 );
-                peers
-                    .into_iter()
-                    .map(|(_, s)| (s, want_block(cid, seq)))
-                    .collect()
+                st.pump()
             }
         };
-        for (s, entry) in sends {
-            let _ = s
-                .send(Message {
-                    wantlist: vec![entry],
-                    ..Message::default()
-                })
-                .await;
-        }
+        send_all(out).await;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(data)) => Ok(data),
             Ok(Err(_)) | Err(_) => {
-                self.give_up(&key);
+                self.give_up(&key).await;
                 Err(IpfsError::FetchTimeout { cid, timeout })
             }
         }
     }
 
     /// Drops a timed-out waiter; the last one out cancels the want.
-    fn give_up(&self, key: &[u8]) {
-        let mut st = self.shared.lock();
-        let Some(w) = st.wants.get_mut(key) else {
-            return;
-        };
-        w.waiters.retain(|t| !t.is_closed());
-        if w.waiters.is_empty() {
-            if let Some(w) = st.wants.remove(key) {
-                send_cancels(&st, &w);
+    async fn give_up(&self, key: &[u8]) {
+        let out = {
+            let mut st = self.shared.lock();
+            let Some(w) = st.wants.get_mut(key) else {
+                return;
+            };
+            w.waiters.retain(|t| !t.is_closed());
+            if !w.waiters.is_empty() {
+                return;
             }
-        }
+            let mut out = st.remove_want(key).map(|r| r.1).unwrap_or_default();
+            out.extend(st.pump());
+            out
+        };
+        send_all(out).await;
     }
 }
 
@@ -488,61 +597,52 @@ fn want_block(cid: Cid, seq: u64) -> WantEntry {
     }
 }
 
-fn send_cancels(st: &State, w: &Want) {
-    for p in &w.asked {
-        if let Some(tx) = st.peers.get(p) {
-            let _ = tx.try_send(Message {
-                wantlist: vec![WantEntry {
-                    cid: w.cid,
-                    priority: 0,
-                    cancel: true,
-                    want_type: WantType::Block,
-                    send_dont_have: false,
-                }],
-                ..Message::default()
-            });
-        }
+fn cancel(cid: Cid) -> WantEntry {
+    WantEntry {
+        cid,
+        priority: 0,
+        cancel: true,
+        want_type: WantType::Block,
+        send_dont_have: false,
     }
 }
 
-/// One task per peer owns an outbound stream and writes queued messages,
-/// reopening the stream once if a write fails.
+/// One task per peer writes its queued messages, each on a new stream that
+/// is closed right after (as Kubo and Helia do: Helia only handles a stream's
+/// messages once the sender closes it). A failed send is retried once.
 fn spawn_writer(shared: Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
     let (tx, mut rx) = mpsc::channel::<Message>(PEER_QUEUE);
     tokio::spawn(async move {
         let mut control = shared.control.clone();
-        let mut stream: Option<Stream> = None;
-        while let Some(msg) = rx.recv().await {
-            let body = msg.encode();
-            for attempt in 0..2 {
-                if stream.is_none() {
-                    match control.open_stream(peer, PROTOCOL).await {
-                        Ok(s) => stream = Some(s),
-                        Err(e) => {
-                            tracing::debug!(%peer, error = %e, "bitswap: cannot open stream");
-                            break;
-                        }
-                    }
-                }
-                if let Some(s) = stream.as_mut() {
-                    match write_frame(s, &body).await {
-                        Ok(()) => {
-                            shared
-                                .stats
-                                .blocks_sent
-                                .fetch_add(msg.blocks.len() as u64, Ordering::Relaxed);
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::debug!(%peer, attempt, error = %e, "bitswap: write failed");
-                            stream = None;
-                        }
-                    }
+        while let Some(mut msg) = rx.recv().await {
+            // Coalesce whatever else is queued: Helia drops messages beyond
+            // ten queued per peer, and fewer messages cost fewer streams.
+            while msg.block_bytes() < RESPONSE_BYTES {
+                match rx.try_recv() {
+                    Ok(more) => msg.merge(more),
+                    Err(_) => break,
                 }
             }
-        }
-        if let Some(mut s) = stream {
-            let _ = s.close().await;
+            let body = msg.encode();
+            for attempt in 0..2 {
+                let sent = match control.open_stream(peer, PROTOCOL).await {
+                    Ok(mut s) => match write_frame(&mut s, &body).await {
+                        Ok(()) => s.close().await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                match sent {
+                    Ok(()) => {
+                        shared
+                            .stats
+                            .blocks_sent
+                            .fetch_add(msg.blocks.len() as u64, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => tracing::debug!(%peer, attempt, error = %e, "bitswap: send failed"),
+                }
+            }
         }
     });
     tx
@@ -568,6 +668,9 @@ async fn read_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
             },
             Ok(None) => return,
             Err(e) => {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    shared.stats.truncated.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(%peer, error = %e, "bitswap: stream ended");
                 return;
             }
@@ -592,43 +695,64 @@ async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
             .await;
             drop(permit);
             match hashed {
-                Ok(Some((cid, data))) => deliver(&shared, cid, data),
+                Ok(Some((cid, data))) => deliver(&shared, cid, data).await,
                 _ => {
                     shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
     }
+    let dont_have: Vec<Vec<u8>> = msg
+        .presences
+        .iter()
+        .filter(|(_, p)| *p == Presence::DontHave)
+        .map(|(c, _)| c.hash().to_bytes())
+        .collect();
+    if !dont_have.is_empty() {
+        let out = {
+            let mut st = shared.lock();
+            if let Some(ps) = st.peers.get_mut(&peer) {
+                for k in &dont_have {
+                    ps.in_flight.remove(k);
+                }
+            }
+            st.pump()
+        };
+        send_all(out).await;
+    }
     if !msg.wantlist.is_empty() {
         serve_wants(shared, peer, msg.wantlist).await;
     }
 }
 
-/// Hands a verified block to its waiters.
-fn deliver(shared: &Shared, cid: Cid, data: Bytes) {
-    let mut st = shared.lock();
-    match st.wants.remove(&cid.hash().to_bytes()) {
-        Some(w) => {
-            shared.stats.blocks_received.fetch_add(1, Ordering::Relaxed);
-            st.answered_seq = st.answered_seq.max(w.seq);
-            if w.asked.len() > 1 {
-                send_cancels(&st, &w);
+/// Hands a verified block to its waiters and frees its slots.
+async fn deliver(shared: &Shared, cid: Cid, data: Bytes) {
+    let out = {
+        let mut st = shared.lock();
+        match st.remove_want(&cid.hash().to_bytes()) {
+            Some((w, mut out)) => {
+                shared.stats.blocks_received.fetch_add(1, Ordering::Relaxed);
+                st.answered_seq = st.answered_seq.max(w.seq);
+                for t in w.waiters {
+                    let _ = t.send(data.clone());
+                }
+                // Only peers still working on it need the cancel.
+                out.retain(|_| w.asked.len() > 1);
+                out.extend(st.pump());
+                out
             }
-            for t in w.waiters {
-                let _ = t.send(data.clone());
+            None => {
+                shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+                Vec::new()
             }
         }
-        None => {
-            shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    };
+    send_all(out).await;
 }
 
 /// Answers a peer's wantlist from the local store.
 async fn serve_wants(shared: &Arc<Shared>, peer: PeerId, wants: Vec<WantEntry>) {
-    let Some(tx) = peer_sender(shared, peer) else {
-        return;
-    };
+    let tx = peer_sender(shared, peer);
     let mut out = Message::default();
     let mut bytes = 0usize;
     for e in wants.into_iter().filter(|e| !e.cancel) {
@@ -671,60 +795,78 @@ async fn serve_wants(shared: &Arc<Shared>, peer: PeerId, wants: Vec<WantEntry>) 
 }
 
 /// The writer for `peer`, created if the peer is new (it reached us first).
-fn peer_sender(shared: &Arc<Shared>, peer: PeerId) -> Option<mpsc::Sender<Message>> {
+fn peer_sender(shared: &Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
     let mut st = shared.lock();
-    if let Some(tx) = st.peers.get(&peer).filter(|t| !t.is_closed()) {
-        return Some(tx.clone());
+    if let Some(ps) = st.peers.get(&peer).filter(|ps| !ps.tx.is_closed()) {
+        return ps.tx.clone();
     }
     let tx = spawn_writer(shared.clone(), peer);
-    st.peers.insert(peer, tx.clone());
-    Some(tx)
+    st.peers.insert(
+        peer,
+        PeerState {
+            tx: tx.clone(),
+            cap: WANTS_PER_PEER,
+            in_flight: HashSet::new(),
+        },
+    );
+    tx
 }
 
-/// Re-sends wants that look lost.
+/// Re-sends wants that look lost: overtaken by later blocks, or idle.
 async fn tick_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let sends = {
-            let mut st = shared.lock();
+        let out = {
+            let mut guard = shared.lock();
+            let st = &mut *guard;
             let now = Instant::now();
             let answered = st.answered_seq;
             let mut next_seq = st.next_seq;
-            let mut entries = Vec::new();
-            for w in st.wants.values_mut() {
+            let mut out: HashMap<PeerId, Vec<WantEntry>> = HashMap::new();
+            for (key, w) in st.wants.iter_mut() {
                 let age = now.duration_since(w.sent_at);
-                if (answered > w.seq && age >= REWANT_OVERTAKEN) || age >= REWANT_IDLE {
-                    next_seq += 1;
-                    w.seq = next_seq;
-                    w.sent_at = now;
-                    entries.push(want_block(w.cid, w.seq));
+                if !((answered > w.seq && age >= REWANT_OVERTAKEN) || age >= REWANT_IDLE) {
+                    continue;
+                }
+                next_seq += 1;
+                w.seq = next_seq;
+                w.sent_at = now;
+                shared.stats.rewants.fetch_add(1, Ordering::Relaxed);
+                // Peers that said DONT_HAVE (or were not reached) may be
+                // asked again by the pump; the rest get the want re-sent.
+                w.asked
+                    .retain(|p| st.peers.get(p).is_some_and(|ps| ps.in_flight.contains(key)));
+                for p in &w.asked {
+                    // Cancel first: Helia ignores a repeated want for a block
+                    // it believes it sent (for 5 s); Kubo applies cancels
+                    // before wants; we ignore cancels.
+                    let e = out.entry(*p).or_default();
+                    e.push(cancel(w.cid));
+                    e.push(want_block(w.cid, w.seq));
                 }
             }
             st.next_seq = next_seq;
-            if entries.is_empty() {
-                Vec::new()
-            } else {
-                shared
-                    .stats
-                    .rewants
-                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
-                let peers: Vec<PeerId> = st.peers.keys().copied().collect();
-                for w in st.wants.values_mut() {
-                    w.asked.extend(peers.iter().copied());
-                }
-                st.peers
-                    .values()
-                    .map(|tx| (tx.clone(), entries.clone()))
-                    .collect::<Vec<_>>()
-            }
+            let mut msgs: Outbox = out
+                .into_iter()
+                .filter_map(|(p, wantlist)| {
+                    st.peers.get(&p).map(|ps| {
+                        (
+                            ps.tx.clone(),
+                            Message {
+                                wantlist,
+                                ..Message::default()
+                            },
+                        )
+                    })
+                })
+                .collect();
+            msgs.extend(st.pump());
+            msgs
         };
-        for (tx, entries) in sends {
-            let _ = tx.try_send(Message {
-                wantlist: entries,
-                ..Message::default()
-            });
+        for (tx, msg) in out {
+            let _ = tx.try_send(msg);
         }
     }
 }

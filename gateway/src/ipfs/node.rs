@@ -239,6 +239,12 @@ impl Node {
         &self.inner.store
     }
 
+    /// Blocks by CID, local first, else from peers (verified on arrival),
+    /// for walks outside this module (CAR export, the trustless gateway).
+    pub fn blocks(&self) -> Arc<dyn BlockSource> {
+        self.source(None)
+    }
+
     /// Bitswap counters since start.
     pub fn bitswap_stats(&self) -> &Stats {
         self.inner.bitswap.stats()
@@ -274,7 +280,12 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        refresh_peers(ipfs, &self.inner.bitswap).await;
+        // Give identify a moment: its agent version sets the want window.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while ipfs.identity(Some(peer)).await.is_err() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        refresh_peers(ipfs, &self.inner.bitswap, &mut Agents::new()).await;
         Ok(peer)
     }
 
@@ -457,18 +468,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap) {
-    if let Ok(peers) = ipfs.connected().await {
-        bitswap.set_peers(&peers);
+/// Agent versions learned from identify, so each peer is asked only once.
+type Agents = std::collections::HashMap<PeerId, String>;
+
+/// Hands bitswap the connected peers, with a larger want window for peers
+/// whose identify says they are nixpfs nodes.
+async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap, agents: &mut Agents) {
+    let Ok(peers) = ipfs.connected().await else {
+        return;
+    };
+    agents.retain(|p, _| peers.contains(p));
+    let mut caps = Vec::with_capacity(peers.len());
+    for p in peers {
+        if let std::collections::hash_map::Entry::Vacant(slot) = agents.entry(p) {
+            if let Ok(info) = ipfs.identity(Some(p)).await {
+                slot.insert(info.agent_version);
+            }
+        }
+        let nixpfs = agents.get(&p).is_some_and(|a| a.starts_with("nixpfs/"));
+        let cap = if nixpfs {
+            bitswap::WANTS_PER_NIXPFS_PEER
+        } else {
+            bitswap::WANTS_PER_PEER
+        };
+        caps.push((p, cap));
     }
+    bitswap.set_peers(&caps).await;
 }
 
 /// Keeps bitswap's peer set in step with the swarm's connections.
 async fn track_peers(ipfs: Ipfs, bitswap: Bitswap) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut agents = Agents::new();
     loop {
         tick.tick().await;
-        refresh_peers(&ipfs, &bitswap).await;
+        refresh_peers(&ipfs, &bitswap, &mut agents).await;
     }
 }
 
