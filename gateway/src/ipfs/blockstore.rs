@@ -201,6 +201,15 @@ impl BlockStore {
         Ok(written)
     }
 
+    /// Flushes the store's filesystem (`syncfs(2)`). Besides
+    /// [`WriteBatch::commit`], long imports call it now and then in the
+    /// background so that the final commit finds little left to write.
+    pub fn sync(&self) -> Result<(), IpfsError> {
+        let dir = self.dir();
+        let f = File::open(dir).map_err(io(dir))?;
+        rustix::fs::syncfs(&f).map_err(|e| io(dir)(e.into()))
+    }
+
     /// Starts a group of writes made durable together.
     pub fn batch(&self) -> WriteBatch {
         WriteBatch {
@@ -283,9 +292,7 @@ impl WriteBatch {
         if !self.dirty {
             return Ok(());
         }
-        let dir = self.store.dir();
-        let f = File::open(dir).map_err(io(dir))?;
-        rustix::fs::syncfs(&f).map_err(|e| io(dir)(e.into()))
+        self.store.sync()
     }
 }
 

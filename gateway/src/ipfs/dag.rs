@@ -25,6 +25,9 @@ pub const CHUNK_SIZE: usize = 1024 * 1024;
 pub const WIDTH: usize = 1024;
 /// Chunks hashed and written concurrently while the next one is read.
 const IMPORT_PIPELINE: usize = 4;
+/// Bytes written between background flushes during an import, so disk
+/// writeback overlaps hashing instead of all waiting for the final sync.
+const FLUSH_EVERY: u64 = 128 * 1024 * 1024;
 
 /// UnixFS `Data.Type` values we produce or read.
 const UNIXFS_RAW: u64 = 0;
@@ -338,12 +341,25 @@ async fn import_inner<R: AsyncRead + Unpin>(
     let mut in_flight = FuturesOrdered::new();
     let mut size = 0u64;
     let mut blocks = 0u64;
+    let mut flushing: Option<JoinHandle<Result<(), IpfsError>>> = None;
+    let mut since_flush = 0u64;
     loop {
         let chunk = read_chunk(&mut reader).await?;
         if chunk.is_empty() {
             break;
         }
         size += chunk.len() as u64;
+        since_flush += chunk.len() as u64;
+        if let (Some(s), true) = (&store, since_flush >= FLUSH_EVERY) {
+            if flushing.as_ref().is_none_or(|f| f.is_finished()) {
+                since_flush = 0;
+                if let Some(done) = flushing.take() {
+                    done.await.map_err(join_error)??;
+                }
+                let s = s.clone();
+                flushing = Some(tokio::task::spawn_blocking(move || s.sync()));
+            }
+        }
         let leaf_store = store.clone();
         in_flight.push_back(tokio::task::spawn_blocking(move || {
             let len = chunk.len() as u64;
@@ -362,6 +378,9 @@ async fn import_inner<R: AsyncRead + Unpin>(
     }
     while let Some(done) = in_flight.next().await {
         blocks += add_leaf(&mut builder, &mut batch, &store, done).await?;
+    }
+    if let Some(done) = flushing.take() {
+        done.await.map_err(join_error)??;
     }
     let (cid, file_size, parents) = builder.finish();
     blocks += parents.len() as u64;
