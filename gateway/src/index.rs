@@ -8,6 +8,7 @@
 //! - `anchor_mappings`, `trusted_state`: what registry anchors signed (see `sync`).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anchor_registry::{
     Assertion, Mapping, NarHash, NarInfo, SetKind, SignedHeader, StorePathHash, TrustedState,
@@ -91,6 +92,9 @@ struct LocalRecord {
 #[derive(Debug)]
 pub struct Index {
     db: Database,
+    /// Bumped after every change to `local_paths`, so caches of what it
+    /// holds (the catalog's signed narinfos) know when to drop entries.
+    local_generation: AtomicU64,
 }
 
 impl Index {
@@ -109,36 +113,53 @@ impl Index {
         txn.open_table(FORKS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            local_generation: AtomicU64::new(0),
+        })
     }
 
     /// Records a path the user pinned. Call only once its blocks are durable
     /// and pinned: from then on the gateway serves it.
     pub fn put_local(&self, path: &LocalPath) -> Result<(), IndexError> {
-        let record = LocalRecord {
-            narinfo: path.narinfo.to_string(),
-            cid: path.cid.clone(),
-        };
-        let location = NarLocation {
-            cid: path.cid.clone(),
-            nar_size: path.narinfo.nar_size,
-            verified: true,
-        };
+        self.put_locals(std::slice::from_ref(path))
+    }
+
+    /// Records many pinned paths in one transaction (one fsync), e.g. a
+    /// closure or a bulk import.
+    pub fn put_locals(&self, paths: &[LocalPath]) -> Result<(), IndexError> {
         let txn = self.db.begin_write()?;
         {
             let mut local = txn.open_table(LOCAL_PATHS)?;
-            local.insert(
-                path.narinfo.store_path.hash().as_str(),
-                encode(&record).as_slice(),
-            )?;
             let mut nars = txn.open_table(NAR_LOCATIONS)?;
-            nars.insert(
-                path.narinfo.nar_hash.as_bytes().as_slice(),
-                encode(&location).as_slice(),
-            )?;
+            for path in paths {
+                let record = LocalRecord {
+                    narinfo: path.narinfo.to_string(),
+                    cid: path.cid.clone(),
+                };
+                let location = NarLocation {
+                    cid: path.cid.clone(),
+                    nar_size: path.narinfo.nar_size,
+                    verified: true,
+                };
+                local.insert(
+                    path.narinfo.store_path.hash().as_str(),
+                    encode(&record).as_slice(),
+                )?;
+                nars.insert(
+                    path.narinfo.nar_hash.as_bytes().as_slice(),
+                    encode(&location).as_slice(),
+                )?;
+            }
         }
         txn.commit()?;
+        self.local_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Changes whenever the user's own paths change (after the commit).
+    pub fn local_generation(&self) -> u64 {
+        self.local_generation.load(Ordering::Acquire)
     }
 
     /// The user's own pinned path with this hash part, if any.
@@ -189,6 +210,7 @@ impl Index {
             let txn = self.db.begin_write()?;
             txn.open_table(LOCAL_PATHS)?.remove(hash.as_str())?;
             txn.commit()?;
+            self.local_generation.fetch_add(1, Ordering::AcqRel);
         }
         Ok(existing)
     }
@@ -277,20 +299,28 @@ impl Index {
                 by_path.remove((path.as_str(), owner.as_str()))?;
                 by_owner.remove((owner.as_str(), path.as_str()))?;
             }
-            let mut nars = txn.open_table(NAR_LOCATIONS)?;
+            let mut locations = Vec::with_capacity(mappings.len());
+            let mut line = Vec::new();
             for mapping in mappings {
                 let data = mapping.data();
                 let hash = data.path.hash().as_str();
-                by_path.insert(
-                    (hash, owner.as_str()),
-                    mapping.to_canonical_string().as_bytes(),
-                )?;
+                line.clear();
+                mapping.write_canonical(&mut line);
+                by_path.insert((hash, owner.as_str()), line.as_slice())?;
                 by_owner.insert((owner.as_str(), hash), ())?;
-                let key = data.nar_hash.as_bytes().as_slice();
+                locations.push((data.nar_hash, data.cid.to_string(), data.nar_size));
+            }
+            // B-tree inserts in key order touch each page once; NarHashes
+            // arrive in store-path order, i.e. random.
+            locations.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            locations.dedup_by(|a, b| a.0 == b.0);
+            let mut nars = txn.open_table(NAR_LOCATIONS)?;
+            for (nar_hash, cid, nar_size) in locations {
+                let key = nar_hash.as_bytes().as_slice();
                 if nars.get(key)?.is_none() {
                     let location = NarLocation {
-                        cid: data.cid.to_string(),
-                        nar_size: data.nar_size,
+                        cid,
+                        nar_size,
                         verified: false,
                     };
                     nars.insert(key, encode(&location).as_slice())?;
