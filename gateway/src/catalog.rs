@@ -3,7 +3,8 @@
 //! paths only when the anchor policy holds. Every narinfo served points at
 //! `nar/<nix32 NarHash>.nar` and carries the gateway's own signature.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use anchor_registry::{Decision, NarInfo, Policy, Registry, SecretKey, StorePathHash};
 
@@ -26,6 +27,39 @@ pub struct Catalog {
     index: Arc<Index>,
     key: Arc<SecretKey>,
     trust: Arc<RwLock<Trust>>,
+    own: Arc<Mutex<OwnCache>>,
+}
+
+/// Most narinfos a catalog keeps signed in memory (a few hundred bytes each).
+const OWN_CACHE_ENTRIES: usize = 1 << 18;
+
+/// The user's own paths as served, signed: signing and parsing are most of
+/// a lookup's cost. Valid while the index's local generation is unchanged;
+/// when full it starts over.
+#[derive(Debug, Default)]
+struct OwnCache {
+    generation: u64,
+    entries: HashMap<StorePathHash, Arc<NarInfo>>,
+}
+
+impl OwnCache {
+    fn get(&mut self, generation: u64, hash: &StorePathHash) -> Option<Arc<NarInfo>> {
+        if self.generation != generation {
+            self.entries.clear();
+            self.generation = generation;
+        }
+        self.entries.get(hash).cloned()
+    }
+
+    fn put(&mut self, generation: u64, hash: StorePathHash, info: Arc<NarInfo>) {
+        if self.generation != generation {
+            return;
+        }
+        if self.entries.len() >= OWN_CACHE_ENTRIES {
+            self.entries.clear();
+        }
+        self.entries.insert(hash, info);
+    }
 }
 
 /// The registry in force and the user's policy; replaced by each sync.
@@ -47,6 +81,7 @@ impl Catalog {
             index,
             key,
             trust: Arc::new(RwLock::new(trust)),
+            own: Arc::default(),
         }
     }
 
@@ -64,8 +99,15 @@ impl Catalog {
 
     /// The narinfo to serve for `hash`, if policy allows.
     pub fn lookup(&self, hash: &StorePathHash) -> Result<Lookup, IndexError> {
+        let generation = self.index.local_generation();
+        let lock = || self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(info) = lock().get(generation, hash) {
+            return Ok(Lookup::Found(Box::new((*info).clone())));
+        }
         if let Some(local) = self.index.local(hash)? {
-            return Ok(Lookup::Found(Box::new(self.present(local.narinfo))));
+            let info = self.present(local.narinfo);
+            lock().put(generation, *hash, Arc::new(info.clone()));
+            return Ok(Lookup::Found(Box::new(info)));
         }
         match self.decide(hash)? {
             Some(Decision::Serve { mapping, agreeing }) => {
@@ -127,4 +169,64 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::LocalPath;
+    use anchor_registry::{NarHash, StorePath};
+
+    fn local(sig_name: &str) -> LocalPath {
+        let mut narinfo = NarInfo {
+            store_path: StorePath::parse("/nix/store/0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-own")
+                .unwrap(),
+            url: "nar/x.nar".into(),
+            compression: None,
+            file_hash: None,
+            file_size: None,
+            nar_hash: NarHash::digest(b"nar"),
+            nar_size: 3,
+            references: Vec::new(),
+            deriver: None,
+            sigs: Vec::new(),
+            ca: None,
+        };
+        narinfo.sign(&SecretKey::generate(sig_name).unwrap());
+        LocalPath {
+            narinfo,
+            cid: "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy".into(),
+        }
+    }
+
+    #[test]
+    fn own_paths_are_served_from_memory_until_the_index_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let catalog = Catalog::new(
+            index.clone(),
+            Arc::new(SecretKey::generate("gw-1").unwrap()),
+            Trust {
+                registry: None,
+                policy: Policy::new(1, None).unwrap(),
+            },
+        );
+        let first = local("uploader-1");
+        let hash = *first.narinfo.store_path.hash();
+        index.put_local(&first).unwrap();
+        let found = |catalog: &Catalog| match catalog.lookup(&hash).unwrap() {
+            Lookup::Found(info) => Some(info),
+            _ => None,
+        };
+        let a = found(&catalog).unwrap();
+        assert_eq!(found(&catalog).unwrap(), a, "cached answer is the same");
+        assert!(a.sigs.iter().any(|s| s.name() == "uploader-1"));
+
+        index.put_local(&local("uploader-2")).unwrap();
+        let b = found(&catalog).unwrap();
+        assert!(b.sigs.iter().any(|s| s.name() == "uploader-2"), "{b}");
+
+        index.remove_local(&hash).unwrap();
+        assert_eq!(catalog.lookup(&hash).unwrap(), Lookup::NotFound);
+    }
 }

@@ -51,6 +51,11 @@ pub async fn serve(app: App) -> Result<()> {
     println!("add to nix.conf (or run `nixpfs nix-config`):");
     println!("  extra-substituters = http://{local}");
     println!("  extra-trusted-public-keys = {}", app.key.public());
+    // Without TCP_NODELAY a streamed response (headers, then body chunks)
+    // waits on the client's delayed ACK: ~40 ms per NAR in `nix copy`.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await;
