@@ -173,37 +173,13 @@ impl App {
     /// Pins one store path whose metadata the caller already has.
     pub(crate) async fn pin_store_path(&self, info: NarInfo) -> Result<PinEntry> {
         let path = info.store_path.to_string();
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-        let source = PathBuf::from(&path);
-        let producer = tokio::task::spawn_blocking(move || {
-            let mut tee = Sha256Tee::new(NarReader::new(&source));
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match tee.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if tx
-                            .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        let _ = tx.blocking_send(Err(e));
-                        return Err(anyhow!(message));
-                    }
-                }
-            }
-            Ok(tee.summary())
-        });
-        let reader = tokio_util::io::StreamReader::new(tokio_stream_from(rx));
-        let pinned = self.node.add_and_pin(reader).await;
-        let summary = producer
-            .await?
-            .with_context(|| format!("while serialising {path}"))?;
-        let pin = pinned.with_context(|| format!("while importing {path}"))?;
+        let (pin, summary) = import_pinned(
+            &self.node,
+            Sha256Tee::new(NarReader::new(Path::new(&path))),
+            Sha256Tee::summary,
+            &path,
+        )
+        .await?;
         if summary.nar_hash != info.nar_hash || summary.nar_size != info.nar_size {
             let _ = self.node.unpin(pin.cid).await;
             bail!(
@@ -537,10 +513,53 @@ impl App {
     }
 }
 
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Unpin {
-    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+/// Streams what a blocking reader produces (NAR bytes, in 1 MiB chunks) into
+/// the node, imported and pinned; the reader runs on a blocking thread, and
+/// `finish` turns the drained reader into what it computed on the way
+/// (hashes, references). `what` names the source in errors.
+pub(crate) async fn import_pinned<R, T>(
+    node: &Node,
+    reader: R,
+    finish: impl FnOnce(&R) -> T + Send + 'static,
+    what: &str,
+) -> Result<(crate::ipfs::Pin, T)>
+where
+    R: Read + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let _ = tx.blocking_send(Err(e));
+                    return Err(anyhow!(message));
+                }
+            }
+        }
+        Ok(finish(&reader))
+    });
+    let stream = Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let pinned = node
+        .add_and_pin(tokio_util::io::StreamReader::new(stream))
+        .await;
+    let value = producer
+        .await?
+        .with_context(|| format!("while serialising {what}"))?;
+    let pin = pinned.with_context(|| format!("while importing {what}"))?;
+    Ok((pin, value))
 }
 
 /// Parses a CID given by a user, with a reason they can act on.

@@ -312,7 +312,7 @@ impl Index {
             }
             // B-tree inserts in key order touch each page once; NarHashes
             // arrive in store-path order, i.e. random.
-            locations.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            locations.sort_unstable_by_key(|a| a.0);
             locations.dedup_by(|a, b| a.0 == b.0);
             let mut nars = txn.open_table(NAR_LOCATIONS)?;
             for (nar_hash, cid, nar_size) in locations {

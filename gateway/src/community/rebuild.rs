@@ -3,7 +3,6 @@
 //! result, compares it with the claims and other anchors' mappings in the
 //! index, signs it into its working set and records a verdict.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,6 @@ use anchor_registry::{
     StorePath,
 };
 use anyhow::{anyhow, Context, Result};
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::nix::{self, Derivation, OutputResult};
@@ -226,45 +224,17 @@ async fn import_result(
     built_at: &Path,
     candidates: Vec<StorePath>,
 ) -> Result<(String, NarSummary, std::collections::BTreeSet<StorePath>)> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-    let source = built_at.to_owned();
-    let producer = tokio::task::spawn_blocking(move || {
-        let mut reader = ScanReader::new(
-            Sha256Tee::new(NarReader::new(&source)),
-            RefScan::new(candidates),
-        );
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    let _ = tx.blocking_send(Err(e));
-                    return Err(anyhow!(message));
-                }
-            }
-        }
-        let references = reader.references().clone();
-        let (_, summary) = reader.into_inner().into_parts();
-        Ok((summary, references))
-    });
-    let stream = Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
-    let pinned = app
-        .node
-        .add_and_pin(tokio_util::io::StreamReader::new(stream))
-        .await;
-    let (summary, references) = producer
-        .await?
-        .with_context(|| format!("while serialising {}", built_at.display()))?;
-    let pin = pinned.with_context(|| format!("while importing {}", built_at.display()))?;
+    let reader = ScanReader::new(
+        Sha256Tee::new(NarReader::new(built_at)),
+        RefScan::new(candidates),
+    );
+    let (pin, (summary, references)) = crate::app::import_pinned(
+        &app.node,
+        reader,
+        |r| (r.inner().summary(), r.references().clone()),
+        &built_at.display().to_string(),
+    )
+    .await?;
     let location = NarLocation {
         cid: pin.cid.to_string(),
         nar_size: summary.nar_size,

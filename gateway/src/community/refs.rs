@@ -110,8 +110,8 @@ impl<R> ScanReader<R> {
     }
 
     /// The wrapped reader.
-    pub fn into_inner(self) -> R {
-        self.inner
+    pub fn inner(&self) -> &R {
+        &self.inner
     }
 }
 
