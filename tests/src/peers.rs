@@ -14,9 +14,14 @@ pub fn peers_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("NIXPFS_PEERS_DIR").map(PathBuf::from);
     let problem = match &dir {
         None => "NIXPFS_PEERS_DIR is not set".to_owned(),
-        Some(d) => match ["helia/hash.mjs", "helia/car.mjs", "helia/vfetch.mjs", "kubo.py"]
-            .into_iter()
-            .find(|f| !d.join(f).is_file())
+        Some(d) => match [
+            "helia/hash.mjs",
+            "helia/car.mjs",
+            "helia/vfetch.mjs",
+            "kubo.py",
+        ]
+        .into_iter()
+        .find(|f| !d.join(f).is_file())
         {
             Some(f) => format!("{} has no {f} (rerun scripts/install-peers)", d.display()),
             None => return dir,
