@@ -50,6 +50,38 @@ const PEER_QUEUE: usize = 8;
 pub const WANTS_PER_PEER: usize = 2;
 /// Want-blocks in flight per nixpfs peer (our server has no such limit).
 pub const WANTS_PER_NIXPFS_PEER: usize = 32;
+/// Want-blocks in flight per Kubo peer: its server batches up to ~1 MiB of
+/// blocks per message and sends several messages at once.
+pub const WANTS_PER_KUBO_PEER: usize = 8;
+
+/// How to ask one peer for blocks, from the agent version it reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// Want-blocks in flight at once.
+    pub wants: usize,
+    /// Re-send a want as cancel + want in one message. Helia ignores a plain
+    /// repeat of a want it believes it answered (for 5 s) and applies a
+    /// message's entries in order; go-bitswap (Kubo) merges a message's
+    /// entries by CID with the cancel winning, so it must get the plain
+    /// repeat (it keeps no memory of blocks sent).
+    pub cancel_before_rewant: bool,
+}
+
+impl PeerPolicy {
+    /// The policy for a peer whose identify agent is `agent` (empty if unknown).
+    pub fn for_agent(agent: &str) -> Self {
+        PeerPolicy {
+            wants: if agent.starts_with("nixpfs/") {
+                WANTS_PER_NIXPFS_PEER
+            } else if agent.starts_with("kubo/") || agent.starts_with("go-ipfs/") {
+                WANTS_PER_KUBO_PEER
+            } else {
+                WANTS_PER_PEER
+            },
+            cancel_before_rewant: agent.starts_with("helia/"),
+        }
+    }
+}
 
 /// What a wantlist entry asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,8 +387,8 @@ struct Want {
 #[derive(Debug)]
 struct PeerState {
     tx: mpsc::Sender<Message>,
-    /// Most wants in flight at once.
-    cap: usize,
+    /// Wants in flight at once, and how to re-send one.
+    policy: PeerPolicy,
     /// Wants sent to this peer and not answered yet.
     in_flight: HashSet<Vec<u8>>,
 }
@@ -379,7 +411,7 @@ impl State {
     }
 
     /// Sends every peer the oldest wants it was not asked for yet, keeping
-    /// at most [`WANTS_PER_PEER`] in flight per peer.
+    /// at most its policy's number of wants in flight.
     fn pump(&mut self) -> Outbox {
         let mut order: Vec<(u64, Vec<u8>)> = self
             .wants
@@ -392,7 +424,7 @@ impl State {
         for (peer, ps) in self.peers.iter_mut() {
             let mut entries = Vec::new();
             for (_, key) in &order {
-                if ps.in_flight.len() >= ps.cap {
+                if ps.in_flight.len() >= ps.policy.wants {
                     break;
                 }
                 let Some(w) = self.wants.get_mut(key) else {
@@ -508,18 +540,28 @@ impl Bitswap {
     /// Replaces the set of peers wants go to, each with its limit of wants
     /// in flight; new peers get the oldest current wants, departed peers'
     /// senders are dropped.
-    pub async fn set_peers(&self, peers: &[(PeerId, usize)]) {
+    pub async fn set_peers(&self, peers: &[(PeerId, PeerPolicy)]) {
         let out = {
             let mut st = self.shared.lock();
             st.peers.retain(|p, _| peers.iter().any(|(q, _)| q == p));
-            for (p, cap) in peers {
-                let cap = (*cap).max(1);
+            for (p, policy) in peers {
+                let policy = PeerPolicy {
+                    wants: policy.wants.max(1),
+                    ..*policy
+                };
                 match st.peers.get_mut(p) {
-                    Some(ps) => ps.cap = cap,
+                    Some(ps) => ps.policy = policy,
                     None => {
                         let tx = spawn_writer(self.shared.clone(), *p);
                         let in_flight = HashSet::new();
-                        st.peers.insert(*p, PeerState { tx, cap, in_flight });
+                        st.peers.insert(
+                            *p,
+                            PeerState {
+                                tx,
+                                policy,
+                                in_flight,
+                            },
+                        );
                     }
                 }
             }
@@ -805,7 +847,7 @@ fn peer_sender(shared: &Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
         peer,
         PeerState {
             tx: tx.clone(),
-            cap: WANTS_PER_PEER,
+            policy: PeerPolicy::for_agent(""),
             in_flight: HashSet::new(),
         },
     );
@@ -839,11 +881,14 @@ async fn tick_loop(shared: Arc<Shared>) {
                 w.asked
                     .retain(|p| st.peers.get(p).is_some_and(|ps| ps.in_flight.contains(key)));
                 for p in &w.asked {
-                    // Cancel first: Helia ignores a repeated want for a block
-                    // it believes it sent (for 5 s); Kubo applies cancels
-                    // before wants; we ignore cancels.
                     let e = out.entry(*p).or_default();
-                    e.push(cancel(w.cid));
+                    if st
+                        .peers
+                        .get(p)
+                        .is_some_and(|ps| ps.policy.cancel_before_rewant)
+                    {
+                        e.push(cancel(w.cid));
+                    }
                     e.push(want_block(w.cid, w.seq));
                 }
             }
@@ -904,6 +949,19 @@ mod tests {
         let (p, d) = &got.blocks[0];
         assert_eq!(block::cid_from_prefix(p, d), Some(v0));
         assert_eq!(v0.codec(), DAG_PB);
+    }
+
+    #[test]
+    fn only_helia_gets_a_cancel_before_a_rewant() {
+        let kubo = PeerPolicy::for_agent("kubo/0.22.0/");
+        assert!(!kubo.cancel_before_rewant);
+        assert_eq!(kubo.wants, WANTS_PER_KUBO_PEER);
+        assert!(PeerPolicy::for_agent("helia/7.1.15 js-libp2p/3.3.11").cancel_before_rewant);
+        assert_eq!(
+            PeerPolicy::for_agent("nixpfs/0.1.0").wants,
+            WANTS_PER_NIXPFS_PEER
+        );
+        assert!(!PeerPolicy::for_agent("").cancel_before_rewant);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod bitswap;
 pub mod block;
 pub mod blockstore;
 pub mod dag;
+pub mod identify;
 pub mod node;
 pub mod pb;
 pub mod pins;

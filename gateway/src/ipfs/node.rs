@@ -25,6 +25,7 @@ use super::bitswap::{self, Bitswap, Stats};
 use super::block::{self, Block};
 use super::blockstore::{BlockStore, WriteBatch};
 use super::dag::{self, BlockSource, Imported};
+use super::identify;
 use super::pins::{Pin, Pins};
 use super::IpfsError;
 
@@ -280,11 +281,7 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        // Give identify a moment: its agent version sets the want window.
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        while ipfs.identity(Some(peer)).await.is_err() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Identify (asked by refresh_peers) sets the want window.
         refresh_peers(ipfs, &self.inner.bitswap, &mut Agents::new()).await;
         Ok(peer)
     }
@@ -294,8 +291,7 @@ impl Node {
         let ipfs = &self.inner.ipfs;
         let mut out = Vec::new();
         for peer_id in ipfs.connected().await.map_err(host_err)? {
-            let agent_version = ipfs
-                .identity(Some(peer_id))
+            let agent_version = identify::query(ipfs, peer_id, IDENTIFY_TIMEOUT)
                 .await
                 .ok()
                 .map(|i| i.agent_version)
@@ -468,6 +464,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long a peer may take to answer an identify request.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Agent versions learned from identify, so each peer is asked only once.
 type Agents = std::collections::HashMap<PeerId, String>;
 
@@ -481,17 +480,13 @@ async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap, agents: &mut Agents) {
     let mut caps = Vec::with_capacity(peers.len());
     for p in peers {
         if let std::collections::hash_map::Entry::Vacant(slot) = agents.entry(p) {
-            if let Ok(info) = ipfs.identity(Some(p)).await {
-                slot.insert(info.agent_version);
-            }
+            // Asked once per connection; a peer that does not answer counts
+            // as foreign.
+            let agent = identify::query(ipfs, p, IDENTIFY_TIMEOUT).await;
+            slot.insert(agent.map(|i| i.agent_version).unwrap_or_default());
         }
-        let nixpfs = agents.get(&p).is_some_and(|a| a.starts_with("nixpfs/"));
-        let cap = if nixpfs {
-            bitswap::WANTS_PER_NIXPFS_PEER
-        } else {
-            bitswap::WANTS_PER_PEER
-        };
-        caps.push((p, cap));
+        let agent = agents.get(&p).map_or("", String::as_str);
+        caps.push((p, bitswap::PeerPolicy::for_agent(agent)));
     }
     bitswap.set_peers(&caps).await;
 }
@@ -721,6 +716,8 @@ mod tests {
         let agents = b.connected_peers().await.unwrap();
         assert_eq!(agents.len(), 1);
         assert_eq!(agents[0].peer_id, a.peer_id());
+        let want = concat!("nixpfs/", env!("CARGO_PKG_VERSION"));
+        assert_eq!(agents[0].agent_version.as_deref(), Some(want));
 
         // Nobody has this block: the error names it, after the timeout.
         let missing = *Block::from_data(block::RAW, Bytes::from_static(b"nobody has me")).cid();
