@@ -44,6 +44,15 @@ pub enum AdminRequest {
         cid: String,
         out: PathBuf,
     },
+    /// Write the DAG under a CID as a CARv1 file.
+    CarExport {
+        cid: String,
+        out: PathBuf,
+    },
+    /// Store a CAR file's blocks (verified) and pin its roots.
+    CarImport {
+        path: PathBuf,
+    },
     Gc,
     Sync,
     Status,
@@ -90,6 +99,12 @@ pub async fn execute(app: &App, request: AdminRequest) -> Result<Value> {
         AdminRequest::Pins => json!(app.pins().await?),
         AdminRequest::Add { path } => json!(app.add_file(&path).await?),
         AdminRequest::Fetch { cid, out } => json!({ "bytes": app.fetch(&cid, &out).await? }),
+        AdminRequest::CarExport { cid, out } => {
+            json!(crate::car::export_file(&app.node, crate::app::parse_cid(&cid)?, &out).await?)
+        }
+        AdminRequest::CarImport { path } => {
+            json!(crate::car::import_file(&app.node, &path).await?)
+        }
         AdminRequest::Gc => {
             let report = app.node.gc().await?;
             json!({ "blocks": report.blocks, "bytes": report.bytes })

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod anchor;
 pub mod app;
+pub mod car;
 pub mod catalog;
 pub mod cli;
 pub mod community;
@@ -15,5 +16,6 @@ pub mod nar;
 pub mod nix_store;
 pub mod serve;
 pub mod sync;
+pub mod trustless;
 pub mod upload;
 pub mod verify;

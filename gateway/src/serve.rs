@@ -35,6 +35,7 @@ pub async fn serve(app: App) -> Result<()> {
     });
     let router = http::router(state)
         .merge(crate::admin::router(app.clone(), token))
+        .merge(crate::trustless::router(app.node.clone()))
         .merge(crate::upload::router(crate::upload::Uploads::from_app(
             &app,
         )?))

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::nar;
 
+mod car;
 mod community;
 mod node;
 mod registry;
@@ -73,6 +74,9 @@ pub enum Command {
     Peers,
     /// Import any file into the IPFS node (pinned) and print its CID.
     Add { file: PathBuf },
+    /// CAR files: export a DAG by CID, import one (verified, roots pinned).
+    #[command(subcommand)]
+    Car(car::CarCommand),
     /// Fetch a file by CID (local blocks or peers), every block verified.
     Fetch {
         cid: String,
@@ -365,6 +369,7 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Set(cmd) => registry::run_set(cmd),
+        Command::Car(cmd) => car::run(&cli.global, cmd),
         Command::Contribute(args) => community::contribute(&cli.global, args),
         Command::Claims(args) => community::claims(&cli.global, args),
         Command::Repro(args) => community::repro(&cli.global, args),
