@@ -327,3 +327,38 @@ fn an_rsa_kubo_and_our_gateway_exchange_both_ways() {
         .expect("RSA Kubo fetches our NAR");
     assert_eq!(r["sha256"].as_str(), Some(sha256_hex(&nar_bytes).as_str()));
 }
+
+#[test]
+fn wants_reach_every_configured_peer_without_a_dht() {
+    let Some(peers) = peers_dir() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (kubo_file, kubo_bytes) = make_file(tmp.path(), 18, 3);
+    let (helia_file, helia_bytes) = make_file(tmp.path(), 19, 3);
+    let mut kubo = KuboPeer::start(&peers, KuboKey::Ed25519).expect("start kubo");
+    let mut helia = HeliaPeer::start(&peers).expect("start helia");
+    let on_kubo = kubo
+        .request(&format!("add {}", kubo_file.display()))
+        .expect("kubo add")["cid"]
+        .as_str()
+        .expect("cid")
+        .to_owned();
+    let on_helia = helia
+        .request(&format!("add {}", helia_file.display()))
+        .expect("helia add")["cid"]
+        .as_str()
+        .expect("cid")
+        .to_owned();
+    // Two static peers, no routing: each want goes to both, and whichever
+    // holds the block answers (the other says DONT_HAVE).
+    let gw = Gateway::start(
+        &tmp.path().join("gw"),
+        &["--peer", &kubo.addrs[0], "--peer", &helia.addrs[0]],
+    );
+    println!(
+        "static peers: {:?} and {:?}",
+        agent_of(&gw, &kubo.peer_id),
+        agent_of(&gw, &helia.peer_id)
+    );
+    gateway_fetch(&gw, &on_kubo, &tmp.path().join("k.bin"), &kubo_bytes);
+    gateway_fetch(&gw, &on_helia, &tmp.path().join("h.bin"), &helia_bytes);
+}

@@ -210,12 +210,7 @@ impl Node {
             }),
         };
         for addr in cfg.peers {
-            let n = node.clone();
-            let task = tokio::spawn(async move {
-                if let Err(e) = n.connect(addr).await {
-                    tracing::warn!(error = %e, "configured peer unreachable");
-                }
-            });
+            let task = tokio::spawn(keep_connected(node.clone(), addr));
             node.lock_tasks().push(task);
         }
         Ok(node)
@@ -462,6 +457,50 @@ impl Node {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// First wait before re-dialling an unreachable configured peer; it doubles
+/// up to [`REDIAL_MAX`] while the peer stays away.
+const REDIAL_MIN: Duration = Duration::from_secs(1);
+const REDIAL_MAX: Duration = Duration::from_secs(60);
+/// How often a configured peer's connection is checked.
+const PEER_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps one configured (static) peer connected: dials it at start and
+/// whenever its connection is gone (restart, network loss, idle timeout),
+/// backing off exponentially while it stays unreachable.
+async fn keep_connected(node: Node, addr: Multiaddr) {
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        tracing::warn!(%addr, "configured peer lacks /p2p/<peer id>: not dialled");
+        return;
+    };
+    let mut backoff = REDIAL_MIN;
+    let mut failures = 0u32;
+    loop {
+        if node.inner.ipfs.is_connected(peer).await.unwrap_or(false) {
+            tokio::time::sleep(PEER_CHECK).await;
+            continue;
+        }
+        match node.connect(addr.clone()).await {
+            Ok(_) => {
+                if failures > 0 {
+                    tracing::info!(%peer, failures, "configured peer reconnected");
+                }
+                failures = 0;
+                backoff = REDIAL_MIN;
+            }
+            Err(e) => {
+                failures += 1;
+                // Log the first failure, then at 2, 4, 8… so a long outage
+                // does not flood the log.
+                if failures.is_power_of_two() {
+                    tracing::warn!(%peer, failures, retry_in = ?backoff, "configured peer unreachable: {e}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(REDIAL_MAX);
+            }
+        }
+    }
 }
 
 /// How long a peer may take to answer an identify request.
@@ -729,6 +768,55 @@ mod tests {
         );
         assert!(err.to_string().contains(&missing.to_string()));
         assert!(t0.elapsed() < Duration::from_secs(4));
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_configured_peer_is_redialled_after_it_restarts() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let b_config = || {
+            let mut cfg = NodeConfig::new(db.path());
+            cfg.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()];
+            cfg
+        };
+        let b = Node::start(b_config()).await.unwrap();
+        let b_id = b.peer_id();
+        let mut cfg = NodeConfig::new(da.path());
+        cfg.peers = b.listen_addrs();
+        let a = Node::start(cfg).await.unwrap();
+        let connected = |a: Node| async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let peers = a.connected_peers().await.unwrap();
+                if peers.iter().any(|p| p.peer_id == b_id) {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        assert!(connected(a.clone()).await, "dialled at start");
+        b.shutdown().await;
+        drop(b);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.inner.ipfs.is_connected(b_id).await.unwrap() {
+            assert!(
+                Instant::now() < deadline,
+                "still connected to a stopped peer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let b = Node::start(b_config()).await.unwrap();
+        assert_eq!(b.peer_id(), b_id);
+        assert!(connected(a.clone()).await, "redialled after the restart");
         a.shutdown().await;
         b.shutdown().await;
     }
