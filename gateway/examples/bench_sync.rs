@@ -58,7 +58,7 @@ fn generate(n: u64, dir: &std::path::Path) -> anyhow::Result<()> {
             references: Default::default(),
             deriver: None,
             ca: None,
-            cid: cid.clone(),
+            cid,
             profile: ImportProfile::unixfs_v1_2025(),
         };
         builder.insert(data.sign(&key));
