@@ -301,26 +301,34 @@ fn anchors_policy_decides_what_a_client_gateway_serves_from_a_peer() {
         "the closure includes a conflicted path: Nix must not get it"
     );
 
-    // Seeding for others: pin what anchor B signed (top only: its forged dep
-    // mapping points at a CID nobody has, and the budget leaves it out).
-    let top_size = a_mappings
-        .iter()
-        .find(|m| m.path().to_string() == top)
-        .unwrap()
-        .data()
-        .nar_size;
+    // Seeding for others: pin what anchor B signed (top, and the dep under
+    // its forged NarHash, whose CID is still the real dep's), within a budget
+    // that fits only one of the two, then without a budget.
+    let size_of = |path: &str| {
+        a_mappings
+            .iter()
+            .find(|m| m.path().to_string() == path)
+            .unwrap()
+            .data()
+            .nar_size
+    };
+    let budget = size_of(&top) + size_of(&dep) - 1;
     let seeded = run_ok_str(client.cli().args([
         "seed",
         "--anchor",
         "anchor-b",
         "--max-size",
-        &top_size.to_string(),
+        &budget.to_string(),
     ]));
-    assert_eq!(seeded.lines().count(), 1, "{seeded}");
-    assert!(seeded.contains(&top), "{seeded}");
-    let seeded_cid = seeded.split_whitespace().next().unwrap();
+    assert_eq!(seeded.lines().count(), 1, "budget fits one NAR: {seeded}");
+    let seeded = run_ok_str(client.cli().args(["seed", "--anchor", "anchor-b"]));
+    assert_eq!(seeded.lines().count(), 2, "{seeded}");
+    assert!(seeded.contains(&top) && seeded.contains(&dep), "{seeded}");
     let pins = run_ok_str(client.cli().args(["pins", "--json"]));
-    assert!(pins.contains(seeded_cid), "{pins}");
+    for line in seeded.lines() {
+        let cid = line.split_whitespace().next().unwrap();
+        assert!(pins.contains(cid), "{cid} not pinned: {pins}");
+    }
 
     // With require 1 and only anchor A counting, Nix substitutes the whole closure.
     drop(client);
