@@ -97,6 +97,18 @@ impl Catalog {
         self.trust.read().ok().map(|t| t.clone())
     }
 
+    /// The answer for one of the user's own paths if it is in memory: no
+    /// I/O, so callers may skip moving the lookup to a blocking thread.
+    pub fn cached(&self, hash: &StorePathHash) -> Option<Lookup> {
+        let generation = self.index.local_generation();
+        let info = self
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(generation, hash)?;
+        Some(Lookup::Found(Box::new((*info).clone())))
+    }
+
     /// The narinfo to serve for `hash`, if policy allows.
     pub fn lookup(&self, hash: &StorePathHash) -> Result<Lookup, IndexError> {
         let generation = self.index.local_generation();

@@ -85,8 +85,13 @@ async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -
         Ok(hash) => hash,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad narinfo name: {e}")),
     };
-    let catalog = state.catalog.clone();
-    let lookup = tokio::task::spawn_blocking(move || catalog.lookup(&hash)).await;
+    let lookup = match state.catalog.cached(&hash) {
+        Some(hit) => Ok(Ok(hit)),
+        None => {
+            let catalog = state.catalog.clone();
+            tokio::task::spawn_blocking(move || catalog.lookup(&hash)).await
+        }
+    };
     match lookup {
         Ok(Ok(Lookup::Found(info))) => {
             Metrics::inc(&state.metrics.narinfo_served);
