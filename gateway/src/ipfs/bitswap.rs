@@ -50,9 +50,12 @@ const PEER_QUEUE: usize = 8;
 pub const WANTS_PER_PEER: usize = 2;
 /// Want-blocks in flight per nixpfs peer (our server has no such limit).
 pub const WANTS_PER_NIXPFS_PEER: usize = 32;
-/// Want-blocks in flight per Kubo peer: its server batches up to ~1 MiB of
-/// blocks per message and sends several messages at once.
-pub const WANTS_PER_KUBO_PEER: usize = 8;
+/// Want-blocks in flight per Kubo peer. Kubo answers each block on a stream
+/// of its own, several at once, and libp2p-stream drops an inbound stream
+/// while another waits to be accepted (the re-want recovers it): 64 MiB
+/// from Kubo ran at 0.7x of Kubo->Kubo with 8 in flight, 0.3x with 32, and
+/// 1.1-1.6x with 4.
+pub const WANTS_PER_KUBO_PEER: usize = 4;
 
 /// How to ask one peer for blocks, from the agent version it reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
