@@ -227,6 +227,8 @@ impl KuboPeer {
     /// Starts a loopback-only Kubo node and waits for its addresses.
     pub fn start(peers: &Path, key: KuboKey) -> anyhow::Result<Self> {
         let mut cmd = Command::new(peers.join("venv/bin/python"));
+        // Kubo's Go side writes ./kubo.log: keep it out of the source tree.
+        cmd.current_dir(std::env::temp_dir());
         cmd.arg("-u").arg(peers.join("kubo.py")).env(
             "KUBO_KEY",
             match key {
