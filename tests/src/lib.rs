@@ -2,6 +2,7 @@
 //! deciding whether an external tool is present (skip locally, fail in CI),
 //! and an isolated real-Nix environment.
 
+pub mod anchors;
 pub mod gateway;
 pub mod nix;
 pub mod peers;

@@ -9,6 +9,7 @@ use std::path::Path;
 use anchor_registry::{
     Mapping, MappingData, MappingSetBuilder, NarHash, SecretKey, SetKind, StorePath,
 };
+use e2e::anchors::{keygen, registry};
 use e2e::gateway::Gateway;
 use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
 use e2e::{nixpfs, run_ok, run_ok_str};
@@ -142,16 +143,8 @@ fn anchors_policy_decides_what_a_client_gateway_serves_from_a_peer() {
             builder = "/bin/sh"; args = [ "-c" "echo lonely-${nonce} > $out" ]; }"#,
     );
     let dir = env.path();
-    let key = |name: &str| {
-        let file = dir.join(format!("{name}.sk"));
-        run_ok_str(
-            nixpfs()
-                .args(["key", "generate", "--name", name, "--out"])
-                .arg(&file),
-        );
-        file
-    };
-    let (ka, kb, root) = (key("anchor-a"), key("anchor-b"), key("root-1"));
+    let (ka, ka_pub) = keygen(dir, "anchor-a");
+    let (kb, kb_pub) = keygen(dir, "anchor-b");
     let kb_secret = SecretKey::parse(&fs::read_to_string(&kb).unwrap()).unwrap();
 
     // Anchor A pins and signs the closure and `lonely`, then publishes.
@@ -198,45 +191,13 @@ fn anchors_policy_decides_what_a_client_gateway_serves_from_a_peer() {
         &set_b,
     );
 
-    // Registry with both anchors, signed by the root.
-    let reg = dir.join("registry.json");
-    let root_pub = SecretKey::parse(&fs::read_to_string(&root).unwrap())
-        .unwrap()
-        .public()
-        .to_string();
-    run_ok(
-        nixpfs()
-            .args([
-                "registry",
-                "init",
-                "--root-key",
-                &root_pub,
-                "--threshold",
-                "1",
-                "--out",
-            ])
-            .arg(&reg),
-    );
-    for (name, k, set) in [("anchor-a", &ka, &set_a), ("anchor-b", &kb, &set_b)] {
-        let public = SecretKey::parse(&fs::read_to_string(k).unwrap())
-            .unwrap()
-            .public()
-            .to_string();
-        run_ok(nixpfs().args(["registry", "add-anchor"]).arg(&reg).args([
-            "--name",
-            name,
-            "--key",
-            &public,
-            "--source",
-            set.to_str().unwrap(),
-        ]));
-    }
-    run_ok(
-        nixpfs()
-            .args(["registry", "sign"])
-            .arg(&reg)
-            .arg("--key")
-            .arg(&root),
+    // Registry with both anchors, signed by a root key.
+    let reg = registry(
+        &dir.join("reg"),
+        &[
+            ("anchor-a", &ka_pub, &[&set_a]),
+            ("anchor-b", &kb_pub, &[&set_b]),
+        ],
     );
 
     // The seeder serves the bytes over IPFS; the client has no blocks at all.
@@ -370,19 +331,8 @@ fn bytes_that_do_not_match_the_signed_nar_hash_never_reach_nix() {
             builder = "/bin/sh"; args = [ "-c" "echo victim-${nonce} > $out" ]; }"#,
     );
     let dir = env.path();
-    let ka = dir.join("a.sk");
-    run_ok_str(
-        nixpfs()
-            .args(["key", "generate", "--name", "anchor-a", "--out"])
-            .arg(&ka),
-    );
+    let (ka, ka_pub) = keygen(dir, "anchor-a");
     let ka_secret = SecretKey::parse(&fs::read_to_string(&ka).unwrap()).unwrap();
-    let root = dir.join("root.sk");
-    let root_pub = run_ok_str(
-        nixpfs()
-            .args(["key", "generate", "--name", "root-1", "--out"])
-            .arg(&root),
-    );
 
     // The seeder has some other bytes; the anchor (wrongly) maps the victim's
     // real NarHash to their CID.
@@ -409,35 +359,7 @@ fn bytes_that_do_not_match_the_signed_nar_hash_never_reach_nix() {
     };
     let set = dir.join("set.jsonl");
     write_set(&ka_secret, &[], vec![data.sign(&ka_secret)], &set);
-    let reg = dir.join("registry.json");
-    run_ok(
-        nixpfs()
-            .args([
-                "registry",
-                "init",
-                "--root-key",
-                &root_pub,
-                "--threshold",
-                "1",
-                "--out",
-            ])
-            .arg(&reg),
-    );
-    run_ok(nixpfs().args(["registry", "add-anchor"]).arg(&reg).args([
-        "--name",
-        "anchor-a",
-        "--key",
-        &ka_secret.public().to_string(),
-        "--source",
-        set.to_str().unwrap(),
-    ]));
-    run_ok(
-        nixpfs()
-            .args(["registry", "sign"])
-            .arg(&reg)
-            .arg("--key")
-            .arg(&root),
-    );
+    let reg = registry(&dir.join("reg"), &[("anchor-a", &ka_pub, &[&set])]);
 
     let seeder_gw = Gateway::start(&seeder, &[]);
     let client = Gateway::start(

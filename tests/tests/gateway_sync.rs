@@ -6,57 +6,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anchor_registry::{MappingSetBuilder, SecretKey, SetKind, StorePath};
+use e2e::anchors::{keygen, registry};
 use e2e::gateway::Gateway;
 use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
 use e2e::{nixpfs, run_ok, run_ok_str};
-
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let file = dir.join(format!("{name}.sk"));
-    let public = run_ok_str(
-        nixpfs()
-            .args(["key", "generate", "--name", name, "--out"])
-            .arg(&file),
-    );
-    (file, public)
-}
-
-/// A registry signed by a fresh root key listing `anchors` (name, public key, source).
-fn registry(dir: &Path, anchors: &[(&str, &str, &[&Path])]) -> PathBuf {
-    fs::create_dir_all(dir).unwrap();
-    let (root, root_pub) = keygen(dir, "root-1");
-    let reg = dir.join("registry.json");
-    run_ok(
-        nixpfs()
-            .args([
-                "registry",
-                "init",
-                "--root-key",
-                &root_pub,
-                "--threshold",
-                "1",
-                "--out",
-            ])
-            .arg(&reg),
-    );
-    for (name, key, sources) in anchors {
-        let mut cmd = nixpfs();
-        cmd.args(["registry", "add-anchor"])
-            .arg(&reg)
-            .args(["--name", name, "--key", key]);
-        for s in *sources {
-            cmd.arg("--source").arg(s);
-        }
-        run_ok(&mut cmd);
-    }
-    run_ok(
-        nixpfs()
-            .args(["registry", "sign"])
-            .arg(&reg)
-            .arg("--key")
-            .arg(&root),
-    );
-    reg
-}
 
 #[test]
 fn a_seeder_keeps_the_closure_available_after_the_anchor_is_gone() {
