@@ -1,7 +1,8 @@
 //! Benchmark for `scripts/bench`: `gen N DIR` writes a signed mapping set of N
 //! entries and its registry into DIR; `run DIR` (a fresh process, so peak RSS
 //! is its own) times what `nixpfs anchors sync` does with it — verify and
-//! index — and prints `seconds peak_rss_kib set_file`.
+//! index — then looks up 100,000 of its paths as a narinfo request would, and
+//! prints `seconds peak_rss_kib set_file microseconds_per_lookup`.
 
 use std::io::Write;
 use std::time::Instant;
@@ -92,6 +93,25 @@ fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         gateway::sync::verify_and_index(&index, &registry, SetKind::Anchor, "bench-anchor", file)?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!("{outcome:?}");
-    println!("{secs:.3} {} {}", peak_rss_kib(), set_path.display());
+    let entries = match outcome {
+        gateway::sync::Indexed::Accepted { entries, .. } => entries,
+        gateway::sync::Indexed::Unchanged { .. } => anyhow::bail!("a fresh index held the set"),
+    };
+    const LOOKUPS: u64 = 100_000;
+    let started = Instant::now();
+    for n in 0..LOOKUPS {
+        // Spread over the whole set, in no useful order for the page cache.
+        let i = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % entries;
+        let mut digest = [0u8; 20];
+        digest[..8].copy_from_slice(&i.to_le_bytes());
+        let found = index.assertions(&StorePathHash::from_digest(digest), 2)?;
+        anyhow::ensure!(found.len() == 1, "path {i} not found");
+    }
+    let lookup_us = started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64;
+    println!(
+        "{secs:.3} {} {} {lookup_us:.1}",
+        peak_rss_kib(),
+        set_path.display()
+    );
     Ok(())
 }

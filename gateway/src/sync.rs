@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use anchor_registry::{Anchor, Mapping, Registry, SetKind, Source, TrustError};
+use anchor_registry::{
+    check_header, Anchor, EntryChecks, Registry, SetKind, SetReader, Source, TrustError,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -218,8 +220,10 @@ pub enum SetRejected {
 }
 
 /// Verifies a set against the registry and the trusted state and, only when
-/// every check passed, replaces the publisher's mappings and state in one
-/// transaction. A fork is recorded as evidence before it is refused.
+/// every check passed, replaces the publisher's mappings and state. The set
+/// is copied aside while it is read, so it is read once; the trusted version
+/// again costs one header line. A fork is recorded as evidence before it is
+/// refused.
 pub fn verify_and_index(
     index: &Index,
     registry: &Registry,
@@ -228,34 +232,14 @@ pub fn verify_and_index(
     reader: impl std::io::BufRead,
 ) -> Result<Indexed, SetRejected> {
     let trusted = index.trusted_state(kind, name)?;
-    let mut staged: Vec<Mapping> = Vec::new();
+    let mut tee = index.tee_set(reader)?;
     // Entry signatures are checked when policy counts a mapping (see
     // `Policy::evaluate`); the header signature already binds every entry
     // byte to the anchor, so deferring them is sound and ~20x faster.
-    let verified = anchor_registry::verify_set_with(
-        reader,
-        registry,
-        trusted.as_ref(),
-        unix_now(),
-        anchor_registry::EntryChecks::DeferNixSignatures,
-        |m| staged.push(m),
-    );
-    match verified {
-        Ok((set, state)) => {
-            if trusted
-                .as_ref()
-                .is_some_and(|t| t.digest() == state.digest())
-            {
-                return Ok(Indexed::Unchanged {
-                    version: state.version(),
-                });
-            }
-            index.replace_set(&state, &staged)?;
-            Ok(Indexed::Accepted {
-                version: state.version(),
-                entries: set.entries,
-            })
-        }
+    let set = SetReader::open_with(&mut tee, EntryChecks::DeferNixSignatures)
+        .map_err(TrustError::from)?;
+    let state = match check_header(set.header(), registry, trusted.as_ref(), unix_now()) {
+        Ok(state) => state,
         Err(TrustError::Fork {
             anchor,
             version,
@@ -269,16 +253,30 @@ pub fn verify_and_index(
                 trusted: (*trusted).clone(),
                 found: (*found).clone(),
             })?;
-            Err(TrustError::Fork {
+            return Err(TrustError::Fork {
                 anchor,
                 version,
                 trusted,
                 found,
             }
-            .into())
+            .into());
         }
-        Err(e) => Err(e.into()),
+        Err(e) => return Err(e.into()),
+    };
+    if index.holds_set(&state) {
+        return Ok(Indexed::Unchanged {
+            version: state.version(),
+        });
     }
+    let mut keys = Vec::new();
+    set.for_each(|m| keys.push((*m.path().hash(), *m.nar_hash())))
+        .map_err(TrustError::from)?;
+    let entries = keys.len() as u64;
+    index.replace_set(&state, tee.finish(keys)?)?;
+    Ok(Indexed::Accepted {
+        version: state.version(),
+        entries,
+    })
 }
 
 /// Fetches a registry location given as text (file path or http(s) URL).

@@ -5,8 +5,14 @@
 //! Tables:
 //! - `local_paths`: store-path hash → the user's own pinned paths (narinfo + CID);
 //! - `nar_locations`: NarHash → CID, size and whether the bytes were verified;
-//! - `anchor_mappings`, `trusted_state`: what registry anchors signed (see `sync`).
+//! - `trusted_state`: the newest set each publisher had accepted (see `sync`),
+//!   whose entries are kept as files beside the index (see [`sets`]).
 
+mod sets;
+
+pub use sets::{SetTee, StagedSet};
+
+use std::io::BufRead;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,10 +24,6 @@ use serde::{Deserialize, Serialize};
 
 const LOCAL_PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_paths");
 const NAR_LOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nar_locations");
-/// (store-path hash, set owner) → canonical mapping line.
-const BY_PATH: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("mappings_by_path");
-/// (set owner, store-path hash) → nothing: lets a new version replace the old.
-const BY_OWNER: TableDefinition<(&str, &str), ()> = TableDefinition::new("mappings_by_owner");
 /// set owner → the trusted state (newest accepted signed header).
 const TRUSTED: TableDefinition<&str, &[u8]> = TableDefinition::new("trusted_state");
 /// name → small values: the trusted registry document.
@@ -39,6 +41,11 @@ pub enum IndexError {
     },
     #[error("index storage error: {0}")]
     Storage(String),
+    #[error("cannot read or write the stored mapping set {path}: {source}")]
+    SetFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("corrupt index record in {table} for {key}: {message}")]
     Corrupt {
         table: &'static str,
@@ -95,10 +102,13 @@ pub struct Index {
     /// Bumped after every change to `local_paths`, so caches of what it
     /// holds (the catalog's signed narinfos) know when to drop entries.
     local_generation: AtomicU64,
+    /// Each publisher's current set, kept beside the index file.
+    sets: sets::SetFiles,
 }
 
 impl Index {
-    /// Opens (or creates) the index file and its tables.
+    /// Opens (or creates) the index file and its tables, and the stored sets
+    /// in the directory beside it (`index.redb` → `index.sets/`).
     pub fn open(path: &Path) -> Result<Self, IndexError> {
         let db = Database::create(path).map_err(|source| IndexError::Open {
             path: path.display().to_string(),
@@ -107,15 +117,27 @@ impl Index {
         let txn = db.begin_write()?;
         txn.open_table(LOCAL_PATHS)?;
         txn.open_table(NAR_LOCATIONS)?;
-        txn.open_table(BY_PATH)?;
-        txn.open_table(BY_OWNER)?;
         txn.open_table(TRUSTED)?;
         txn.open_table(FORKS)?;
         txn.open_table(META)?;
         txn.commit()?;
+        let states = {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(TRUSTED)?;
+            let mut states = Vec::new();
+            for entry in table.iter()? {
+                let (owner, state) = entry?;
+                let owner = owner.value().to_owned();
+                let state: TrustedState = decode("trusted_state", &owner, state.value())?;
+                states.push((owner, state));
+            }
+            states
+        };
+        let sets = sets::SetFiles::open(&path.with_extension("sets"), states)?;
         Ok(Self {
             db,
             local_generation: AtomicU64::new(0),
+            sets,
         })
     }
 
@@ -215,18 +237,31 @@ impl Index {
         Ok(existing)
     }
 
-    /// Where the NAR with this hash lives, if known.
+    /// Where the NAR with this hash lives, if known: recorded locations
+    /// first (own pins, NARs once verified), then any stored set's mapping.
     pub fn nar_location(&self, nar_hash: &NarHash) -> Result<Option<NarLocation>, IndexError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(NAR_LOCATIONS)?;
-        match table.get(nar_hash.as_bytes().as_slice())? {
-            Some(v) => Ok(Some(decode(
-                "nar_locations",
-                &nar_hash.to_string(),
-                v.value(),
-            )?)),
-            None => Ok(None),
+        {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(NAR_LOCATIONS)?;
+            if let Some(v) = table.get(nar_hash.as_bytes().as_slice())? {
+                return Ok(Some(decode(
+                    "nar_locations",
+                    &nar_hash.to_string(),
+                    v.value(),
+                )?));
+            }
         }
+        for (_, set) in self.sets.all() {
+            if let Some(mapping) = set.for_nar(nar_hash)? {
+                let data = mapping.data();
+                return Ok(Some(NarLocation {
+                    cid: data.cid.to_string(),
+                    nar_size: data.nar_size,
+                    verified: false,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     /// Records where a NAR lives, keeping `verified` if it was already set.
@@ -272,64 +307,33 @@ pub struct ForkEvidence {
 }
 
 impl Index {
+    /// Starts copying a set as it is read, so that once verified it can be
+    /// stored without a second read (see [`Index::replace_set`]).
+    pub fn tee_set<R: BufRead>(&self, reader: R) -> Result<SetTee<R>, IndexError> {
+        self.sets.tee(reader)
+    }
+
+    /// Whether the set `state` names is the one stored for its publisher:
+    /// then a sync of the same version has nothing to do.
+    pub fn holds_set(&self, state: &TrustedState) -> bool {
+        let header = state.header().header();
+        self.sets
+            .holds(&set_owner(header.kind, header.anchor.as_str()), state)
+    }
+
     /// Replaces everything `state`'s publisher said with a newly verified
-    /// version, in one transaction with its new trusted state: readers see
-    /// the old set or the new one, never a mix.
-    pub fn replace_set(
-        &self,
-        state: &TrustedState,
-        mappings: &[Mapping],
-    ) -> Result<(), IndexError> {
+    /// version: its files are made durable first, then the trusted state
+    /// naming them is committed, then lookups switch to it. Readers see the
+    /// old set or the new one, never a mix.
+    pub fn replace_set(&self, state: &TrustedState, staged: StagedSet) -> Result<(), IndexError> {
         let header = state.header().header();
         let owner = set_owner(header.kind, header.anchor.as_str());
+        let stored = self.sets.install(state.clone(), staged)?;
         let txn = self.db.begin_write()?;
-        {
-            let mut by_path = txn.open_table(BY_PATH)?;
-            let mut by_owner = txn.open_table(BY_OWNER)?;
-            let mut old = Vec::new();
-            for entry in by_owner.range((owner.as_str(), "")..)? {
-                let (key, _) = entry?;
-                let (o, path) = key.value();
-                if o != owner {
-                    break;
-                }
-                old.push(path.to_owned());
-            }
-            for path in &old {
-                by_path.remove((path.as_str(), owner.as_str()))?;
-                by_owner.remove((owner.as_str(), path.as_str()))?;
-            }
-            let mut locations = Vec::with_capacity(mappings.len());
-            let mut line = Vec::new();
-            for mapping in mappings {
-                let data = mapping.data();
-                let hash = data.path.hash().as_str();
-                line.clear();
-                mapping.write_canonical(&mut line);
-                by_path.insert((hash, owner.as_str()), line.as_slice())?;
-                by_owner.insert((owner.as_str(), hash), ())?;
-                locations.push((data.nar_hash, data.cid.to_string(), data.nar_size));
-            }
-            // B-tree inserts in key order touch each page once; NarHashes
-            // arrive in store-path order, i.e. random.
-            locations.sort_unstable_by_key(|a| a.0);
-            locations.dedup_by(|a, b| a.0 == b.0);
-            let mut nars = txn.open_table(NAR_LOCATIONS)?;
-            for (nar_hash, cid, nar_size) in locations {
-                let key = nar_hash.as_bytes().as_slice();
-                if nars.get(key)?.is_none() {
-                    let location = NarLocation {
-                        cid,
-                        nar_size,
-                        verified: false,
-                    };
-                    nars.insert(key, encode(&location).as_slice())?;
-                }
-            }
-            let mut trusted = txn.open_table(TRUSTED)?;
-            trusted.insert(owner.as_str(), encode(state).as_slice())?;
-        }
+        txn.open_table(TRUSTED)?
+            .insert(owner.as_str(), encode(state).as_slice())?;
         txn.commit()?;
+        self.sets.switch(owner, stored);
         Ok(())
     }
 
@@ -361,38 +365,20 @@ impl Index {
     }
 
     /// What every publisher whose set has not expired at `now` says about
-    /// the path with this hash.
+    /// the path with this hash, in publisher order.
     pub fn assertions(&self, hash: &StorePathHash, now: u64) -> Result<Vec<Assertion>, IndexError> {
-        let txn = self.db.begin_read()?;
-        let by_path = txn.open_table(BY_PATH)?;
-        let trusted = txn.open_table(TRUSTED)?;
         let mut out = Vec::new();
-        let mut scratch = Vec::new();
-        for entry in by_path.range((hash.as_str(), "")..)? {
-            let (key, value) = entry?;
-            let (path, owner) = key.value();
-            if path != hash.as_str() {
-                break;
-            }
-            let Some(state) = trusted.get(owner)? else {
-                continue;
-            };
-            let state: TrustedState = decode("trusted_state", owner, state.value())?;
-            let header = state.header().header();
+        for (_, set) in self.sets.all() {
+            let header = set.state.header().header();
             if header.expires <= now {
                 continue;
             }
-            let mapping = Mapping::parse_canonical(value.value(), &mut scratch).map_err(|e| {
-                IndexError::Corrupt {
-                    table: "mappings_by_path",
-                    key: format!("{path}/{owner}"),
-                    message: e.to_string(),
-                }
-            })?;
-            out.push(Assertion {
-                kind: header.kind,
-                mapping,
-            });
+            if let Some(mapping) = set.for_path(hash)? {
+                out.push(Assertion {
+                    kind: header.kind,
+                    mapping,
+                });
+            }
         }
         Ok(out)
     }
@@ -416,59 +402,16 @@ impl Index {
 
     /// Every mapping a publisher's trusted set contains, in hash-part order.
     pub fn owner_mappings(&self, kind: SetKind, name: &str) -> Result<Vec<Mapping>, IndexError> {
-        let owner = set_owner(kind, name);
-        let txn = self.db.begin_read()?;
-        let by_owner = txn.open_table(BY_OWNER)?;
-        let by_path = txn.open_table(BY_PATH)?;
-        let mut out = Vec::new();
-        let mut scratch = Vec::new();
-        for entry in by_owner.range((owner.as_str(), "")..)? {
-            let (key, _) = entry?;
-            let (o, path) = key.value();
-            if o != owner {
-                break;
-            }
-            let Some(line) = by_path.get((path, owner.as_str()))? else {
-                continue;
-            };
-            let mapping = Mapping::parse_canonical(line.value(), &mut scratch).map_err(|e| {
-                IndexError::Corrupt {
-                    table: "mappings_by_path",
-                    key: format!("{path}/{owner}"),
-                    message: e.to_string(),
-                }
-            })?;
-            out.push(mapping);
+        match self.sets.get(&set_owner(kind, name)) {
+            Some(set) => set.mappings(),
+            None => Ok(Vec::new()),
         }
-        Ok(out)
     }
 
     /// Hash parts that more than one publisher has a mapping for: the only
     /// paths where anchors can disagree.
     pub fn multi_asserted_paths(&self) -> Result<Vec<StorePathHash>, IndexError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(BY_PATH)?;
-        let mut out = Vec::new();
-        let mut current: Option<(String, usize)> = None;
-        let flush = |entry: Option<(String, usize)>, out: &mut Vec<StorePathHash>| {
-            if let Some((path, n)) = entry {
-                if n > 1 {
-                    if let Ok(hash) = StorePathHash::parse(&path) {
-                        out.push(hash);
-                    }
-                }
-            }
-        };
-        for entry in table.iter()? {
-            let (key, _) = entry?;
-            let (path, _) = key.value();
-            match &mut current {
-                Some((p, n)) if p == path => *n += 1,
-                _ => flush(current.replace((path.to_owned(), 1)), &mut out),
-            }
-        }
-        flush(current, &mut out);
-        Ok(out)
+        self.sets.shared_paths()
     }
 
     /// Keeps both signed headers of an equivocating anchor, forever.
