@@ -530,31 +530,35 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     let producer = tokio::task::spawn_blocking(move || {
         let mut reader = reader;
-        let mut buf = vec![0u8; 1 << 20];
+        // Whole chunks of the DAG's size go to the import without a copy.
+        let mut buf = vec![0u8; crate::ipfs::dag::CHUNK_SIZE];
         loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    {
-                        break;
+            let mut filled = 0;
+            while filled < buf.len() {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let message = e.to_string();
+                        let _ = tx.blocking_send(Err(e));
+                        return Err(anyhow!(message));
                     }
                 }
-                Err(e) => {
-                    let message = e.to_string();
-                    let _ = tx.blocking_send(Err(e));
-                    return Err(anyhow!(message));
-                }
+            }
+            if filled == 0
+                || tx
+                    .blocking_send(Ok(Bytes::copy_from_slice(&buf[..filled])))
+                    .is_err()
+                || filled < buf.len()
+            {
+                break;
             }
         }
         Ok(finish(&reader))
     });
-    let stream = Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
-    let pinned = node
-        .add_and_pin(tokio_util::io::StreamReader::new(stream))
-        .await;
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let pinned = node.add_chunks_and_pin(stream).await;
     let value = producer
         .await?
         .with_context(|| format!("while serialising {what}"))?;

@@ -310,7 +310,34 @@ impl Node {
     pub async fn add_and_pin<R: AsyncRead + Unpin>(&self, reader: R) -> Result<Pin, IpfsError> {
         let _guard = self.inner.gc_lock.read().await;
         let imported = dag::import(reader, &self.inner.store).await?;
-        self.pin_locked(imported.cid).await
+        self.pin_imported(imported).await
+    }
+
+    /// [`add_and_pin`](Self::add_and_pin) for a stream of byte chunks; chunks
+    /// of exactly [`dag::CHUNK_SIZE`] are stored without a copy.
+    pub async fn add_chunks_and_pin<S>(&self, chunks: S) -> Result<Pin, IpfsError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        let _guard = self.inner.gc_lock.read().await;
+        let imported = dag::import_chunks(chunks, &self.inner.store).await?;
+        self.pin_imported(imported).await
+    }
+
+    /// Records the pin of a DAG this node just imported (durably: the import
+    /// synced its blocks) without walking it again; the caller holds the GC
+    /// lock since before the import.
+    async fn pin_imported(&self, imported: Imported) -> Result<Pin, IpfsError> {
+        let pin = Pin {
+            cid: imported.cid,
+            size: imported.size,
+            dag_size: imported.dag_size,
+        };
+        let pins = self.inner.pins.clone();
+        tokio::task::spawn_blocking(move || pins.insert(&pin))
+            .await
+            .map_err(join_err)??;
+        Ok(pin)
     }
 
     fn source(&self, batch: Option<WriteBatch>) -> Arc<NodeSource> {
