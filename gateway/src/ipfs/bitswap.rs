@@ -68,6 +68,14 @@ pub struct PeerPolicy {
     /// entries by CID with the cancel winning, so it must get the plain
     /// repeat (it keeps no memory of blocks sent).
     pub cancel_before_rewant: bool,
+    /// Send every message on one long-lived stream instead of a new stream
+    /// per message. Only for nixpfs peers, whose reader takes any number of
+    /// messages per stream (Helia handles a stream's messages only once it
+    /// is closed). A new yamux stream starts with a 256 KiB window and every
+    /// stream opened at a nixpfs receiver risks libp2p-stream's drop of
+    /// inbound streams, so a stream per 1 MiB message capped a 1 GiB A->B
+    /// fetch at one stream set-up plus four window round trips per block.
+    pub reuse_stream: bool,
 }
 
 impl PeerPolicy {
@@ -82,6 +90,7 @@ impl PeerPolicy {
                 WANTS_PER_PEER
             },
             cancel_before_rewant: agent.starts_with("helia/"),
+            reuse_stream: agent.starts_with("nixpfs/"),
         }
     }
 }
@@ -654,11 +663,14 @@ fn cancel(cid: Cid) -> WantEntry {
 
 /// One task per peer writes its queued messages, each on a new stream that
 /// is closed right after (as Kubo and Helia do: Helia only handles a stream's
-/// messages once the sender closes it). A failed send is retried once.
+/// messages once the sender closes it), or, for peers whose policy says
+/// [`PeerPolicy::reuse_stream`], all on one stream kept open. A failed send
+/// is retried once on a new stream.
 fn spawn_writer(shared: Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
     let (tx, mut rx) = mpsc::channel::<Message>(PEER_QUEUE);
     tokio::spawn(async move {
         let mut control = shared.control.clone();
+        let mut kept: Option<Stream> = None;
         while let Some(mut msg) = rx.recv().await {
             // Coalesce whatever else is queued: Helia drops messages beyond
             // ten queued per peer, and fewer messages cost fewer streams.
@@ -669,13 +681,32 @@ fn spawn_writer(shared: Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
                 }
             }
             let body = msg.encode();
+            let reuse = shared
+                .lock()
+                .peers
+                .get(&peer)
+                .is_some_and(|ps| ps.policy.reuse_stream);
+            if !reuse {
+                kept = None;
+            }
             for attempt in 0..2 {
-                let sent = match control.open_stream(peer, PROTOCOL).await {
+                let stream = match kept.take() {
+                    Some(s) => Ok(s),
+                    None => control
+                        .open_stream(peer, PROTOCOL)
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string())),
+                };
+                let sent = match stream {
                     Ok(mut s) => match write_frame(&mut s, &body).await {
+                        Ok(()) if reuse => {
+                            kept = Some(s);
+                            Ok(())
+                        }
                         Ok(()) => s.close().await,
                         Err(e) => Err(e),
                     },
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                    Err(e) => Err(e),
                 };
                 match sent {
                     Ok(()) => {
@@ -965,6 +996,14 @@ mod tests {
             WANTS_PER_NIXPFS_PEER
         );
         assert!(!PeerPolicy::for_agent("").cancel_before_rewant);
+    }
+
+    #[test]
+    fn only_nixpfs_peers_get_one_long_lived_stream() {
+        assert!(PeerPolicy::for_agent("nixpfs/0.1.0").reuse_stream);
+        for agent in ["kubo/0.22.0/", "helia/7.1.15 js-libp2p/3.3.11", ""] {
+            assert!(!PeerPolicy::for_agent(agent).reuse_stream, "{agent}");
+        }
     }
 
     #[test]
