@@ -45,8 +45,16 @@ fn main() -> Result<()> {
         &gateway::app::default_key_file(&data_dir),
     )?);
     let anchor = SecretKey::generate("bench-anchor-1")?;
+    let catalog = Catalog::new(
+        index,
+        key,
+        Trust {
+            registry: None,
+            policy: Policy::new(1, None)?,
+        },
+    );
 
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = Vec::new();
     for i in 0..count {
         let store_path = path(i, "")?;
         let references = (i.saturating_sub(3)..i)
@@ -65,26 +73,16 @@ fn main() -> Result<()> {
             sigs: Vec::new(),
             ca: None,
         };
-        narinfo.url = gateway::catalog::nar_url(&narinfo);
         narinfo.sign(&anchor);
         batch.push(LocalPath {
             narinfo,
             cid: DUMMY_CID.to_owned(),
         });
         if batch.len() == BATCH || i + 1 == count {
-            index.put_locals(&batch)?;
-            batch.clear();
+            catalog.put_locals(std::mem::take(&mut batch))?;
         }
     }
 
-    let catalog = Catalog::new(
-        index,
-        key,
-        Trust {
-            registry: None,
-            policy: Policy::new(1, None)?,
-        },
-    );
     let step = (count / SAMPLE).max(1);
     let mut sample = std::io::BufWriter::new(std::fs::File::create(sample_file)?);
     for i in (0..count).step_by(step) {

@@ -63,7 +63,7 @@ pub struct Status {
     pub connected_peers: usize,
     pub pins: usize,
     pub pinned_bytes: u64,
-    pub local_paths: usize,
+    pub local_paths: u64,
     pub registry_version: Option<u64>,
     /// Unix seconds when the last anchor sync finished, if any since start.
     pub last_sync: Option<u64>,
@@ -190,15 +190,12 @@ impl App {
                 summary.nar_size
             );
         }
-        let mut narinfo = info;
-        narinfo.url = crate::catalog::nar_url(&narinfo);
-        narinfo.compression = Some("none".to_owned());
         let local = LocalPath {
-            narinfo,
+            narinfo: info,
             cid: pin.cid.to_string(),
         };
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || index.put_local(&local)).await??;
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || catalog.put_locals(vec![local])).await??;
         Ok(PinEntry {
             cid: pin.cid.to_string(),
             size: pin.size,
@@ -449,7 +446,7 @@ impl App {
             Ok::<_, anyhow::Error>((
                 index.trusted_states()?,
                 index.forks()?.len(),
-                index.locals()?.len(),
+                index.local_count()?,
             ))
         })
         .await??;

@@ -7,14 +7,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use anchor_registry::{Decision, NarInfo, Policy, Registry, SecretKey, StorePathHash};
+use bytes::Bytes;
 
-use crate::index::{Index, IndexError};
+use crate::index::{Index, IndexError, LocalPath};
 
-/// What the catalog knows about a store path.
+/// What the catalog knows about a store path; `T` is the narinfo to send,
+/// parsed or as the text the endpoint sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
+pub enum Lookup<T = Box<NarInfo>> {
     /// Servable: the narinfo to send, already rewritten and signed.
-    Found(Box<NarInfo>),
+    Found(T),
     /// Unknown, or known but not trusted enough: Nix sees a 404.
     NotFound,
     /// Registry anchors disagree about this path: blocked, Nix sees a 404.
@@ -26,6 +28,8 @@ pub enum Lookup {
 pub struct Catalog {
     index: Arc<Index>,
     key: Arc<SecretKey>,
+    /// `key`'s public half as written in narinfos and index records.
+    public: Arc<str>,
     trust: Arc<RwLock<Trust>>,
     own: Arc<Mutex<OwnCache>>,
 }
@@ -33,17 +37,17 @@ pub struct Catalog {
 /// Most narinfos a catalog keeps signed in memory (a few hundred bytes each).
 const OWN_CACHE_ENTRIES: usize = 1 << 18;
 
-/// The user's own paths as served, signed: signing and parsing are most of
-/// a lookup's cost. Valid while the index's local generation is unchanged;
-/// when full it starts over.
+/// The user's own paths' narinfos as sent: the endpoint answers a hit with a
+/// reference-counted copy of these bytes. Valid while the index's local
+/// generation is unchanged; when full it starts over.
 #[derive(Debug, Default)]
 struct OwnCache {
     generation: u64,
-    entries: HashMap<StorePathHash, Arc<NarInfo>>,
+    entries: HashMap<StorePathHash, Bytes>,
 }
 
 impl OwnCache {
-    fn get(&mut self, generation: u64, hash: &StorePathHash) -> Option<Arc<NarInfo>> {
+    fn get(&mut self, generation: u64, hash: &StorePathHash) -> Option<Bytes> {
         if self.generation != generation {
             self.entries.clear();
             self.generation = generation;
@@ -51,7 +55,7 @@ impl OwnCache {
         self.entries.get(hash).cloned()
     }
 
-    fn put(&mut self, generation: u64, hash: StorePathHash, info: Arc<NarInfo>) {
+    fn put(&mut self, generation: u64, hash: StorePathHash, info: Bytes) {
         if self.generation != generation {
             return;
         }
@@ -79,10 +83,16 @@ impl Catalog {
     pub fn new(index: Arc<Index>, key: Arc<SecretKey>, trust: Trust) -> Self {
         Self {
             index,
+            public: key.public().to_string().into(),
             key,
             trust: Arc::new(RwLock::new(trust)),
             own: Arc::default(),
         }
+    }
+
+    /// The index this catalog answers from.
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
     }
 
     /// Installs a newly verified registry (sync does this).
@@ -97,29 +107,61 @@ impl Catalog {
         self.trust.read().ok().map(|t| t.clone())
     }
 
-    /// The answer for one of the user's own paths if it is in memory: no
-    /// I/O, so callers may skip moving the lookup to a blocking thread.
-    pub fn cached(&self, hash: &StorePathHash) -> Option<Lookup> {
-        let generation = self.index.local_generation();
-        let info = self
-            .own
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(generation, hash)?;
-        Some(Lookup::Found(Box::new((*info).clone())))
+    /// Records the user's own paths in served form (our URL, uncompressed,
+    /// our signature), one transaction: serving them then costs one index
+    /// read, no parsing and no signing.
+    pub fn put_locals(&self, paths: Vec<LocalPath>) -> Result<(), IndexError> {
+        let served: Vec<LocalPath> = paths
+            .into_iter()
+            .map(|path| LocalPath {
+                narinfo: self.present(path.narinfo),
+                cid: path.cid,
+            })
+            .collect();
+        self.index.put_served_locals(&served, &self.public)
     }
 
-    /// The narinfo to serve for `hash`, if policy allows.
-    pub fn lookup(&self, hash: &StorePathHash) -> Result<Lookup, IndexError> {
+    /// The narinfo text for one of the user's own paths if it is in memory:
+    /// no I/O, so callers may skip moving the lookup to a blocking thread.
+    pub fn cached(&self, hash: &StorePathHash) -> Option<Bytes> {
         let generation = self.index.local_generation();
-        let lock = || self.own.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(info) = lock().get(generation, hash) {
-            return Ok(Lookup::Found(Box::new((*info).clone())));
+        self.lock_own().get(generation, hash)
+    }
+
+    /// The narinfo to serve for `hash`, if policy allows, parsed.
+    pub fn lookup(&self, hash: &StorePathHash) -> Result<Lookup, IndexError> {
+        Ok(match self.lookup_text(hash)? {
+            Lookup::Found(text) => {
+                let parsed = std::str::from_utf8(&text)
+                    .ok()
+                    .and_then(|t| NarInfo::parse(t).ok());
+                match parsed {
+                    Some(info) => Lookup::Found(Box::new(info)),
+                    None => return Err(corrupt_own(hash, "not a narinfo")),
+                }
+            }
+            Lookup::NotFound => Lookup::NotFound,
+            Lookup::Conflict => Lookup::Conflict,
+        })
+    }
+
+    /// The narinfo text to serve for `hash`, if policy allows. The user's
+    /// own paths come from memory or as stored; others from policy.
+    pub fn lookup_text(&self, hash: &StorePathHash) -> Result<Lookup<Bytes>, IndexError> {
+        let generation = self.index.local_generation();
+        if let Some(text) = self.lock_own().get(generation, hash) {
+            return Ok(Lookup::Found(text));
         }
-        if let Some(local) = self.index.local(hash)? {
-            let info = self.present(local.narinfo);
-            lock().put(generation, *hash, Arc::new(info.clone()));
-            return Ok(Lookup::Found(Box::new(info)));
+        if let Some(stored) = self.index.local_narinfo(hash)? {
+            let text = if stored.served_by.as_deref() == Some(&*self.public) {
+                Bytes::from(stored.text)
+            } else {
+                let info =
+                    NarInfo::parse(&stored.text).map_err(|e| corrupt_own(hash, &e.to_string()))?;
+                Bytes::from(self.present(info).to_string())
+            };
+            self.lock_own().put(generation, *hash, text.clone());
+            return Ok(Lookup::Found(text));
         }
         match self.decide(hash)? {
             Some(Decision::Serve { mapping, agreeing }) => {
@@ -140,11 +182,17 @@ impl Catalog {
                         .collect(),
                     ca: data.ca.map(|ca| ca.as_str().to_owned()),
                 };
-                Ok(Lookup::Found(Box::new(self.present(narinfo))))
+                Ok(Lookup::Found(Bytes::from(
+                    self.present(narinfo).to_string(),
+                )))
             }
             Some(Decision::Conflict { .. }) => Ok(Lookup::Conflict),
             Some(Decision::NotEnough { .. }) | None => Ok(Lookup::NotFound),
         }
+    }
+
+    fn lock_own(&self) -> std::sync::MutexGuard<'_, OwnCache> {
+        self.own.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The policy's decision for `hash` from unexpired anchor sets; `None`
@@ -175,6 +223,14 @@ impl Catalog {
     }
 }
 
+fn corrupt_own(hash: &StorePathHash, message: &str) -> IndexError {
+    IndexError::Corrupt {
+        table: "local_paths",
+        key: hash.to_string(),
+        message: message.to_owned(),
+    }
+}
+
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -186,7 +242,6 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::LocalPath;
     use anchor_registry::{NarHash, StorePath};
 
     fn local(sig_name: &str) -> LocalPath {
@@ -240,5 +295,57 @@ mod tests {
 
         index.remove_local(&hash).unwrap();
         assert_eq!(catalog.lookup(&hash).unwrap(), Lookup::NotFound);
+    }
+
+    fn catalog(index: &Arc<Index>, key: &Arc<SecretKey>) -> Catalog {
+        Catalog::new(
+            index.clone(),
+            key.clone(),
+            Trust {
+                registry: None,
+                policy: Policy::new(1, None).unwrap(),
+            },
+        )
+    }
+
+    #[test]
+    fn paths_stored_in_served_form_are_sent_as_stored_and_re_signed_after_a_key_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let key = Arc::new(SecretKey::generate("gw-1").unwrap());
+        let path = local("uploader-1");
+        let hash = *path.narinfo.store_path.hash();
+        catalog(&index, &key).put_locals(vec![path]).unwrap();
+
+        let stored = index.local_narinfo(&hash).unwrap().unwrap();
+        assert_eq!(stored.served_by, Some(key.public().to_string()));
+        let served = NarInfo::parse(&stored.text).unwrap();
+        assert_eq!(served.url, nar_url(&served));
+        assert_eq!(served.compression.as_deref(), Some("none"));
+        assert!(served.verify(&key.public()), "stored with our signature");
+        let fresh = catalog(&index, &key);
+        assert_eq!(
+            fresh.lookup_text(&hash).unwrap(),
+            Lookup::Found(Bytes::from(stored.text.clone())),
+            "sent byte for byte as stored"
+        );
+        assert_eq!(fresh.cached(&hash), Some(Bytes::from(stored.text)));
+
+        let rotated = SecretKey::generate("gw-1").unwrap();
+        let Lookup::Found(info) = catalog(&index, &Arc::new(rotated.clone()))
+            .lookup(&hash)
+            .unwrap()
+        else {
+            panic!("own path not served");
+        };
+        assert!(
+            info.verify(&rotated.public()),
+            "re-signed with the key in use"
+        );
+        assert!(
+            !info.verify(&key.public()),
+            "the old key's signature replaced"
+        );
+        assert!(info.sigs.iter().any(|s| s.name() == "uploader-1"));
     }
 }

@@ -86,20 +86,16 @@ async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad narinfo name: {e}")),
     };
     let lookup = match state.catalog.cached(&hash) {
-        Some(hit) => Ok(Ok(hit)),
+        Some(hit) => Ok(Ok(Lookup::Found(hit))),
         None => {
             let catalog = state.catalog.clone();
-            tokio::task::spawn_blocking(move || catalog.lookup(&hash)).await
+            tokio::task::spawn_blocking(move || catalog.lookup_text(&hash)).await
         }
     };
     match lookup {
-        Ok(Ok(Lookup::Found(info))) => {
+        Ok(Ok(Lookup::Found(text))) => {
             Metrics::inc(&state.metrics.narinfo_served);
-            (
-                [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
-                info.to_string(),
-            )
-                .into_response()
+            ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response()
         }
         Ok(Ok(Lookup::NotFound)) => {
             Metrics::inc(&state.metrics.narinfo_not_found);

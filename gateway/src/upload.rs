@@ -28,6 +28,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::app::App;
+use crate::catalog::Catalog;
 use crate::index::{Index, LocalPath};
 use crate::ipfs::{Cid, Node};
 use crate::metrics::Metrics;
@@ -269,6 +270,8 @@ impl Staging {
 pub struct Uploads {
     node: Node,
     index: Arc<Index>,
+    /// Stores accepted paths in served form.
+    catalog: Catalog,
     metrics: Arc<Metrics>,
     /// `None`: uploads are disabled (403).
     token: Option<String>,
@@ -280,14 +283,15 @@ pub struct Uploads {
 impl Uploads {
     pub fn new(
         node: Node,
-        index: Arc<Index>,
+        catalog: Catalog,
         metrics: Arc<Metrics>,
         token: Option<String>,
         require_sig: Vec<PublicKey>,
     ) -> Self {
         Self {
             node,
-            index,
+            index: catalog.index().clone(),
+            catalog,
             metrics,
             token,
             require_sig,
@@ -314,7 +318,7 @@ impl Uploads {
             .collect::<Result<_, _>>()?;
         Ok(Self::new(
             app.node.clone(),
-            app.index.clone(),
+            app.catalog.clone(),
             app.metrics.clone(),
             token,
             require_sig,
@@ -494,7 +498,7 @@ impl Uploads {
             .await
             .map_err(|e| bad(format!("cannot read it (at most {MAX_NARINFO} bytes): {e}")))?;
         let text = std::str::from_utf8(&bytes).map_err(|e| bad(e.to_string()))?;
-        let mut info = NarInfo::parse(text).map_err(|e| bad(e.to_string()))?;
+        let info = NarInfo::parse(text).map_err(|e| bad(e.to_string()))?;
         if *info.store_path.hash() != hash {
             return Err(Rejection::NarinfoNameMismatch {
                 file: file.to_owned(),
@@ -507,17 +511,13 @@ impl Uploads {
             .pin(cid)
             .await
             .map_err(|e| Rejection::internal("while pinning an uploaded NAR", e))?;
-        info.url = crate::catalog::nar_url(&info);
-        info.compression = Some("none".to_owned());
-        info.file_hash = None;
-        info.file_size = None;
         let store_path = info.store_path.to_string();
         let local = LocalPath {
             narinfo: info,
             cid: cid.to_string(),
         };
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || index.put_local(&local))
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || catalog.put_locals(vec![local]))
             .await
             .map_err(|e| Rejection::internal("while indexing an upload", e))?
             .map_err(|e| Rejection::internal("while indexing an upload", e))?;
@@ -965,9 +965,17 @@ mod tests {
             .await
             .unwrap();
         let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let catalog = Catalog::new(
+            index.clone(),
+            Arc::new(anchor_registry::SecretKey::generate("gateway-1").unwrap()),
+            crate::catalog::Trust {
+                registry: None,
+                policy: anchor_registry::Policy::new(1, None).unwrap(),
+            },
+        );
         let uploads = Uploads::new(
             node.clone(),
-            index.clone(),
+            catalog,
             Arc::new(Metrics::default()),
             token.map(str::to_owned),
             require_sig,

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anchor_registry::{
     Assertion, Mapping, NarHash, NarInfo, SetKind, SignedHeader, StorePathHash, TrustedState,
 };
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const LOCAL_PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_paths");
@@ -93,6 +93,19 @@ pub struct LocalPath {
 struct LocalRecord {
     narinfo: String,
     cid: String,
+    /// The gateway key (`name:base64`) whose signature `narinfo` already
+    /// carries in served form; see [`Index::put_served_locals`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    served_by: Option<String>,
+}
+
+/// One of the user's paths as stored: the narinfo text, unparsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredNarInfo {
+    pub text: String,
+    /// Set when `text` is exactly what the gateway with this public key
+    /// serves: its URL, uncompressed, signed by it.
+    pub served_by: Option<String>,
 }
 
 /// The index handle; cheap to share behind an `Arc`.
@@ -150,6 +163,21 @@ impl Index {
     /// Records many pinned paths in one transaction (one fsync), e.g. a
     /// closure or a bulk import.
     pub fn put_locals(&self, paths: &[LocalPath]) -> Result<(), IndexError> {
+        self.write_locals(paths, None)
+    }
+
+    /// [`Index::put_locals`] for narinfos already in the served form of the
+    /// gateway whose public key is `served_by`: serving them then needs no
+    /// parsing and no signing (see `Catalog::put_locals`).
+    pub fn put_served_locals(
+        &self,
+        paths: &[LocalPath],
+        served_by: &str,
+    ) -> Result<(), IndexError> {
+        self.write_locals(paths, Some(served_by))
+    }
+
+    fn write_locals(&self, paths: &[LocalPath], served_by: Option<&str>) -> Result<(), IndexError> {
         let txn = self.db.begin_write()?;
         {
             let mut local = txn.open_table(LOCAL_PATHS)?;
@@ -158,6 +186,7 @@ impl Index {
                 let record = LocalRecord {
                     narinfo: path.narinfo.to_string(),
                     cid: path.cid.clone(),
+                    served_by: served_by.map(str::to_owned),
                 };
                 let location = NarLocation {
                     cid: path.cid.clone(),
@@ -182,6 +211,27 @@ impl Index {
     /// Changes whenever the user's own paths change (after the commit).
     pub fn local_generation(&self) -> u64 {
         self.local_generation.load(Ordering::Acquire)
+    }
+
+    /// The stored narinfo of the user's own path with this hash part, if any,
+    /// unparsed: the narinfo endpoint's fast path.
+    pub fn local_narinfo(&self, hash: &StorePathHash) -> Result<Option<StoredNarInfo>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LOCAL_PATHS)?;
+        let Some(value) = table.get(hash.as_str())? else {
+            return Ok(None);
+        };
+        let record: LocalRecord = decode("local_paths", hash.as_str(), value.value())?;
+        Ok(Some(StoredNarInfo {
+            text: record.narinfo,
+            served_by: record.served_by,
+        }))
+    }
+
+    /// How many paths the user pinned.
+    pub fn local_count(&self) -> Result<u64, IndexError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(LOCAL_PATHS)?.len()?)
     }
 
     /// The user's own pinned path with this hash part, if any.
