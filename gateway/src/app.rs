@@ -3,7 +3,7 @@
 //! directly when no gateway is serving, and through the admin API (see
 //! `admin`) when one is, so both paths execute the same code.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +14,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use crate::catalog::{Catalog, Trust};
 use crate::config::Config;
@@ -380,16 +379,31 @@ impl App {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let tmp = tempfile::NamedTempFile::new_in(dir)?;
-        let (std_file, tmp_path) = tmp.into_parts();
-        let mut file = tokio::fs::File::from_std(std_file);
+        let (mut std_file, tmp_path) = tmp.into_parts();
+        // Chunks go to a blocking thread as they are: no copy into an async
+        // file's buffer, and the write overlaps the fetch of the next blocks.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let writer = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                std_file.write_all(&chunk)?;
+            }
+            std_file.sync_all()
+        });
         let mut stream = Box::pin(self.node.cat(cid));
         let mut written = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.with_context(|| format!("while fetching {cid}"))?;
-            file.write_all(&chunk).await?;
             written += chunk.len() as u64;
+            if tx.send(chunk).await.is_err() {
+                // The writer stopped: its error is reported below.
+                break;
+            }
         }
-        file.sync_all().await?;
+        drop(tx);
+        writer
+            .await
+            .context("file writer task failed")?
+            .with_context(|| format!("while writing {}", out.display()))?;
         tmp_path
             .persist(out)
             .with_context(|| format!("while writing {}", out.display()))?;
