@@ -117,6 +117,9 @@ pub struct Index {
     local_generation: AtomicU64,
     /// Each publisher's current set, kept beside the index file.
     sets: sets::SetFiles,
+    /// Serialises set replacements, so a slower sync of an older version
+    /// cannot overwrite a newer one.
+    replacing: std::sync::Mutex<()>,
 }
 
 impl Index {
@@ -151,6 +154,7 @@ impl Index {
             db,
             local_generation: AtomicU64::new(0),
             sets,
+            replacing: std::sync::Mutex::new(()),
         })
     }
 
@@ -375,9 +379,19 @@ impl Index {
     /// version: its files are made durable first, then the trusted state
     /// naming them is committed, then lookups switch to it. Readers see the
     /// old set or the new one, never a mix.
+    /// If a concurrent sync already stored this version or a newer one, the
+    /// staged copy is dropped and the trusted state is left alone.
     pub fn replace_set(&self, state: &TrustedState, staged: StagedSet) -> Result<(), IndexError> {
         let header = state.header().header();
         let owner = set_owner(header.kind, header.anchor.as_str());
+        let _one_at_a_time = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = self.trusted_state(header.kind, header.anchor.as_str())? {
+            let newer = current.version() > state.version();
+            let stored = current.version() == state.version() && self.holds_set(&current);
+            if newer || stored {
+                return Ok(());
+            }
+        }
         let stored = self.sets.install(state.clone(), staged)?;
         let txn = self.db.begin_write()?;
         txn.open_table(TRUSTED)?

@@ -853,4 +853,46 @@ mod tests {
         let err = Index::open(&dir.path().join("index.redb")).unwrap_err();
         assert!(err.to_string().contains("cannot hold 1 entries"), "{err}");
     }
+
+    #[test]
+    fn a_slower_sync_of_an_older_version_cannot_replace_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        let alpha = publisher("alpha");
+        let registry = registry(&[&alpha]);
+        let old = mapping(&alpha, 1, 1);
+        let (v1, h1) = publish(&alpha, None, [old.clone()]);
+        // The slow sync: v1 verified and staged, not yet stored.
+        let mut tee = index.tee_set(v1.as_slice()).unwrap();
+        let reader =
+            anchor_registry::SetReader::open_with(&mut tee, anchor_registry::EntryChecks::All)
+                .unwrap();
+        let state = anchor_registry::check_header(reader.header(), &registry, None, 2).unwrap();
+        let mut keys = Vec::new();
+        reader
+            .for_each(|m| keys.push((*m.path().hash(), *m.nar_hash())))
+            .unwrap();
+        let staged = tee.finish(keys).unwrap();
+        // Meanwhile a fast sync stores v1 and then v2.
+        sync(&index, &registry, &alpha, &v1);
+        let new = mapping(&alpha, 2, 2);
+        let (v2, _) = publish(&alpha, Some(&h1), [new.clone()]);
+        sync(&index, &registry, &alpha, &v2);
+
+        index.replace_set(&state, staged).unwrap();
+        assert_eq!(
+            index
+                .trusted_state(SetKind::Anchor, "alpha")
+                .unwrap()
+                .unwrap()
+                .version(),
+            2
+        );
+        assert!(index.assertions(old.path().hash(), 2).unwrap().is_empty());
+        assert_eq!(
+            index.assertions(new.path().hash(), 2).unwrap()[0].mapping,
+            new
+        );
+        assert_eq!(files(dir.path()).len(), 2, "{:?}", files(dir.path()));
+    }
 }
