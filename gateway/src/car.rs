@@ -783,6 +783,7 @@ pub async fn import<R: AsyncRead + Unpin>(
     if car.roots().is_empty() {
         return Err(CarError::NoRoots);
     }
+    let hold = node.hold_gc().await;
     let mut report = ImportReport {
         roots: Vec::new(),
         blocks: 0,
@@ -806,7 +807,7 @@ pub async fn import<R: AsyncRead + Unpin>(
             reason: e.to_string(),
         })??;
     for root in car.roots().to_vec() {
-        let pin = node.pin(root).await?;
+        let pin = node.pin_held(&hold, root).await?;
         report.roots.push(pin.cid.to_string());
     }
     Ok(report)

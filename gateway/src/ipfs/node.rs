@@ -96,6 +96,12 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Garbage collection waits while one of these is alive (see [`Node::hold_gc`]).
+#[derive(Debug)]
+pub struct GcHold<'a> {
+    _shared: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
@@ -384,6 +390,21 @@ impl Node {
             }
         }
         Ok(true)
+    }
+
+    /// Holds garbage collection off while alive, for callers that write
+    /// blocks themselves (a CAR import) and pin them afterwards with
+    /// [`Node::pin_held`]: a GC in between would delete them.
+    pub async fn hold_gc(&self) -> GcHold<'_> {
+        GcHold {
+            _shared: self.inner.gc_lock.read().await,
+        }
+    }
+
+    /// [`Node::pin`] under a [`GcHold`] the caller already has (taking the
+    /// lock again could wait behind a queued GC forever).
+    pub async fn pin_held(&self, _hold: &GcHold<'_>, cid: Cid) -> Result<Pin, IpfsError> {
+        self.pin_locked(cid).await
     }
 
     /// Pins `cid` recursively, fetching missing blocks from peers first; the
@@ -846,6 +867,33 @@ mod tests {
         assert!(connected(a.clone()).await, "redialled after the restart");
         a.shutdown().await;
         b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn gc_waits_for_a_hold_and_blocks_pinned_under_it_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), Duration::from_secs(2)).await;
+        let hold = node.hold_gc().await;
+        let gc = tokio::spawn({
+            let node = node.clone();
+            async move { node.gc().await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!gc.is_finished(), "GC ran while an import held it off");
+        let store = node.inner.store.clone();
+        let block = Block::from_data(block::RAW, Bytes::from_static(b"imported, then pinned"));
+        let cid = *block.cid();
+        tokio::task::spawn_blocking(move || store.write(&block))
+            .await
+            .unwrap()
+            .unwrap();
+        node.pin_held(&hold, cid).await.unwrap();
+        drop(hold);
+        gc.await.unwrap().unwrap();
+        assert!(
+            node.inner.store.get(&cid).unwrap().is_some(),
+            "pinned block kept"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
