@@ -46,6 +46,12 @@ pub enum IndexError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the stored mapping set of {owner} is damaged ({reason}); remove {files} and run `nixpfs anchors sync` to store it again")]
+    DamagedSet {
+        owner: String,
+        reason: String,
+        files: String,
+    },
     #[error("corrupt index record in {table} for {key}: {message}")]
     Corrupt {
         table: &'static str,

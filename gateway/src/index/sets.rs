@@ -383,7 +383,16 @@ impl SetFiles {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let mut current = BTreeMap::new();
         for (owner, state) in states {
-            match StoredSet::load(dir, state)? {
+            // Fail closed: a set that cannot be read may hold the mapping
+            // that blocks a conflicting path, so the index does not open
+            // without it; the error says how to store it again.
+            let (entries, idx) = file_names(dir, &state);
+            let loaded = StoredSet::load(dir, state).map_err(|e| IndexError::DamagedSet {
+                owner: owner.clone(),
+                reason: e.to_string(),
+                files: format!("{} and {}", entries.display(), idx.display()),
+            })?;
+            match loaded {
                 Some(set) => {
                     current.insert(owner, Arc::new(set));
                 }
@@ -833,7 +842,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_sidecar_is_a_clear_error_on_open() {
+    fn a_damaged_sidecar_stops_the_index_with_a_remedy_that_works() {
         let dir = tempfile::tempdir().unwrap();
         let alpha = publisher("alpha");
         let registry = registry(&[&alpha]);
@@ -850,8 +859,23 @@ mod tests {
         let mut data = std::fs::read(&idx).unwrap();
         data.pop();
         std::fs::write(&idx, data).unwrap();
-        let err = Index::open(&dir.path().join("index.redb")).unwrap_err();
-        assert!(err.to_string().contains("cannot hold 1 entries"), "{err}");
+        let err = Index::open(&dir.path().join("index.redb"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot hold 1 entries"), "{err}");
+        assert!(err.contains("anchors sync"), "says what to do: {err}");
+        // Doing what it says restores the set.
+        for f in files(dir.path()) {
+            std::fs::remove_file(dir.path().join("index.sets").join(f)).unwrap();
+        }
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        assert_eq!(
+            sync(&index, &registry, &alpha, &bytes),
+            Indexed::Accepted {
+                version: 1,
+                entries: 1
+            }
+        );
     }
 
     #[test]
