@@ -118,7 +118,7 @@ impl Catalog {
                 cid: path.cid,
             })
             .collect();
-        self.index.put_served_locals(&served, &self.public)
+        self.index.put_locals(&served, Some(&self.public))
     }
 
     /// The narinfo text for one of the user's own paths if it is in memory:
@@ -280,7 +280,7 @@ mod tests {
         );
         let first = local("uploader-1");
         let hash = *first.narinfo.store_path.hash();
-        index.put_local(&first).unwrap();
+        index.put_locals(&[first], None).unwrap();
         let found = |catalog: &Catalog| match catalog.lookup(&hash).unwrap() {
             Lookup::Found(info) => Some(info),
             _ => None,
@@ -289,7 +289,7 @@ mod tests {
         assert_eq!(found(&catalog).unwrap(), a, "cached answer is the same");
         assert!(a.sigs.iter().any(|s| s.name() == "uploader-1"));
 
-        index.put_local(&local("uploader-2")).unwrap();
+        index.put_locals(&[local("uploader-2")], None).unwrap();
         let b = found(&catalog).unwrap();
         assert!(b.sigs.iter().any(|s| s.name() == "uploader-2"), "{b}");
 

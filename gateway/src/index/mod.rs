@@ -100,7 +100,7 @@ struct LocalRecord {
     narinfo: String,
     cid: String,
     /// The gateway key (`name:base64`) whose signature `narinfo` already
-    /// carries in served form; see [`Index::put_served_locals`].
+    /// carries in served form; see [`Index::put_locals`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     served_by: Option<String>,
 }
@@ -164,30 +164,17 @@ impl Index {
         })
     }
 
-    /// Records a path the user pinned. Call only once its blocks are durable
-    /// and pinned: from then on the gateway serves it.
-    pub fn put_local(&self, path: &LocalPath) -> Result<(), IndexError> {
-        self.put_locals(std::slice::from_ref(path))
-    }
-
-    /// Records many pinned paths in one transaction (one fsync), e.g. a
-    /// closure or a bulk import.
-    pub fn put_locals(&self, paths: &[LocalPath]) -> Result<(), IndexError> {
-        self.write_locals(paths, None)
-    }
-
-    /// [`Index::put_locals`] for narinfos already in the served form of the
-    /// gateway whose public key is `served_by`: serving them then needs no
-    /// parsing and no signing (see `Catalog::put_locals`).
-    pub fn put_served_locals(
+    /// Records paths the user pinned, in one transaction (one fsync). Call
+    /// only once their blocks are durable and pinned: from then on the
+    /// gateway serves them. `served_by` is the public key of the gateway
+    /// whose served form the narinfos already are (its URL and signature;
+    /// see `Catalog::put_locals`): those are sent as stored, others are
+    /// re-presented on every miss.
+    pub fn put_locals(
         &self,
         paths: &[LocalPath],
-        served_by: &str,
+        served_by: Option<&str>,
     ) -> Result<(), IndexError> {
-        self.write_locals(paths, Some(served_by))
-    }
-
-    fn write_locals(&self, paths: &[LocalPath], served_by: Option<&str>) -> Result<(), IndexError> {
         let txn = self.db.begin_write()?;
         {
             let mut local = txn.open_table(LOCAL_PATHS)?;
