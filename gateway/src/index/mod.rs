@@ -298,7 +298,7 @@ impl Index {
                 )?));
             }
         }
-        for (_, set) in self.sets.all() {
+        for set in self.sets.all() {
             if let Some(mapping) = set.for_nar(nar_hash)? {
                 let data = mapping.data();
                 return Ok(Some(NarLocation {
@@ -425,7 +425,7 @@ impl Index {
     /// the path with this hash, in publisher order.
     pub fn assertions(&self, hash: &StorePathHash, now: u64) -> Result<Vec<Assertion>, IndexError> {
         let mut out = Vec::new();
-        for (_, set) in self.sets.all() {
+        for set in self.sets.all() {
             let header = set.state.header().header();
             if header.expires <= now {
                 continue;

@@ -442,12 +442,9 @@ impl SetFiles {
         self.read().get(owner).cloned()
     }
 
-    /// Every current set with its owner, in owner order.
-    pub(crate) fn all(&self) -> Vec<(String, Arc<StoredSet>)> {
-        self.read()
-            .iter()
-            .map(|(owner, set)| (owner.clone(), set.clone()))
-            .collect()
+    /// Every current set, in owner order (the order assertions come in).
+    pub(crate) fn all(&self) -> Vec<Arc<StoredSet>> {
+        self.read().values().cloned().collect()
     }
 
     /// Writes the sidecar and makes both files durable under their final
@@ -565,7 +562,7 @@ impl SetFiles {
     /// merge of the sets' sorted sidecars, in constant memory per set.
     pub(crate) fn shared_paths(&self) -> Result<Vec<StorePathHash>, IndexError> {
         let sets = self.all();
-        let mut keys: Vec<PathKeys<'_>> = sets.iter().map(|(_, s)| s.path_keys()).collect();
+        let mut keys: Vec<PathKeys<'_>> = sets.iter().map(|s| s.path_keys()).collect();
         let mut heap = BinaryHeap::new();
         for (i, k) in keys.iter_mut().enumerate() {
             if let Some(key) = k.next() {
