@@ -685,6 +685,15 @@ mod tests {
         (out, header)
     }
 
+    /// A fresh index, publisher `alpha`, and a registry listing it.
+    fn world() -> (tempfile::TempDir, Index, Publisher, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        let alpha = publisher("alpha");
+        let registry = registry(&[&alpha]);
+        (dir, index, alpha, registry)
+    }
+
     fn sync(index: &Index, registry: &Registry, p: &Publisher, bytes: &[u8]) -> Indexed {
         verify_and_index(index, registry, SetKind::Anchor, p.name.as_str(), bytes).unwrap()
     }
@@ -700,10 +709,7 @@ mod tests {
 
     #[test]
     fn every_entry_is_found_by_path_and_by_nar_across_fence_blocks() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let alpha = publisher("alpha");
-        let registry = registry(&[&alpha]);
+        let (_dir, index, alpha, registry) = world();
         let n = 3 * FENCE + 7;
         // Paths 2i, so odd numbers are absent; NARs shared by pairs.
         let mappings: Vec<Mapping> = (0..n).map(|i| mapping(&alpha, 2 * i, i / 2)).collect();
@@ -778,10 +784,7 @@ mod tests {
 
     #[test]
     fn a_new_version_replaces_the_files_of_the_old_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let alpha = publisher("alpha");
-        let registry = registry(&[&alpha]);
+        let (dir, index, alpha, registry) = world();
         let old = mapping(&alpha, 1, 1);
         let (v1, h1) = publish(&alpha, None, [old.clone()]);
         sync(&index, &registry, &alpha, &v1);
@@ -801,10 +804,7 @@ mod tests {
 
     #[test]
     fn a_refused_set_leaves_no_file_and_the_old_set_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let alpha = publisher("alpha");
-        let registry = registry(&[&alpha]);
+        let (dir, index, alpha, registry) = world();
         let m = mapping(&alpha, 1, 1);
         let (v1, h1) = publish(&alpha, None, [m.clone()]);
         sync(&index, &registry, &alpha, &v1);
@@ -877,10 +877,7 @@ mod tests {
 
     #[test]
     fn a_slower_sync_of_an_older_version_cannot_replace_a_newer_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let alpha = publisher("alpha");
-        let registry = registry(&[&alpha]);
+        let (dir, index, alpha, registry) = world();
         let old = mapping(&alpha, 1, 1);
         let (v1, h1) = publish(&alpha, None, [old.clone()]);
         // The slow sync: v1 verified and staged, not yet stored.
