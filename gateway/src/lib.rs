@@ -16,6 +16,8 @@ pub mod nar;
 pub mod nix_store;
 pub mod serve;
 pub mod sync;
+#[cfg(test)]
+mod testing;
 pub mod trustless;
 pub mod upload;
 pub mod verify;

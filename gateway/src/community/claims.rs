@@ -252,10 +252,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use anchor_registry::{
-        AnchorName, ContentId, ImportProfile, MappingData, MappingSetBuilder, Policy, SecretKey,
-        StorePath,
-    };
+    use anchor_registry::{AnchorName, MappingSetBuilder, Policy, SecretKey, StorePath};
 
     use crate::catalog::{Catalog, Lookup, Trust};
 
@@ -268,20 +265,9 @@ mod tests {
     }
 
     fn claims_set(signer: &SecretKey, name: &str, nar: &[u8]) -> Vec<u8> {
-        let data = MappingData {
-            path: path(),
-            nar_hash: NarHash::digest(nar),
-            nar_size: nar.len() as u64,
-            references: Default::default(),
-            deriver: None,
-            ca: None,
-            cid: ContentId::parse("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
-                .unwrap(),
-            profile: ImportProfile::unixfs_v1_2025(),
-        };
         let mut builder =
             MappingSetBuilder::first(SetKind::Claims, AnchorName::parse(name).unwrap());
-        builder.insert(data.sign(signer));
+        builder.insert(crate::testing::mapping(signer, path(), nar));
         let now = unix_now();
         let mut out = Vec::new();
         builder.write(signer, now, now + 3600, &mut out).unwrap();
@@ -337,22 +323,7 @@ mod tests {
         let k = key("anchor-1");
         let mut builder =
             MappingSetBuilder::first(SetKind::Anchor, AnchorName::parse("anchor").unwrap());
-        builder.insert(
-            MappingData {
-                path: path(),
-                nar_hash: NarHash::digest(b"x"),
-                nar_size: 1,
-                references: Default::default(),
-                deriver: None,
-                ca: None,
-                cid: ContentId::parse(
-                    "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
-                )
-                .unwrap(),
-                profile: ImportProfile::unixfs_v1_2025(),
-            }
-            .sign(&k),
-        );
+        builder.insert(crate::testing::mapping(&k, path(), b"x"));
         let mut set = Vec::new();
         builder
             .write(&k, unix_now(), unix_now() + 60, &mut set)

@@ -277,9 +277,7 @@ impl RecordStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anchor_registry::{
-        Anchor, AnchorName, ContentId, ImportProfile, MappingData, SecretKey, Source,
-    };
+    use anchor_registry::{Anchor, AnchorName, SecretKey, Source};
 
     fn key(name: &str) -> SecretKey {
         SecretKey::from_seed(name, [name.len() as u8; 32]).unwrap()
@@ -290,18 +288,7 @@ mod tests {
     }
 
     fn mapping(signer: &SecretKey, nar: &[u8]) -> Mapping {
-        MappingData {
-            path: path(),
-            nar_hash: NarHash::digest(nar),
-            nar_size: nar.len() as u64,
-            references: Default::default(),
-            deriver: None,
-            ca: None,
-            cid: ContentId::parse("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
-                .unwrap(),
-            profile: ImportProfile::unixfs_v1_2025(),
-        }
-        .sign(signer)
+        crate::testing::mapping(signer, path(), nar)
     }
 
     fn assertion(kind: SetKind, signer: &SecretKey, nar: &[u8]) -> Assertion {

@@ -613,8 +613,8 @@ mod tests {
     use crate::index::Index;
     use crate::sync::{verify_and_index, Indexed};
     use anchor_registry::{
-        Anchor, AnchorName, ContentId, ImportProfile, MappingData, MappingSetBuilder, Registry,
-        SecretKey, SetKind, SignedHeader, Source, StorePath,
+        Anchor, AnchorName, MappingSetBuilder, Registry, SecretKey, SetKind, SignedHeader, Source,
+        StorePath,
     };
 
     const EXPIRES: u64 = u32::MAX as u64;
@@ -653,19 +653,9 @@ mod tests {
     fn mapping(p: &Publisher, i: u64, nar: u64) -> Mapping {
         let mut digest = [0u8; 20];
         digest[..8].copy_from_slice(&i.to_be_bytes());
-        MappingData {
-            path: StorePath::from_parts(StorePathHash::from_digest(digest), &format!("pkg-{i}"))
-                .unwrap(),
-            nar_hash: NarHash::digest(&nar.to_le_bytes()),
-            nar_size: 100 + nar,
-            references: Default::default(),
-            deriver: None,
-            ca: None,
-            cid: ContentId::parse("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
-                .unwrap(),
-            profile: ImportProfile::unixfs_v1_2025(),
-        }
-        .sign(&p.key)
+        let path =
+            StorePath::from_parts(StorePathHash::from_digest(digest), &format!("pkg-{i}")).unwrap();
+        crate::testing::mapping(&p.key, path, &nar.to_le_bytes())
     }
 
     fn publish(
