@@ -146,17 +146,30 @@ fn kubo_fetches_a_nar_our_gateway_pinned() {
     let r = kubo
         .request(&format!("get {cid} {} 120", out.display()))
         .expect("kubo fetches our NAR");
-    assert_eq!(r["sha256"].as_str(), Some(sha256_hex(&bytes).as_str()));
+    check_foreign_fetch("Kubo", &r, &out, &nar, &bytes, &cid);
+}
+
+/// A foreign peer's fetch of our NAR `nar` (its reply `r`, its output file
+/// `out`) got exactly `bytes`; prints the rate beside openssl's.
+fn check_foreign_fetch(
+    who: &str,
+    r: &serde_json::Value,
+    out: &Path,
+    nar: &Path,
+    bytes: &[u8],
+    cid: &str,
+) {
+    assert_eq!(r["sha256"].as_str(), Some(sha256_hex(bytes).as_str()));
     assert!(
-        std::fs::read(&out).expect("read") == bytes,
-        "Kubo's bytes differ"
+        std::fs::read(out).expect("read") == bytes,
+        "{who}'s bytes differ"
     );
     let ms = r["ms"].as_f64().unwrap_or(1.0);
     println!(
-        "Kubo <- nixpfs: {} bytes ({cid}) at {:.1} MB/s; openssl dgst -sha256 of the same file {:.1} MB/s",
+        "{who} <- nixpfs: {} bytes ({cid}) at {:.1} MB/s; openssl dgst -sha256 of the same file {:.1} MB/s",
         bytes.len(),
         mb_per_s(bytes.len(), ms / 1e3),
-        openssl_mb_per_s(&nar, bytes.len())
+        openssl_mb_per_s(nar, bytes.len())
     );
 }
 
@@ -182,18 +195,7 @@ fn helia_fetches_a_nar_our_gateway_pinned() {
     let r = helia
         .request(&format!("cat {cid} {} 120", out.display()))
         .expect("helia fetches our NAR");
-    assert_eq!(r["sha256"].as_str(), Some(sha256_hex(&bytes).as_str()));
-    assert!(
-        std::fs::read(&out).expect("read") == bytes,
-        "Helia's bytes differ"
-    );
-    let ms = r["ms"].as_f64().unwrap_or(1.0);
-    println!(
-        "Helia <- nixpfs: {} bytes ({cid}) at {:.1} MB/s; openssl dgst -sha256 {:.1} MB/s",
-        bytes.len(),
-        mb_per_s(bytes.len(), ms / 1e3),
-        openssl_mb_per_s(&nar, bytes.len())
-    );
+    check_foreign_fetch("Helia", &r, &out, &nar, &bytes, &cid);
 }
 
 #[test]
