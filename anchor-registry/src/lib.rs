@@ -11,6 +11,8 @@ pub mod narinfo;
 pub mod policy;
 pub mod registry;
 pub mod store_path;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod trust;
 
 pub use content_id::{ContentId, ContentIdError, ImportProfile};

@@ -30,6 +30,18 @@
 //! Each entry also carries the anchor's Nix signature over Nix's fingerprint;
 //! the reader checks it too (unless told to defer it, see [`EntryChecks`]), so
 //! every entry can be passed on to Nix alone.
+//!
+//! # Goals
+//! - One byte-exact, streamable file per set version that any JCS library
+//!   reproduces, whose every byte the anchor's signature covers.
+//! - Verify while reading, in bounded memory, so a set of millions of
+//!   entries costs one pass and a bad set is refused before it is trusted.
+//! - Chain versions (`previous`, `version`) so rollbacks and forks show.
+//!
+//! # Non-goals
+//! - Deciding trust across versions or anchors (that is `trust` and
+//!   `policy`), fetching sets, or lookups without downloading the whole set
+//!   (a transparency log is the planned answer).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;

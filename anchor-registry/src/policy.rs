@@ -246,7 +246,6 @@ mod tests {
     use crate::keys::SecretKey;
     use crate::mapping::testing::{cid_of, data, key};
     use crate::mapping::MappingData;
-    use crate::registry::Anchor;
 
     const EXPIRES: u64 = 2_000_000_000;
 
@@ -257,20 +256,14 @@ mod tests {
 
     /// A registry of `n` anchors named a0, a1, … with keys a0-1, a1-1, …
     fn world(n: usize) -> World {
-        let root = key("root-1");
-        let mut registry = Registry::init(vec![root.public()], 1, EXPIRES).expect("valid");
         let anchors: Vec<SecretKey> = (0..n).map(|i| key(&format!("a{i}-1"))).collect();
-        for (i, k) in anchors.iter().enumerate() {
-            registry
-                .add_anchor(Anchor {
-                    key: k.public(),
-                    name: name(&format!("a{i}")),
-                    note: None,
-                    sources: vec![],
-                })
-                .expect("new");
-        }
-        registry.sign(&root);
+        let registry = crate::testing::one_root_registry(
+            anchors
+                .iter()
+                .enumerate()
+                .map(|(i, k)| crate::testing::anchor(k, &format!("a{i}"), &[])),
+            EXPIRES,
+        );
         World { anchors, registry }
     }
 

@@ -216,7 +216,6 @@ mod tests {
     use crate::mapping::testing::key;
     use crate::mapping_set::testing::{entries, params, write, CREATED, EXPIRES};
     use crate::mapping_set::SetParams;
-    use crate::registry::{Anchor, Source};
 
     struct World {
         alpha: SecretKey,
@@ -225,17 +224,14 @@ mod tests {
 
     fn world() -> World {
         let alpha = key("alpha-1");
-        let root = key("root-1");
-        let mut registry = Registry::init(vec![root.public()], 1, EXPIRES).expect("valid");
-        registry
-            .add_anchor(Anchor {
-                key: alpha.public(),
-                name: AnchorName::parse("alpha").expect("valid"),
-                note: None,
-                sources: vec![Source::parse("/srv/alpha.jsonl").expect("valid")],
-            })
-            .expect("new");
-        registry.sign(&root);
+        let registry = crate::testing::one_root_registry(
+            [crate::testing::anchor(
+                &alpha,
+                "alpha",
+                &["/srv/alpha.jsonl"],
+            )],
+            EXPIRES,
+        );
         World { alpha, registry }
     }
 

@@ -11,7 +11,7 @@ use anchor_registry::{
     Anchor, AnchorName, ContentId, ImportProfile, MappingData, MappingSetBuilder, NarHash,
     Registry, SecretKey, SetKind, Source, StorePath, StorePathHash,
 };
-use gateway::index::Index;
+use gateway::store::index::Index;
 
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -89,13 +89,20 @@ fn run(dir: &std::path::Path) -> anyhow::Result<()> {
     let index = Index::open(&dir.join("index.redb"))?;
     let started = Instant::now();
     let file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&set_path)?);
-    let outcome =
-        gateway::sync::verify_and_index(&index, &registry, SetKind::Anchor, "bench-anchor", file)?;
+    let outcome = gateway::trust::sync::verify_and_index(
+        &index,
+        &registry,
+        SetKind::Anchor,
+        "bench-anchor",
+        file,
+    )?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!("{outcome:?}");
     let entries = match outcome {
-        gateway::sync::Indexed::Accepted { entries, .. } => entries,
-        gateway::sync::Indexed::Unchanged { .. } => anyhow::bail!("a fresh index held the set"),
+        gateway::trust::sync::Indexed::Accepted { entries, .. } => entries,
+        gateway::trust::sync::Indexed::Unchanged { .. } => {
+            anyhow::bail!("a fresh index held the set")
+        }
     };
     const LOOKUPS: u64 = 100_000;
     let started = Instant::now();

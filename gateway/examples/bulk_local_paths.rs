@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use anchor_registry::{NarHash, NarInfo, Policy, SecretKey, StorePath};
 use anyhow::{bail, Context, Result};
-use gateway::catalog::{Catalog, Lookup, Trust};
-use gateway::index::{Index, LocalPath};
+use gateway::store::index::{Index, LocalPath};
+use gateway::trust::catalog::{Catalog, Lookup, Trust};
 
 /// Paths written per index transaction.
 const BATCH: usize = 20_000;
@@ -41,8 +41,9 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     std::fs::create_dir_all(static_dir)?;
     let index = Arc::new(Index::open(&data_dir.join("index.redb"))?);
-    let key = Arc::new(gateway::app::load_or_create_key(
+    let key = Arc::new(gateway::util::keys::load_or_create_key(
         &gateway::app::default_key_file(&data_dir),
+        &gateway::app::default_key_name(),
     )?);
     let anchor = SecretKey::generate("bench-anchor-1")?;
     let catalog = Catalog::new(

@@ -4,7 +4,7 @@
 // Test fixtures built from constants: a failure is a bug in the test itself.
 #![allow(clippy::unwrap_used)]
 
-use gateway::nar;
+use gateway::store::nar;
 
 struct Rng(u64);
 

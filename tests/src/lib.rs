@@ -1,5 +1,5 @@
 //! Helpers shared by the end-to-end tests: finding the built `nixpfs` binary,
-//! deciding whether an external tool is present (skip locally, fail in CI),
+//! requiring the external tools a test was built to use (see `build.rs`),
 //! and an isolated real-Nix environment.
 
 pub mod anchors;
@@ -36,27 +36,20 @@ pub fn nixpfs() -> Command {
     Command::new(nixpfs_bin())
 }
 
-/// True when the tests run in CI, where a missing tool is a failure, not a skip.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Whether `tool` is on PATH. Locally a missing tool skips the test with a
-/// printed reason; under `CI=true` it fails the test, because CI installs it.
-pub fn require_tool(tool: &str) -> bool {
+/// Panics, naming `tool` and how to get it, unless it is on PATH. Tests that
+/// need a tool are compiled `#[ignore]` when it is missing (see `build.rs`),
+/// so reaching this without it means it vanished since the build, or CI
+/// (`CI=true`, where nothing is ignored) did not install it.
+pub fn require_tool(tool: &str) {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {tool}"))
         .output()
         .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            !in_ci(),
-            "{tool} is required in CI (CI=true) but not installed: .ci/run must install it"
-        );
-        eprintln!("SKIP: {tool} not installed (CI would fail here)");
-    }
-    found
+    assert!(
+        found,
+        "{tool} is not installed: install it (.ci/run does), or rebuild the tests so they show as ignored"
+    );
 }
 
 /// Runs a command, panicking with its stderr when it fails; returns stdout.

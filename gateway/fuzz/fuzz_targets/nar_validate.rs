@@ -3,7 +3,7 @@
 //! The module is compiled from source so a fuzz build stays small and fast.
 #![no_main]
 
-#[path = "../../src/nar/mod.rs"]
+#[path = "../../src/store/nar/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod nar;
 

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
-use super::{node, print_value, GlobalArgs};
-use crate::admin::AdminRequest;
+use super::{node, GlobalArgs};
+use gateway::http::admin::AdminRequest;
+use gateway::store::car::{ExportReport, ImportReport};
 
 /// The `car` subcommands.
 #[derive(Debug, Subcommand)]
@@ -28,33 +29,29 @@ pub fn run(global: &GlobalArgs, cmd: CarCommand) -> Result<()> {
     match cmd {
         CarCommand::Export { cid, out } => {
             let out = node::absolute(&out)?;
-            let v = node::dispatch(global, AdminRequest::CarExport { cid, out })?;
-            print_value(&v, false, |v| {
-                format!(
-                    "exported {} ({} blocks, {} bytes of CAR)",
-                    v["root"].as_str().unwrap_or(""),
-                    v["blocks"],
-                    v["bytes"]
-                )
-            })
+            node::dispatch(global, AdminRequest::CarExport { cid, out })?.print(
+                false,
+                |r: ExportReport| {
+                    format!(
+                        "exported {} ({} blocks, {} bytes of CAR)",
+                        r.root, r.blocks, r.bytes
+                    )
+                },
+            )
         }
         CarCommand::Import { file } => {
             let path = node::absolute(&file)?;
-            let v = node::dispatch(global, AdminRequest::CarImport { path })?;
-            print_value(&v, false, |v| {
-                let roots: Vec<&str> = v["roots"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|r| r.as_str())
-                    .collect();
-                format!(
-                    "imported {} blocks ({} bytes), pinned {}",
-                    v["blocks"],
-                    v["bytes"],
-                    roots.join(" ")
-                )
-            })
+            node::dispatch(global, AdminRequest::CarImport { path })?.print(
+                false,
+                |r: ImportReport| {
+                    format!(
+                        "imported {} blocks ({} bytes), pinned {}",
+                        r.blocks,
+                        r.bytes,
+                        r.roots.join(" ")
+                    )
+                },
+            )
         }
     }
 }

@@ -1,15 +1,17 @@
 //! `nixpfs contribute`, `nixpfs claims`, `nixpfs anchor rebuild` and
 //! `nixpfs repro`: their options and how their replies read as text. The
-//! work is in `crate::community`.
+//! work is in `gateway::publish`.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use serde_json::Value;
 
-use super::{absolute_store_paths, lines, node, parse_duration, print_value, GlobalArgs};
-use crate::admin::AdminRequest;
+use super::{absolute_store_paths, lines, node, parse_duration, GlobalArgs};
+use gateway::http::admin::AdminRequest;
+use gateway::publish::{
+    ClaimsImport, Contribution, PathClaims, PathReport, RebuildReport, Verdict,
+};
 
 /// `nixpfs contribute`.
 #[derive(Debug, Args)]
@@ -81,16 +83,15 @@ pub fn contribute(global: &GlobalArgs, args: ContributeArgs) -> Result<()> {
         out: args.out.as_deref().map(node::absolute).transpose()?,
         expires: args.expires,
     };
-    let v = node::dispatch(global, request)?;
-    print_value(&v, false, |v| {
+    node::dispatch(global, request)?.print(false, |c: Contribution| {
         format!(
             "claimed {} paths as {} (version {}, digest {})\nclaims set: {}\nannounce: ipfs://{}",
-            v["paths"].as_array().map_or(0, Vec::len),
-            text(&v["claimant"]),
-            v["version"],
-            text(&v["digest"]),
-            text(&v["out"]),
-            text(&v["cid"]),
+            c.paths.len(),
+            c.claimant,
+            c.version,
+            c.digest,
+            c.out.display(),
+            c.cid,
         )
     })
 }
@@ -107,42 +108,38 @@ pub fn claims(global: &GlobalArgs, args: ClaimsArgs) -> Result<()> {
                         .to_string_lossy()
                         .into_owned()
                 };
-                let v = node::dispatch(global, AdminRequest::ImportClaims { source })?;
-                print_value(&v, false, |v| {
-                    let mut line = format!(
-                        "{}: {} version {}",
-                        text(&v["claimant"]),
-                        text(&v["outcome"]),
-                        v["version"]
-                    );
-                    if let Some(n) = v["entries"].as_u64() {
-                        line.push_str(&format!(" ({n} claims)"));
-                    }
-                    line
-                })?;
+                node::dispatch(global, AdminRequest::ImportClaims { source })?.print(
+                    false,
+                    |i: ClaimsImport| {
+                        let mut line =
+                            format!("{}: {} version {}", i.claimant, i.outcome, i.version);
+                        if let Some(n) = i.entries {
+                            line.push_str(&format!(" ({n} claims)"));
+                        }
+                        line
+                    },
+                )?;
             }
             Ok(())
         }
-        None => {
-            let v = node::dispatch(global, AdminRequest::Claims)?;
-            print_value(&v, args.json, |v| {
-                if v.as_array().is_none_or(Vec::is_empty) {
+        None => node::dispatch(global, AdminRequest::Claims)?.print(
+            args.json,
+            |paths: Vec<PathClaims>| {
+                if paths.is_empty() {
                     return "no claims".to_owned();
                 }
-                lines(v, |p| {
-                    let mut out = text(&p["store_path"]).to_owned();
-                    for c in p["claims"].as_array().into_iter().flatten() {
+                lines(&paths, |p| {
+                    let mut out = p.store_path.clone();
+                    for c in &p.claims {
                         out.push_str(&format!(
                             "\n  {} ({}) claims {}",
-                            text(&c["claimant"]),
-                            text(&c["key"]),
-                            text(&c["nar_hash"])
+                            c.claimant, c.key, c.nar_hash
                         ));
                     }
                     out
                 })
-            })
-        }
+            },
+        ),
     }
 }
 
@@ -153,18 +150,17 @@ pub fn rebuild(global: &GlobalArgs, args: RebuildArgs) -> Result<()> {
         key_file: node::absolute(&args.key)?,
         only_if_matches: args.only_if_matches,
     };
-    let v = node::dispatch(global, request)?;
-    print_value(&v, args.json, |v| {
-        let mut out = lines(&v["records"], |r| {
-            let mut line = format!("{}: {}", text(&r["store_path"]), verdict(&r["verdict"]));
-            if r["signed"].as_bool() == Some(true) {
+    node::dispatch(global, request)?.print(args.json, |report: RebuildReport| {
+        let mut out = lines(&report.records, |r| {
+            let mut line = format!("{}: {}", r.store_path, verdict(&r.verdict));
+            if r.signed {
                 line.push_str(" [signed]");
             }
             line
         });
         out.push_str(&format!(
             "\nsigned {} into the working set; Nix took {} ms of {} ms",
-            v["signed"], v["nix_ms"], v["total_ms"]
+            report.signed, report.nix_ms, report.total_ms
         ));
         out.trim_start().to_owned()
     })
@@ -172,26 +168,21 @@ pub fn rebuild(global: &GlobalArgs, args: RebuildArgs) -> Result<()> {
 
 /// `nixpfs repro`.
 pub fn repro(global: &GlobalArgs, args: ReproArgs) -> Result<()> {
-    let v = node::dispatch(global, AdminRequest::Repro)?;
-    print_value(&v, args.json, |v| {
-        if v.as_array().is_none_or(Vec::is_empty) {
+    node::dispatch(global, AdminRequest::Repro)?.print(args.json, |reports: Vec<PathReport>| {
+        if reports.is_empty() {
             return "nothing claimed, rebuilt or signed by more than one publisher".to_owned();
         }
-        lines(v, |p| {
-            let mut out = format!("{}: {}", text(&p["store_path"]), verdict(&p["verdict"]));
-            for c in p["claims"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "\n  claim  {} {}",
-                    text(&c["claimant"]),
-                    text(&c["nar_hash"])
-                ));
+        lines(&reports, |p| {
+            let mut out = format!("{}: {}", p.store_path, verdict(&p.verdict));
+            for c in &p.claims {
+                out.push_str(&format!("\n  claim  {} {}", c.claimant, c.nar_hash));
             }
-            for (label, group) in [("agrees", "agreeing"), ("differs", "disagreeing")] {
-                for a in p[group].as_array().into_iter().flatten() {
+            for (label, group) in [("agrees", &p.agreeing), ("differs", &p.disagreeing)] {
+                for a in group {
                     out.push_str(&format!(
                         "\n  anchor {} {} ({label})",
-                        text(&a["anchor"]),
-                        text(&a["mapping"]["narHash"])
+                        a.anchor,
+                        a.mapping.nar_hash()
                     ));
                 }
             }
@@ -200,48 +191,69 @@ pub fn repro(global: &GlobalArgs, args: ReproArgs) -> Result<()> {
     })
 }
 
-fn text(v: &Value) -> &str {
-    v.as_str().unwrap_or("")
-}
-
-/// `reproduced (2 matches)`, `differs: sha256:… sha256:…`, `not checked: …`.
-fn verdict(v: &Value) -> String {
-    match text(&v["verdict"]) {
-        "reproduced" => match v["matches"].as_u64() {
-            Some(1) => "reproduced (1 match)".to_owned(),
-            _ => format!("reproduced ({} matches)", v["matches"]),
-        },
-        "differs" => {
-            let hashes: Vec<&str> = v["nar_hashes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect();
+/// `reproduced (2 matches)`, `differs: sha256:… vs sha256:…`, `not checked: …`.
+fn verdict(v: &Verdict) -> String {
+    match v {
+        Verdict::Reproduced { matches: 1 } => "reproduced (1 match)".to_owned(),
+        Verdict::Reproduced { matches } => format!("reproduced ({matches} matches)"),
+        Verdict::Differs { nar_hashes } => {
+            let hashes: Vec<String> = nar_hashes.iter().map(ToString::to_string).collect();
             format!("differs: {}", hashes.join(" vs "))
         }
-        _ => format!("not checked: {}", text(&v["reason"])),
+        Verdict::NotChecked { reason } => format!("not checked: {reason}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::cli::Reply;
+    use anchor_registry::NarHash;
 
     #[test]
     fn verdicts_read_as_sentences() {
         assert_eq!(
-            verdict(&json!({"verdict": "reproduced", "matches": 2})),
+            verdict(&Verdict::Reproduced { matches: 2 }),
             "reproduced (2 matches)"
         );
         assert_eq!(
-            verdict(&json!({"verdict": "differs", "nar_hashes": ["sha256:a", "sha256:b"]})),
-            "differs: sha256:a vs sha256:b"
+            verdict(&Verdict::Reproduced { matches: 1 }),
+            "reproduced (1 match)"
+        );
+        let (a, b) = (NarHash::digest(b"a"), NarHash::digest(b"b"));
+        assert_eq!(
+            verdict(&Verdict::Differs {
+                nar_hashes: vec![a, b]
+            }),
+            format!("differs: {a} vs {b}")
         );
         assert_eq!(
-            verdict(&json!({"verdict": "not_checked", "reason": "alone"})),
+            verdict(&Verdict::NotChecked {
+                reason: "alone".to_owned()
+            }),
             "not checked: alone"
+        );
+    }
+
+    #[test]
+    fn verdicts_read_from_the_reply_json() {
+        let reply = Reply::new(
+            "repro".to_owned(),
+            serde_json::json!({"verdict": "reproduced", "matches": 3}),
+        );
+        assert_eq!(
+            verdict(&reply.typed::<Verdict>().unwrap()),
+            "reproduced (3 matches)"
+        );
+        let renamed = Reply::new(
+            "repro".to_owned(),
+            serde_json::json!({"verdict": "reproduced", "count": 3}),
+        );
+        let err = renamed.typed::<Verdict>().unwrap_err();
+        assert!(
+            format!("{err:#}")
+                .contains("the gateway's reply to repro did not have the expected shape"),
+            "{err:#}"
         );
     }
 }

@@ -10,14 +10,21 @@ use anchor_registry::SecretKey;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::nar;
+use gateway::store::nar;
+use gateway::util::fs::write_secret_file;
+use gateway::util::keys::read_secret_key;
 
 mod car;
 mod community;
 mod node;
 mod registry;
 
-use crate::admin::AdminRequest;
+use gateway::app::{Conflict, Status};
+use gateway::http::admin::{AdminRequest, FetchReply, IdReply, PeerReply};
+use gateway::publish::pin::PinEntry;
+use gateway::store::ipfs::GcReport;
+use gateway::trust::sync::SyncReport;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// nixpfs: a Nix binary cache whose bytes live on IPFS and whose truth comes
@@ -218,79 +225,65 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => node::serve(&cli.global, args),
         Command::NixConfig => node::nix_config(&cli.global),
         Command::Status { json } => {
-            let v = node::dispatch(&cli.global, AdminRequest::Status)?;
-            print_value(&v, json, render_status)
+            node::dispatch(&cli.global, AdminRequest::Status)?.print(json, render_status)
         }
         Command::Id => {
-            let v = node::dispatch(&cli.global, AdminRequest::Id)?;
-            print_value(&v, false, |v| {
-                let mut out = format!("peer id: {}\n", v["peer_id"].as_str().unwrap_or(""));
-                for a in v["listen_addrs"].as_array().into_iter().flatten() {
-                    out.push_str(&format!("listen: {}\n", a.as_str().unwrap_or("")));
+            node::dispatch(&cli.global, AdminRequest::Id)?.print(false, |id: IdReply| {
+                let mut out = format!("peer id: {}\n", id.peer_id);
+                for a in &id.listen_addrs {
+                    out.push_str(&format!("listen: {a}\n"));
                 }
-                out.push_str(&format!(
-                    "gateway key: {}",
-                    v["gateway_key"].as_str().unwrap_or("")
-                ));
+                out.push_str(&format!("gateway key: {}", id.gateway_key));
                 out
             })
         }
-        Command::Peers => {
-            let v = node::dispatch(&cli.global, AdminRequest::Peers)?;
-            print_value(&v, false, |v| {
-                lines(v, |p| {
-                    format!(
-                        "{} {}",
-                        p["peer_id"].as_str().unwrap_or(""),
-                        p["agent_version"].as_str().unwrap_or("(unknown agent)")
-                    )
+        Command::Peers => node::dispatch(&cli.global, AdminRequest::Peers)?.print(
+            false,
+            |peers: Vec<PeerReply>| {
+                lines(&peers, |p| {
+                    let agent = p.agent_version.as_deref().unwrap_or("(unknown agent)");
+                    format!("{} {agent}", p.peer_id)
                 })
-            })
-        }
+            },
+        ),
         Command::Add { file } => {
             let path = node::absolute(&file)?;
-            let v = node::dispatch(&cli.global, AdminRequest::Add { path })?;
-            print_value(&v, false, |v| v["cid"].as_str().unwrap_or("").to_owned())
+            node::dispatch(&cli.global, AdminRequest::Add { path })?
+                .print(false, |pin: PinEntry| pin.cid)
         }
         Command::Fetch { cid, out } => {
             let out = node::absolute(&out)?;
-            let v = node::dispatch(
-                &cli.global,
-                AdminRequest::Fetch {
-                    cid,
-                    out: out.clone(),
-                },
-            )?;
-            print_value(&v, false, |v| {
-                format!("fetched {} bytes to {}", v["bytes"], out.display())
+            let request = AdminRequest::Fetch {
+                cid,
+                out: out.clone(),
+            };
+            node::dispatch(&cli.global, request)?.print(false, |f: FetchReply| {
+                format!("fetched {} bytes to {}", f.bytes, out.display())
             })
         }
         Command::Pin { targets, closure } => {
             let targets = absolute_store_paths(targets)?;
-            let v = node::dispatch(&cli.global, AdminRequest::Pin { targets, closure })?;
-            print_value(&v, false, render_pins)
+            node::dispatch(&cli.global, AdminRequest::Pin { targets, closure })?
+                .print(false, render_pins)
         }
         Command::Seed { anchors, max_size } => {
-            let v = node::dispatch(&cli.global, AdminRequest::Seed { anchors, max_size })?;
-            print_value(&v, false, render_pins)
+            node::dispatch(&cli.global, AdminRequest::Seed { anchors, max_size })?
+                .print(false, render_pins)
         }
         Command::Unpin { targets } => {
             let targets = absolute_store_paths(targets)?;
-            let v = node::dispatch(&cli.global, AdminRequest::Unpin { targets })?;
-            print_value(&v, false, |v| {
-                lines(v, |t| format!("unpinned {}", t.as_str().unwrap_or("")))
-            })
+            node::dispatch(&cli.global, AdminRequest::Unpin { targets })?
+                .print(false, |unpinned: Vec<String>| {
+                    lines(&unpinned, |t| format!("unpinned {t}"))
+                })
         }
         Command::Pins { json } => {
-            let v = node::dispatch(&cli.global, AdminRequest::Pins)?;
-            print_value(&v, json, render_pins)
+            node::dispatch(&cli.global, AdminRequest::Pins)?.print(json, render_pins)
         }
-        Command::Gc => {
-            let v = node::dispatch(&cli.global, AdminRequest::Gc)?;
-            print_value(&v, false, |v| {
-                format!("freed {} blocks, {} bytes", v["blocks"], v["bytes"])
-            })
-        }
+        Command::Gc => node::dispatch(&cli.global, AdminRequest::Gc)?
+            .print(false, |gc: GcReport| {
+                format!("freed {} blocks, {} bytes", gc.blocks, gc.bytes)
+            }),
         Command::Anchor(AnchorCommand::Sign {
             paths,
             closure,
@@ -301,9 +294,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 closure,
                 key_file: node::absolute(&key)?,
             };
-            let v = node::dispatch(&cli.global, request)?;
-            print_value(&v, false, |v| {
-                lines(v, |p| format!("signed {}", p.as_str().unwrap_or("")))
+            node::dispatch(&cli.global, request)?.print(false, |signed: Vec<String>| {
+                lines(&signed, |p| format!("signed {p}"))
             })
         }
         Command::Anchor(AnchorCommand::Publish {
@@ -315,8 +307,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let (data_dir, _) = node::resolve(&cli.global)?;
             let key = read_secret_key(&key)?;
             let kind = anchor_registry::SetKind::Anchor;
-            let header =
-                crate::anchor::publish(&data_dir, &key, name.as_deref(), kind, expires, &out)?;
+            let header = gateway::publish::anchor::publish(
+                &data_dir,
+                &key,
+                name.as_deref(),
+                kind,
+                expires,
+                &out,
+            )?;
             let h = header.header();
             println!(
                 "published {} version {} ({} entries, digest {}) to {}",
@@ -328,46 +326,40 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Anchors(AnchorsCommand::Sync) => {
-            let v = node::dispatch(&cli.global, AdminRequest::Sync)?;
-            print_value(&v, false, |v| {
-                let mut out = format!("registry version {}\n", v["registry_version"]);
-                out.push_str(&lines(&v["anchors"], |a| {
-                    let mut line = format!(
-                        "{}: {}",
-                        a["anchor"].as_str().unwrap_or(""),
-                        a["outcome"].as_str().unwrap_or("")
-                    );
-                    if let Some(version) = a["version"].as_u64() {
+        Command::Anchors(AnchorsCommand::Sync) => node::dispatch(&cli.global, AdminRequest::Sync)?
+            .print(false, |sync: SyncReport| {
+                let mut out = format!("registry version {}\n", sync.registry_version);
+                out.push_str(&lines(&sync.anchors, |a| {
+                    let mut line = format!("{}: {}", a.anchor, a.outcome);
+                    if let Some(version) = a.version {
                         line.push_str(&format!(" version {version}"));
                     }
-                    for e in a["errors"].as_array().into_iter().flatten() {
-                        line.push_str(&format!("\n  {}", e.as_str().unwrap_or("")));
+                    for e in &a.errors {
+                        line.push_str(&format!("\n  {e}"));
                     }
                     line
                 }));
                 out
-            })
-        }
-        Command::Conflicts { json } => {
-            let v = node::dispatch(&cli.global, AdminRequest::Conflicts)?;
-            print_value(&v, json, |v| {
-                if v.as_array().is_none_or(|a| a.is_empty()) {
+            }),
+        Command::Conflicts { json } => node::dispatch(&cli.global, AdminRequest::Conflicts)?.print(
+            json,
+            |conflicts: Vec<Conflict>| {
+                if conflicts.is_empty() {
                     return "no conflicts".to_owned();
                 }
-                lines(v, |c| {
-                    let mut out = format!("{}:", c["store_path"].as_str().unwrap_or(""));
-                    for e in c["evidence"].as_array().into_iter().flatten() {
+                lines(&conflicts, |c| {
+                    let mut out = format!("{}:", c.store_path);
+                    for e in &c.evidence {
                         out.push_str(&format!(
                             "\n  {} says {}",
-                            e["anchor"].as_str().unwrap_or(""),
-                            e["mapping"]
+                            e.anchor,
+                            e.mapping.to_canonical_string()
                         ));
                     }
                     out
                 })
-            })
-        }
+            },
+        ),
         Command::Set(cmd) => registry::run_set(cmd),
         Command::Car(cmd) => car::run(&cli.global, cmd),
         Command::Contribute(args) => community::contribute(&cli.global, args),
@@ -383,33 +375,65 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Prints a reply as pretty JSON or through its text renderer.
-fn print_value(value: &Value, json: bool, text: impl Fn(&Value) -> String) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-    } else {
-        let rendered = text(value);
-        if !rendered.is_empty() {
-            println!("{rendered}");
-        }
+/// A gateway's reply to one admin request, as the JSON it sent.
+pub(crate) struct Reply {
+    /// The request's name in the admin API (`status`, `car-export`…).
+    op: String,
+    value: Value,
+}
+
+impl Reply {
+    pub(crate) fn new(op: String, value: Value) -> Self {
+        Self { op, value }
     }
-    Ok(())
+
+    /// A request's name in the admin API: its `op` tag.
+    pub(crate) fn op_name(request: &AdminRequest) -> String {
+        serde_json::to_value(request)
+            .ok()
+            .and_then(|v| v.get("op").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| "the request".to_owned())
+    }
+
+    /// The reply read as the library type the gateway serialised it from:
+    /// a renamed or missing field is an error, never a blank in the output.
+    pub(crate) fn typed<T: DeserializeOwned>(&self) -> Result<T> {
+        T::deserialize(&self.value).with_context(|| {
+            format!(
+                "the gateway's reply to {} did not have the expected shape",
+                self.op
+            )
+        })
+    }
+
+    /// Prints the reply: with `json` as the gateway sent it (pretty), else
+    /// read as `T` and rendered by `text` (nothing when that is empty).
+    pub(crate) fn print<T: DeserializeOwned>(
+        &self,
+        json: bool,
+        text: impl FnOnce(T) -> String,
+    ) -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&self.value)?);
+        } else {
+            let rendered = text(self.typed()?);
+            if !rendered.is_empty() {
+                println!("{rendered}");
+            }
+        }
+        Ok(())
+    }
 }
 
-fn lines(value: &Value, line: impl Fn(&Value) -> String) -> String {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(line)
-        .collect::<Vec<_>>()
-        .join("\n")
+/// One line per item.
+fn lines<T>(items: &[T], line: impl Fn(&T) -> String) -> String {
+    items.iter().map(line).collect::<Vec<_>>().join("\n")
 }
 
-fn render_pins(value: &Value) -> String {
-    lines(value, |p| {
-        let mut line = format!("{} {}", p["cid"].as_str().unwrap_or(""), p["size"]);
-        if let Some(path) = p["store_path"].as_str() {
+fn render_pins(pins: Vec<PinEntry>) -> String {
+    lines(&pins, |p| {
+        let mut line = format!("{} {}", p.cid, p.size);
+        if let Some(path) = &p.store_path {
             line.push(' ');
             line.push_str(path);
         }
@@ -417,36 +441,40 @@ fn render_pins(value: &Value) -> String {
     })
 }
 
-fn render_status(v: &Value) -> String {
+/// A number as the JSON reply carries it: `null` when there is none.
+fn or_null(n: Option<u64>) -> String {
+    n.map_or_else(|| "null".to_owned(), |n| n.to_string())
+}
+
+fn render_status(s: Status) -> String {
     let mut out = format!(
         "peer {}\nconnected peers: {}\npins: {} ({} bytes), own store paths: {}\nregistry version: {} (last sync at {})\nforks seen: {}, conflicts: {}\n",
-        v["peer_id"].as_str().unwrap_or(""),
-        v["connected_peers"],
-        v["pins"],
-        v["pinned_bytes"],
-        v["local_paths"],
-        v["registry_version"],
-        v["last_sync"],
-        v["forks"],
-        v["conflicts"],
+        s.peer_id,
+        s.connected_peers,
+        s.pins,
+        s.pinned_bytes,
+        s.local_paths,
+        or_null(s.registry_version),
+        or_null(s.last_sync),
+        s.forks,
+        s.conflicts,
     );
-    let repro = &v["repro"];
+    let repro = &s.repro;
     out.push_str(&format!(
         "repro: {} paths, {} reproduced, {} differ, {} not checked\n",
-        repro["paths"], repro["reproduced"], repro["differs"], repro["not_checked"]
+        repro.paths, repro.reproduced, repro.differs, repro.not_checked
     ));
-    for a in v["anchors"].as_array().into_iter().flatten() {
+    for a in &s.anchors {
+        let last_sync = a
+            .last_sync
+            .map_or_else(|| "-".to_owned(), |o| o.to_string());
         out.push_str(&format!(
-            "{} {}: version {}, {} entries, expires {}, last sync {}\n",
-            a["kind"].as_str().unwrap_or(""),
-            a["name"].as_str().unwrap_or(""),
-            a["version"],
-            a["entries"],
-            a["expires"],
-            a["last_sync"].as_str().unwrap_or("-")
+            "{} {}: version {}, {} entries, expires {}, last sync {last_sync}\n",
+            a.kind, a.name, a.version, a.entries, a.expires,
         ));
     }
-    if let Some(counters) = v["counters"].as_object() {
+    // The counters are a name → count table; serde names them as the JSON does.
+    if let Ok(Value::Object(counters)) = serde_json::to_value(&s.counters) {
         for (k, n) in counters {
             out.push_str(&format!("{k}: {n}\n"));
         }
@@ -468,29 +496,6 @@ fn absolute_store_paths(targets: Vec<String>) -> Result<Vec<String>> {
             }
         })
         .collect()
-}
-
-/// Reads a Nix-format secret key file.
-pub(crate) fn read_secret_key(path: &Path) -> Result<SecretKey> {
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("while reading the secret key {}", path.display()))?;
-    SecretKey::parse(&text).with_context(|| format!("invalid secret key in {}", path.display()))
-}
-
-/// Writes `contents` to `path` through a temporary file and a rename, so a
-/// crash never leaves a half-written document where a good one was.
-pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("while creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(contents)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("while writing {}", path.display()))?;
-    Ok(())
 }
 
 /// Parses durations such as `90d`, `12h`, `30m`, `45s` (a bare number is seconds).
@@ -555,22 +560,128 @@ fn key_generate(name: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Creates a file readable only by its owner: secret keys must not leak
-/// through a permissive umask.
-pub(crate) fn write_secret_file(path: &Path, contents: &str) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway::app::AnchorStatus;
+    use gateway::publish::ReproCounts;
+    use gateway::trust::sync::Outcome;
+    use gateway::util::metrics::MetricsSnapshot;
+    use serde_json::json;
+
+    fn reply(value: Value) -> Reply {
+        Reply::new("test".to_owned(), value)
+    }
+
+    #[test]
+    fn reply_structs_keep_the_admin_api_field_names() {
+        assert_eq!(
+            serde_json::to_value(FetchReply { bytes: 7 }).unwrap(),
+            json!({ "bytes": 7 })
+        );
+        assert_eq!(
+            serde_json::to_value(GcReport {
+                blocks: 2,
+                bytes: 9
+            })
+            .unwrap(),
+            json!({ "blocks": 2, "bytes": 9 })
+        );
+        assert_eq!(
+            serde_json::to_value(PeerReply {
+                peer_id: "12D3Koo".to_owned(),
+                agent_version: None
+            })
+            .unwrap(),
+            json!({ "peer_id": "12D3Koo", "agent_version": null })
+        );
+        let key = SecretKey::generate("gw-1").unwrap().public();
+        let id = json!({
+            "peer_id": "12D3Koo",
+            "listen_addrs": ["/ip4/127.0.0.1/tcp/4001"],
+            "gateway_key": key.to_string(),
+        });
+        let typed: IdReply = reply(id.clone()).typed().unwrap();
+        assert_eq!(typed.gateway_key, key);
+        assert_eq!(serde_json::to_value(typed).unwrap(), id);
+    }
+
+    #[test]
+    fn a_reply_of_another_shape_is_an_error_not_a_blank() {
+        let err = reply(json!({ "bytes_written": 7 }))
+            .typed::<FetchReply>()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}")
+                .starts_with("the gateway's reply to test did not have the expected shape"),
+            "{err:#}"
+        );
+        assert!(reply(json!({ "blocks": 1 }))
+            .print(false, |_: GcReport| String::new())
+            .is_err());
+    }
+
+    #[test]
+    fn status_renders_every_field() {
+        let status = Status {
+            peer_id: "12D3Koo".to_owned(),
+            listen_addrs: vec![],
+            connected_peers: 1,
+            pins: 2,
+            pinned_bytes: 300,
+            local_paths: 4,
+            registry_version: Some(5),
+            last_sync: None,
+            anchors: vec![AnchorStatus {
+                name: "anchor-a".to_owned(),
+                kind: "anchor".to_owned(),
+                version: 6,
+                expires: 7,
+                entries: 8,
+                last_sync: Some(Outcome::Accepted),
+            }],
+            forks: 0,
+            conflicts: 1,
+            repro: ReproCounts {
+                paths: 3,
+                reproduced: 1,
+                differs: 1,
+                not_checked: 1,
+            },
+            counters: MetricsSnapshot {
+                nar_bytes: 42,
+                ..MetricsSnapshot::default()
+            },
+        };
+        let typed: Status = reply(serde_json::to_value(&status).unwrap())
+            .typed()
+            .unwrap();
+        let text = render_status(typed);
+        let head = "peer 12D3Koo\nconnected peers: 1\npins: 2 (300 bytes), own store paths: 4\n\
+            registry version: 5 (last sync at null)\nforks seen: 0, conflicts: 1\n\
+            repro: 3 paths, 1 reproduced, 1 differ, 1 not checked\n\
+            anchor anchor-a: version 6, 8 entries, expires 7, last sync accepted\n\
+            auth_failures: 0\n";
+        assert!(text.starts_with(head), "{text}");
+        assert!(text.contains("\nnar_bytes: 42\n"), "{text}");
+    }
+
+    #[test]
+    fn pins_show_the_store_path_when_there_is_one() {
+        let pins = vec![
+            PinEntry {
+                cid: "bafyA".to_owned(),
+                size: 10,
+                store_path: Some("/nix/store/aaaa-x".to_owned()),
+            },
+            PinEntry {
+                cid: "bafyB".to_owned(),
+                size: 20,
+                store_path: None,
+            },
+        ];
+        assert_eq!(render_pins(pins), "bafyA 10 /nix/store/aaaa-x\nbafyB 20");
+    }
 
     #[test]
     fn durations_take_the_common_units() {

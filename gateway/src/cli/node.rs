@@ -5,14 +5,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::{GlobalArgs, Reply};
 use anyhow::{Context, Result};
 use clap::Args;
-use serde_json::Value;
-
-use super::GlobalArgs;
-use crate::admin::{AdminRequest, Client};
-use crate::app::App;
-use crate::config::{default_data_dir, Config};
+use gateway::app::App;
+use gateway::config::{default_data_dir, Config};
+use gateway::http::admin::{AdminRequest, Client};
 
 /// `nixpfs serve` options; each also a config key.
 #[derive(Debug, Args)]
@@ -115,35 +113,33 @@ pub fn serve(global: &GlobalArgs, args: ServeArgs) -> Result<()> {
     config.validate()?;
     runtime()?.block_on(async {
         let app = App::open(&data_dir, config).await?;
-        crate::serve::serve(app).await
+        gateway::app::serve::serve(app).await
     })
 }
 
 /// Runs a node command through the running gateway, or directly.
-pub fn dispatch(global: &GlobalArgs, request: AdminRequest) -> Result<Value> {
+pub fn dispatch(global: &GlobalArgs, request: AdminRequest) -> Result<Reply> {
+    let op = Reply::op_name(&request);
     let (data_dir, mut config) = resolve(global)?;
     if let Some(client) = Client::discover(&data_dir) {
-        return client.call(&request);
+        return Ok(Reply::new(op, client.call(&request)?));
     }
     // Direct mode: no need to listen for peers on a port of our own.
     config.ipfs_listen = vec!["/ip4/127.0.0.1/tcp/0".to_owned()];
-    runtime()?.block_on(async {
+    let value = runtime()?.block_on(async {
         let app = App::open(&data_dir, config).await?;
-        let result = crate::admin::execute(&app, request).await;
-        app.node.shutdown().await;
-        result
-    })
+        let result = app.execute(request).await;
+        app.shutdown().await;
+        anyhow::Ok(result?)
+    })?;
+    Ok(Reply::new(op, value))
 }
 
 /// `nixpfs nix-config`: the nix.conf lines that make Nix use this gateway.
 pub fn nix_config(global: &GlobalArgs) -> Result<()> {
     let (data_dir, config) = resolve(global)?;
     std::fs::create_dir_all(&data_dir)?;
-    let key_file = config
-        .signing_key_file
-        .clone()
-        .unwrap_or_else(|| crate::app::default_key_file(&data_dir));
-    let key = crate::app::load_or_create_key(&key_file)?;
+    let key = gateway::app::gateway_key(&data_dir, &config)?;
     println!("# nixpfs gateway at {}", data_dir.display());
     println!("extra-substituters = http://{}", config.listen);
     println!("extra-trusted-public-keys = {}", key.public());

@@ -9,8 +9,10 @@ use anchor_registry::{read_set, verify_set, Anchor, AnchorName, PublicKey, Regis
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
-use super::{parse_duration, read_secret_key, write_atomically};
-use crate::catalog::unix_now;
+use super::parse_duration;
+use gateway::util::fs::write_atomically;
+use gateway::util::keys::read_secret_key;
+use gateway::util::time::unix_now;
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
@@ -80,7 +82,8 @@ fn load(file: &PathBuf) -> Result<Registry> {
 }
 
 fn save(file: &std::path::Path, registry: &Registry) -> Result<()> {
-    write_atomically(file, registry.render().as_bytes())
+    write_atomically(file, registry.render().as_bytes())?;
+    Ok(())
 }
 
 /// A published (signed) registry is immutable: changes go to the next version.

@@ -1,0 +1,331 @@
+//! The gateway's data directory opened and wired together: the IPFS node,
+//! the index and catalog, the signing key, the publisher, and the operations
+//! the CLI runs on them — directly when no gateway is serving, through the
+//! admin API (see [`admin`]) when one is, so both paths execute the same
+//! code. Each operation hands a lower layer only the parts it uses.
+
+mod admin;
+pub mod serve;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anchor_registry::{AnchorName, Decision, Policy, SecretKey, Vouch};
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::publish::pin::parse_cid;
+use crate::publish::{Publisher, ReproCounts};
+use crate::store::index::Index;
+use crate::store::ipfs::{Multiaddr, Node, NodeConfig};
+use crate::trust::catalog::{Catalog, Trust};
+use crate::trust::sync::{Outcome, SyncReport, Syncer};
+use crate::util::metrics::{Metrics, MetricsSnapshot};
+
+/// Everything the gateway keeps under its data directory.
+#[derive(Debug, Clone)]
+pub struct App {
+    data_dir: PathBuf,
+    config: Config,
+    node: Node,
+    index: Arc<Index>,
+    catalog: Catalog,
+    key: Arc<SecretKey>,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    /// When the last sync finished (unix seconds) and what it did.
+    last_sync: Arc<std::sync::Mutex<Option<(u64, SyncReport)>>>,
+}
+
+/// A conflict: registry anchors that signed different contents for one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub store_path: String,
+    pub evidence: Vec<Vouch>,
+}
+
+/// What `nixpfs status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub pins: usize,
+    pub pinned_bytes: u64,
+    pub local_paths: u64,
+    pub registry_version: Option<u64>,
+    /// Unix seconds when the last anchor sync finished, if any since start.
+    pub last_sync: Option<u64>,
+    pub anchors: Vec<AnchorStatus>,
+    pub forks: usize,
+    pub conflicts: usize,
+    /// Reproducibility verdicts over claimed, rebuilt and multiply signed paths.
+    #[serde(default)]
+    pub repro: ReproCounts,
+    pub counters: MetricsSnapshot,
+}
+
+/// Per publisher: the newest set version trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorStatus {
+    pub name: String,
+    pub kind: String,
+    pub version: u64,
+    pub expires: u64,
+    pub entries: u64,
+    /// The last sync's outcome for this publisher, if one ran since start.
+    pub last_sync: Option<Outcome>,
+}
+
+/// The file holding the gateway's own narinfo signing key, by default.
+pub fn default_key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("gateway.key")
+}
+
+/// The name a new gateway key gets: `<hostname>-nixpfs-1`, or `localhost`
+/// for a hostname a key name cannot hold.
+pub fn default_key_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && !h.contains(':') && !h.contains(char::is_whitespace))
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-nixpfs-1")
+}
+
+/// The gateway's narinfo signing key under `config` (created on first use).
+pub fn gateway_key(data_dir: &Path, config: &Config) -> Result<SecretKey> {
+    let key_file = config
+        .signing_key_file
+        .clone()
+        .unwrap_or_else(|| default_key_file(data_dir));
+    Ok(crate::util::keys::load_or_create_key(
+        &key_file,
+        &default_key_name(),
+    )?)
+}
+
+impl App {
+    /// Opens (creating on first use) the data directory and starts the node.
+    pub async fn open(data_dir: &Path, config: Config) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("while creating the data directory {}", data_dir.display()))?;
+        let key = Arc::new(gateway_key(data_dir, &config)?);
+        let index =
+            Arc::new(Index::open(&data_dir.join("index.redb")).context(
+                "while opening the index (is another nixpfs using this data directory?)",
+            )?);
+        let mut node_config = NodeConfig::new(data_dir.join("ipfs"));
+        node_config.listen = parse_addrs(&config.ipfs_listen, "ipfs_listen")?;
+        node_config.peers = parse_addrs(&config.peers, "peers")?;
+        node_config.fetch_timeout = std::time::Duration::from_secs(config.fetch_timeout_secs);
+        let node = Node::start(node_config)
+            .await
+            .context("while starting the IPFS node")?;
+        let catalog = Catalog::new(
+            index.clone(),
+            key.clone(),
+            Trust {
+                registry: None,
+                policy: policy(&config)?,
+            },
+        );
+        if let Some(text) = index.registry_text()? {
+            if let Ok(registry) = anchor_registry::Registry::parse(&text) {
+                catalog.set_registry(registry);
+            }
+        }
+        let publisher = Publisher::new(data_dir.to_owned(), node.clone(), catalog.clone());
+        Ok(Self {
+            data_dir: data_dir.to_owned(),
+            config,
+            node,
+            index,
+            catalog,
+            key,
+            publisher,
+            metrics: Arc::new(Metrics::default()),
+            last_sync: Arc::default(),
+        })
+    }
+
+    /// The IPFS node.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Stops the node (its listeners and background tasks).
+    pub async fn shutdown(&self) {
+        self.node.shutdown().await;
+    }
+
+    /// Fetches a file by CID (local or peers, every block verified) into `out`,
+    /// through a temporary file so a failed fetch leaves nothing behind.
+    pub async fn fetch(&self, cid: &str, out: &Path) -> Result<u64> {
+        let cid = parse_cid(cid)?;
+        let tmp = tempfile::NamedTempFile::new_in(crate::util::fs::parent_dir(out))?;
+        let (mut std_file, tmp_path) = tmp.into_parts();
+        // Chunks go to a blocking thread as they are: no copy into an async
+        // file's buffer, and the write overlaps the fetch of the next blocks.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let writer = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                std_file.write_all(&chunk)?;
+            }
+            std_file.sync_all()
+        });
+        let mut stream = Box::pin(self.node.cat(cid));
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.with_context(|| format!("while fetching {cid}"))?;
+            written += chunk.len() as u64;
+            if tx.send(chunk).await.is_err() {
+                // The writer stopped: its error is reported below.
+                break;
+            }
+        }
+        drop(tx);
+        writer
+            .await
+            .context("file writer task failed")?
+            .with_context(|| format!("while writing {}", out.display()))?;
+        tmp_path
+            .persist(out)
+            .with_context(|| format!("while writing {}", out.display()))?;
+        Ok(written)
+    }
+
+    /// Loads the registry and anchors' sets from their sources.
+    pub async fn sync(&self) -> Result<SyncReport> {
+        let Some(source) = self.config.registry.clone() else {
+            bail!(
+                "no registry configured: set `registry` in the config or pass --registry FILE|URL"
+            );
+        };
+        let syncer = Syncer {
+            index: self.index.clone(),
+            catalog: self.catalog.clone(),
+            node: Some(self.node.clone()),
+            metrics: self.metrics.clone(),
+            registry_source: source,
+        };
+        let report = syncer.sync().await?;
+        if let Ok(mut last) = self.last_sync.lock() {
+            *last = Some((crate::util::time::unix_now(), report.clone()));
+        }
+        Ok(report)
+    }
+
+    /// Paths that registry anchors disagree about, with the signed evidence.
+    pub async fn conflicts(&self) -> Result<Vec<Conflict>> {
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || conflicts(&catalog)).await?
+    }
+
+    /// Pins, anchors, conflicts, peers and counters.
+    pub async fn status(&self) -> Result<Status> {
+        let pins = self.node.pins().await?;
+        let peers = self.node.connected_peers().await?;
+        let conflicts = self.conflicts().await?.len();
+        let index = self.index.clone();
+        let (states, forks, locals) = tokio::task::spawn_blocking(move || {
+            Ok::<_, anyhow::Error>((
+                index.trusted_states()?,
+                index.forks()?.len(),
+                index.local_count()?,
+            ))
+        })
+        .await??;
+        let last_sync = self.last_sync.lock().ok().and_then(|l| l.clone());
+        let outcome = |name: &str| {
+            last_sync.as_ref().and_then(|(_, report)| {
+                report
+                    .anchors
+                    .iter()
+                    .find(|a| a.anchor == name)
+                    .map(|a| a.outcome)
+            })
+        };
+        Ok(Status {
+            peer_id: self.node.peer_id().to_string(),
+            listen_addrs: self
+                .node
+                .listen_addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            connected_peers: peers.len(),
+            pins: pins.len(),
+            pinned_bytes: pins.iter().map(|p| p.size).sum(),
+            local_paths: locals,
+            last_sync: last_sync.as_ref().map(|(at, _)| *at),
+            registry_version: self
+                .catalog
+                .trust()
+                .and_then(|t| t.registry)
+                .map(|r| r.version()),
+            anchors: states
+                .iter()
+                .map(|s| {
+                    let h = s.header().header();
+                    AnchorStatus {
+                        name: h.anchor.to_string(),
+                        kind: h.kind.to_string(),
+                        version: h.version,
+                        expires: h.expires,
+                        entries: h.count,
+                        last_sync: outcome(h.anchor.as_str()),
+                    }
+                })
+                .collect(),
+            forks,
+            conflicts,
+            repro: crate::publish::repro_counts(&self.publisher).await?,
+            counters: self.metrics.snapshot(),
+        })
+    }
+}
+
+/// The serve policy the configuration asks for.
+fn policy(config: &Config) -> Result<Policy> {
+    let anchors = if config.anchors.is_empty() {
+        None
+    } else {
+        Some(
+            config
+                .anchors
+                .iter()
+                .map(|a| AnchorName::parse(a))
+                .collect::<Result<_, _>>()
+                .context("invalid anchor name in `anchors`")?,
+        )
+    };
+    Policy::new(u64::from(config.require), anchors).context("invalid policy")
+}
+
+/// Every path registry anchors disagree about, with the signed evidence.
+fn conflicts(catalog: &Catalog) -> Result<Vec<Conflict>> {
+    let mut out = Vec::new();
+    for hash in catalog.index().multi_asserted_paths()? {
+        if let Some(Decision::Conflict { path, evidence }) = catalog.decide(&hash)? {
+            out.push(Conflict {
+                store_path: path.to_string(),
+                evidence,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn parse_addrs(addrs: &[String], what: &str) -> Result<Vec<Multiaddr>> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .map_err(|e| anyhow::anyhow!("invalid multiaddr {a:?} in {what}: {e}"))
+        })
+        .collect()
+}

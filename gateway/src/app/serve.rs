@@ -1,0 +1,121 @@
+//! `nixpfs serve`: binds the HTTP cache and the admin API on one loopback
+//! port, keeps anchors synced in the background, and shuts down cleanly on
+//! SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anchor_registry::CacheInfo;
+use anyhow::{Context, Result};
+
+use crate::app::App;
+use crate::http::cache::{self, AppState};
+use crate::http::upload::{self, Uploads};
+use crate::http::{admin, trustless};
+
+/// Serves until a shutdown signal arrives.
+pub async fn serve(app: App) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(app.config.listen)
+        .await
+        .with_context(|| format!("while binding {}", app.config.listen))?;
+    let local = listener.local_addr()?;
+    let token = admin::ensure_token(&app.data_dir)?;
+
+    let cache_info = CacheInfo {
+        store_dir: anchor_registry::STORE_DIR.to_owned(),
+        want_mass_query: app.config.want_mass_query,
+        priority: Some(app.config.priority),
+    }
+    .to_string();
+    let state = Arc::new(AppState {
+        catalog: app.catalog.clone(),
+        index: app.index.clone(),
+        node: app.node.clone(),
+        metrics: app.metrics.clone(),
+        cache_info,
+        seed_fetched: app.config.seed_fetched,
+    });
+    let uploads = Uploads::configured(
+        app.node.clone(),
+        app.catalog.clone(),
+        app.metrics.clone(),
+        app.config.upload_token_file.as_deref(),
+        &app.config.upload_require_sig,
+    )?;
+    let router = cache::router(state)
+        .merge(admin::router(
+            Arc::new(app.clone()),
+            app.metrics.clone(),
+            token,
+        ))
+        .merge(trustless::router(app.node.clone()))
+        .merge(upload::router(uploads))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+
+    let syncing = spawn_sync_loop(&app);
+    admin::announce(&app.data_dir, local)?;
+    tracing::info!(
+        "serving http://{local} (gateway key {}, IPFS peer {})",
+        app.key.public(),
+        app.node.peer_id()
+    );
+    println!("nixpfs serving on http://{local}");
+    println!("add to nix.conf (or run `nixpfs nix-config`):");
+    println!("  extra-substituters = http://{local}");
+    println!("  extra-trusted-public-keys = {}", app.key.public());
+    // Without TCP_NODELAY a streamed response (headers, then body chunks)
+    // waits on the client's delayed ACK: ~40 ms per NAR in `nix copy`.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    admin::withdraw(&app.data_dir);
+    if let Some(task) = syncing {
+        task.abort();
+    }
+    app.node.shutdown().await;
+    served.context("while serving HTTP")
+}
+
+fn spawn_sync_loop(app: &App) -> Option<tokio::task::JoinHandle<()>> {
+    app.config.registry.as_ref()?;
+    let interval = app.config.sync_interval_secs;
+    let app = app.clone();
+    Some(tokio::spawn(async move {
+        loop {
+            match app.sync().await {
+                Ok(report) => tracing::info!(
+                    registry_version = report.registry_version,
+                    anchors = report.anchors.len(),
+                    "anchor sync done"
+                ),
+                Err(e) => tracing::warn!("anchor sync failed: {e:#}"),
+            }
+            if interval == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(interval)).await;
+        }
+    }))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

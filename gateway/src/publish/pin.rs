@@ -1,0 +1,288 @@
+//! The user's own paths: NARs of local store paths (or any file, or a CID
+//! from peers) imported, pinned and, for store paths, checked against the
+//! NarHash the Nix store recorded before they are indexed as served.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+use anchor_registry::{NarInfo, StorePath};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::store::index::LocalPath;
+use crate::store::ipfs::{dag::CHUNK_SIZE, Cid, Node, Pin};
+use crate::store::nar::{NarReader, Sha256Tee};
+use crate::trust::catalog::Catalog;
+
+/// One pinned thing, as `nixpfs pins` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinEntry {
+    pub cid: String,
+    /// File bytes (the NAR size for store paths).
+    pub size: u64,
+    /// The store path whose NAR this is, when pinned as a store path.
+    pub store_path: Option<String>,
+}
+
+impl PinEntry {
+    /// A pin that is not (known as) a store path's NAR.
+    pub fn of(pin: &Pin) -> Self {
+        Self {
+            cid: pin.cid.to_string(),
+            size: pin.size,
+            store_path: None,
+        }
+    }
+}
+
+/// What a pin target given by a user is: a store path (absolute, from the
+/// local Nix store) or a CID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    StorePath(String),
+    Cid(Cid),
+}
+
+impl Target {
+    /// Tells a store path (it starts with `/`) from a CID, rejecting text
+    /// that is neither with the reason.
+    pub fn parse(text: &str) -> Result<Self> {
+        if text.starts_with('/') {
+            Ok(Self::StorePath(text.to_owned()))
+        } else {
+            parse_cid(text).map(Self::Cid)
+        }
+    }
+}
+
+/// Parses a CID given by a user, with a reason they can act on.
+pub fn parse_cid(text: &str) -> Result<Cid> {
+    text.parse::<Cid>()
+        .map_err(|e| anyhow!("{text:?} is not a CID ({e}); expected e.g. bafybei…"))
+}
+
+/// A store path the user asked to unpin that is not one of their pins.
+#[derive(Debug, thiserror::Error)]
+#[error("{path} is not pinned")]
+pub struct NotPinned {
+    pub path: String,
+}
+
+/// Pins the user's own store paths into the node and records them in the
+/// catalog as served.
+#[derive(Debug, Clone)]
+pub struct Pinner {
+    node: Node,
+    catalog: Catalog,
+}
+
+impl Pinner {
+    pub fn new(node: Node, catalog: Catalog) -> Self {
+        Self { node, catalog }
+    }
+
+    /// Pins store paths from the local Nix store (with their closures when
+    /// `closure`): serialise each to NAR, import and pin it, check it against
+    /// the store's NarHash, and only then index it as the user's own.
+    pub async fn pin_store_paths(&self, paths: &[String], closure: bool) -> Result<Vec<PinEntry>> {
+        let mut out = Vec::new();
+        for info in path_infos(paths, closure).await? {
+            out.push(self.pin_store_path(info).await?);
+        }
+        Ok(out)
+    }
+
+    /// Pins one store path whose metadata the caller already has.
+    pub async fn pin_store_path(&self, info: NarInfo) -> Result<PinEntry> {
+        let path = info.store_path.to_string();
+        let (pin, summary) = import_pinned(
+            &self.node,
+            Sha256Tee::new(NarReader::new(Path::new(&path))),
+            Sha256Tee::summary,
+            &path,
+        )
+        .await?;
+        if summary.nar_hash != info.nar_hash || summary.nar_size != info.nar_size {
+            let _ = self.node.unpin(pin.cid).await;
+            bail!(
+                "{path} changed on disk: the store says {} ({} bytes), its NAR is {} ({} bytes); run `nix-store --verify --check-contents`",
+                info.nar_hash,
+                info.nar_size,
+                summary.nar_hash,
+                summary.nar_size
+            );
+        }
+        let local = LocalPath {
+            narinfo: info,
+            cid: pin.cid.to_string(),
+        };
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || catalog.put_locals(vec![local])).await??;
+        Ok(PinEntry {
+            cid: pin.cid.to_string(),
+            size: pin.size,
+            store_path: Some(path),
+        })
+    }
+
+    /// Pins each target: a store path (from the local Nix store) or a CID
+    /// (fetching missing blocks from peers).
+    pub async fn pin(&self, targets: &[String], closure: bool) -> Result<Vec<PinEntry>> {
+        let mut paths = Vec::new();
+        let mut cids = Vec::new();
+        for target in targets {
+            match Target::parse(target)? {
+                Target::StorePath(path) => paths.push(path),
+                Target::Cid(cid) => cids.push(cid),
+            }
+        }
+        let mut out = Vec::new();
+        if !paths.is_empty() {
+            out.extend(self.pin_store_paths(&paths, closure).await?);
+        }
+        for cid in cids {
+            out.push(PinEntry::of(&self.node.pin(cid).await?));
+        }
+        Ok(out)
+    }
+
+    /// Unpins store paths (and forgets them as the user's own) or CIDs;
+    /// returns the targets unpinned.
+    pub async fn unpin(&self, targets: &[String]) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        for target in targets {
+            let cid = match Target::parse(target)? {
+                Target::Cid(cid) => cid,
+                Target::StorePath(text) => {
+                    let hash = *StorePath::parse(&text)?.hash();
+                    let index = self.catalog.index().clone();
+                    let removed =
+                        tokio::task::spawn_blocking(move || index.remove_local(&hash)).await??;
+                    let Some(local) = removed else {
+                        return Err(NotPinned { path: text }.into());
+                    };
+                    parse_cid(&local.cid)?
+                }
+            };
+            self.node.unpin(cid).await?;
+            done.push(target.clone());
+        }
+        Ok(done)
+    }
+
+    /// Everything pinned, with the store path for the user's own paths.
+    pub async fn pins(&self) -> Result<Vec<PinEntry>> {
+        let index = self.catalog.index().clone();
+        let locals = tokio::task::spawn_blocking(move || index.locals()).await??;
+        let by_cid: HashMap<String, String> = locals
+            .into_iter()
+            .map(|l| (l.cid, l.narinfo.store_path.to_string()))
+            .collect();
+        Ok(self
+            .node
+            .pins()
+            .await?
+            .iter()
+            .map(|p| {
+                let mut entry = PinEntry::of(p);
+                entry.store_path = by_cid.get(&entry.cid).cloned();
+                entry
+            })
+            .collect())
+    }
+
+    /// Imports any file (pinned) and returns its CID.
+    pub async fn add_file(&self, path: &Path) -> Result<PinEntry> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("while opening {}", path.display()))?;
+        let pin = self
+            .node
+            .add_and_pin(tokio::io::BufReader::with_capacity(1 << 20, file))
+            .await?;
+        Ok(PinEntry::of(&pin))
+    }
+}
+
+/// The local store's metadata of `paths` (and their closures), read off the
+/// async runtime.
+pub async fn path_infos(paths: &[String], closure: bool) -> Result<Vec<NarInfo>> {
+    let wanted = paths.to_vec();
+    Ok(
+        tokio::task::spawn_blocking(move || crate::nix::path_info::path_infos(&wanted, closure))
+            .await??,
+    )
+}
+
+/// Streams what a blocking reader produces (NAR bytes, in chunks of the
+/// DAG's size) into the node, imported and pinned; the reader runs on a
+/// blocking thread, and `finish` turns the drained reader into what it
+/// computed on the way (hashes, references). `what` names the source in
+/// errors.
+pub(crate) async fn import_pinned<R, T>(
+    node: &Node,
+    reader: R,
+    finish: impl FnOnce(&R) -> T + Send + 'static,
+    what: &str,
+) -> Result<(Pin, T)>
+where
+    R: Read + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        // Whole chunks of the DAG's size go to the import without a copy.
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let message = e.to_string();
+                        let _ = tx.blocking_send(Err(e));
+                        return Err(anyhow!(message));
+                    }
+                }
+            }
+            if filled == 0
+                || tx
+                    .blocking_send(Ok(Bytes::copy_from_slice(&buf[..filled])))
+                    .is_err()
+                || filled < buf.len()
+            {
+                break;
+            }
+        }
+        Ok(finish(&reader))
+    });
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let pinned = node.add_chunks_and_pin(stream).await;
+    let value = producer
+        .await?
+        .with_context(|| format!("while serialising {what}"))?;
+    let pin = pinned.with_context(|| format!("while importing {what}"))?;
+    Ok((pin, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_store_paths_or_cids() {
+        assert_eq!(
+            Target::parse("/nix/store/abc-x").expect("path"),
+            Target::StorePath("/nix/store/abc-x".to_owned())
+        );
+        let cid = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku";
+        assert!(matches!(Target::parse(cid), Ok(Target::Cid(c)) if c.to_string() == cid));
+        let err = Target::parse("nix/store/relative").expect_err("neither");
+        assert!(err.to_string().contains("is not a CID"), "{err}");
+    }
+}

@@ -1,0 +1,1077 @@
+//! Bitswap 1.2.0 over rust-ipfs's stream API (libp2p-stream), both roles.
+//!
+//! Server: every inbound stream is read until EOF (Kubo opens one stream per
+//! message, and rust-ipfs's own bitswap loses all but the last); want-have is
+//! answered with HAVE/DONT_HAVE, want-block with the block, in messages of
+//! about 1 MiB of blocks. Client: want-block goes straight to every connected
+//! peer (a few per peer at a time), many wants stay in flight, and a want is
+//! re-sent when later blocks overtook it or it stayed unanswered
+//! (libp2p-stream silently drops an inbound stream when its one-slot channel
+//! is full). Received blocks are
+//! hashed on the blocking pool; only bytes that hash to a wanted CID count.
+//!
+//! # Goals
+//! - Speak `/ipfs/bitswap/1.2.0` as Kubo and Helia do, in both roles, so any
+//!   IPFS peer can fetch our NARs and we can fetch theirs.
+//! - Never hand a caller a block whose bytes do not hash to its CID.
+//! - Keep many wants in flight per peer, so a fetch is bound by the link
+//!   and the hashing, not by round trips.
+//!
+//! # Non-goals
+//! - Finding providers: this module asks the peers it is connected to;
+//!   routing (static peers, later the DHT) is the node's job.
+//! - Ledgers, tit-for-tat or fairness between peers: any peer that asks for
+//!   a block we hold gets it.
+//! - Bitswap 1.0/1.1 and sessions: every peer we meet speaks 1.2.0.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use cid::Cid;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p_stream::{Control, IncomingStreams};
+use rust_ipfs::{PeerId, Stream, StreamProtocol};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::block::{self, Block};
+use super::blockstore::BlockStore;
+use super::pb::{self, Fields};
+use super::IpfsError;
+
+/// The only bitswap version we speak (Helia speaks only this one too).
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/bitswap/1.2.0");
+/// Largest inbound message accepted (bitswap's 4 MiB plus framing slack).
+const MAX_MESSAGE: usize = 4 * 1024 * 1024 + 64 * 1024;
+/// Block bytes per outbound message before it is flushed.
+const RESPONSE_BYTES: usize = 1024 * 1024;
+/// How often wants are checked for re-sending and peers refreshed.
+const TICK: Duration = Duration::from_millis(50);
+/// A want overtaken by later blocks is re-sent after this long.
+const REWANT_OVERTAKEN: Duration = Duration::from_millis(250);
+/// Any want unanswered this long is re-sent.
+const REWANT_IDLE: Duration = Duration::from_secs(1);
+/// Received blocks hashed at once (bounds memory held by unverified blocks).
+const HASHERS: usize = 8;
+/// Messages queued per peer before senders wait.
+const PEER_QUEUE: usize = 8;
+/// Want-blocks in flight per peer that is not known to be a nixpfs node.
+/// Helia 7 packs every wanted block it has into one send, sometimes cuts
+/// multi-MiB sends short and then stops answering us; with two 1 MiB blocks
+/// in flight it never did here (20 MiB in ~0.3 s).
+pub const WANTS_PER_PEER: usize = 2;
+/// Want-blocks in flight per nixpfs peer (our server has no such limit).
+pub const WANTS_PER_NIXPFS_PEER: usize = 32;
+/// Want-blocks in flight per Kubo peer. Kubo answers each block on a stream
+/// of its own, several at once, and libp2p-stream drops an inbound stream
+/// while another waits to be accepted (the re-want recovers it): 64 MiB
+/// from Kubo ran at 0.7x of Kubo->Kubo with 8 in flight, 0.3x with 32, and
+/// 1.1-1.6x with 4.
+pub const WANTS_PER_KUBO_PEER: usize = 4;
+
+/// How to ask one peer for blocks, from the agent version it reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// Want-blocks in flight at once.
+    pub wants: usize,
+    /// Re-send a want as cancel + want in one message. Helia ignores a plain
+    /// repeat of a want it believes it answered (for 5 s) and applies a
+    /// message's entries in order; go-bitswap (Kubo) merges a message's
+    /// entries by CID with the cancel winning, so it must get the plain
+    /// repeat (it keeps no memory of blocks sent).
+    pub cancel_before_rewant: bool,
+    /// Send every message on one long-lived stream instead of a new stream
+    /// per message. Only for nixpfs peers, whose reader takes any number of
+    /// messages per stream (Helia handles a stream's messages only once it
+    /// is closed). A new yamux stream starts with a 256 KiB window and every
+    /// stream opened at a nixpfs receiver risks libp2p-stream's drop of
+    /// inbound streams, so a stream per 1 MiB message capped a 1 GiB A->B
+    /// fetch at one stream set-up plus four window round trips per block.
+    pub reuse_stream: bool,
+}
+
+impl PeerPolicy {
+    /// The policy for a peer whose identify agent is `agent` (empty if unknown).
+    pub fn for_agent(agent: &str) -> Self {
+        PeerPolicy {
+            wants: if agent.starts_with("nixpfs/") {
+                WANTS_PER_NIXPFS_PEER
+            } else if agent.starts_with("kubo/") || agent.starts_with("go-ipfs/") {
+                WANTS_PER_KUBO_PEER
+            } else {
+                WANTS_PER_PEER
+            },
+            cancel_before_rewant: agent.starts_with("helia/"),
+            reuse_stream: agent.starts_with("nixpfs/"),
+        }
+    }
+}
+
+/// What a wantlist entry asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WantType {
+    Block,
+    Have,
+}
+
+/// One wantlist entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantEntry {
+    pub cid: Cid,
+    pub priority: i32,
+    pub cancel: bool,
+    pub want_type: WantType,
+    pub send_dont_have: bool,
+}
+
+/// A block presence answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Have,
+    DontHave,
+}
+
+/// A bitswap message (the fields of 1.2.0 we use).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Message {
+    pub wantlist: Vec<WantEntry>,
+    pub full: bool,
+    /// (CID prefix, block bytes); 1.0.0-style blocks get a CIDv0 prefix.
+    pub blocks: Vec<(Vec<u8>, Bytes)>,
+    pub presences: Vec<(Cid, Presence)>,
+}
+
+/// Why an inbound bitswap message was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("bad protobuf in field {field}: {reason}")]
+    Protobuf { field: &'static str, reason: String },
+    #[error("bad CID in {field}: {reason}")]
+    Cid { field: &'static str, reason: String },
+}
+
+impl Message {
+    fn is_empty(&self) -> bool {
+        self.wantlist.is_empty() && self.blocks.is_empty() && self.presences.is_empty()
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.blocks.iter().map(|b| b.1.len()).sum()
+    }
+
+    /// Appends `other`'s entries, keeping their order.
+    fn merge(&mut self, other: Message) {
+        self.wantlist.extend(other.wantlist);
+        self.full |= other.full;
+        self.blocks.extend(other.blocks);
+        self.presences.extend(other.presences);
+    }
+
+    /// Protobuf encoding, without the length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let block_bytes: usize = self.blocks.iter().map(|b| b.1.len() + 64).sum();
+        let mut out = Vec::with_capacity(block_bytes + 64 * self.wantlist.len() + 64);
+        if !self.wantlist.is_empty() || self.full {
+            let mut wl = Vec::new();
+            for e in &self.wantlist {
+                let mut entry = Vec::with_capacity(48);
+                pb::put_bytes(&mut entry, 1, &e.cid.to_bytes());
+                // int32 on the wire: negative values sign-extend to 64 bits.
+                pb::put_uint(&mut entry, 2, i64::from(e.priority) as u64);
+                if e.cancel {
+                    pb::put_uint(&mut entry, 3, 1);
+                }
+                if e.want_type == WantType::Have {
+                    pb::put_uint(&mut entry, 4, 1);
+                }
+                if e.send_dont_have {
+                    pb::put_uint(&mut entry, 5, 1);
+                }
+                pb::put_bytes(&mut wl, 1, &entry);
+            }
+            if self.full {
+                pb::put_uint(&mut wl, 2, 1);
+            }
+            pb::put_bytes(&mut out, 1, &wl);
+        }
+        for (prefix, data) in &self.blocks {
+            let len = pb::bytes_field_len(1, prefix.len()) + pb::bytes_field_len(2, data.len());
+            pb::put_varint(&mut out, (3 << 3) | 2);
+            pb::put_varint(&mut out, len as u64);
+            pb::put_bytes(&mut out, 1, prefix);
+            pb::put_bytes(&mut out, 2, data);
+        }
+        for (cid, presence) in &self.presences {
+            let mut p = Vec::with_capacity(48);
+            pb::put_bytes(&mut p, 1, &cid.to_bytes());
+            if *presence == Presence::DontHave {
+                pb::put_uint(&mut p, 2, 1);
+            }
+            pb::put_bytes(&mut out, 4, &p);
+        }
+        out
+    }
+
+    /// Parses a message; block bytes are zero-copy slices of `buf`.
+    pub fn decode(buf: &Bytes) -> Result<Self, MessageError> {
+        let pbe = |field: &'static str| {
+            move |e: pb::PbError| MessageError::Protobuf {
+                field,
+                reason: e.to_string(),
+            }
+        };
+        let cide = |field: &'static str| {
+            move |e: cid::Error| MessageError::Cid {
+                field,
+                reason: e.to_string(),
+            }
+        };
+        let mut msg = Message::default();
+        for field in Fields::new(buf) {
+            let (num, value) = field.map_err(pbe("message"))?;
+            match num {
+                1 => {
+                    for wf in Fields::new(value.bytes(1).map_err(pbe("wantlist"))?) {
+                        let (wn, wv) = wf.map_err(pbe("wantlist"))?;
+                        match wn {
+                            1 => msg
+                                .wantlist
+                                .push(decode_entry(wv.bytes(1).map_err(pbe("entry"))?)?),
+                            2 => msg.full = wv.varint(2).map_err(pbe("full"))? != 0,
+                            _ => {}
+                        }
+                    }
+                }
+                2 => {
+                    // Bitswap 1.0.0 blocks: implicitly CIDv0 dag-pb.
+                    let data = value.bytes(2).map_err(pbe("blocks"))?;
+                    msg.blocks
+                        .push((vec![0, 0x70, 0x12, 0x20], buf.slice_ref(data)));
+                }
+                3 => {
+                    let mut prefix = None;
+                    let mut data = None;
+                    for bf in Fields::new(value.bytes(3).map_err(pbe("payload"))?) {
+                        let (bn, bv) = bf.map_err(pbe("payload"))?;
+                        match bn {
+                            1 => prefix = Some(bv.bytes(1).map_err(pbe("prefix"))?.to_vec()),
+                            2 => data = Some(buf.slice_ref(bv.bytes(2).map_err(pbe("data"))?)),
+                            _ => {}
+                        }
+                    }
+                    if let (Some(p), Some(d)) = (prefix, data) {
+                        msg.blocks.push((p, d));
+                    }
+                }
+                4 => {
+                    let mut cid = None;
+                    let mut presence = Presence::Have;
+                    for pf in Fields::new(value.bytes(4).map_err(pbe("presence"))?) {
+                        let (pn, pv) = pf.map_err(pbe("presence"))?;
+                        match pn {
+                            1 => {
+                                cid = Some(
+                                    Cid::try_from(pv.bytes(1).map_err(pbe("presence cid"))?)
+                                        .map_err(cide("presence"))?,
+                                )
+                            }
+                            2 if pv.varint(2).map_err(pbe("presence type"))? == 1 => {
+                                presence = Presence::DontHave
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(c) = cid {
+                        msg.presences.push((c, presence));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(msg)
+    }
+}
+
+fn decode_entry(buf: &[u8]) -> Result<WantEntry, MessageError> {
+    let pbe = |e: pb::PbError| MessageError::Protobuf {
+        field: "entry",
+        reason: e.to_string(),
+    };
+    let mut cid = None;
+    let mut e = WantEntry {
+        cid: Cid::default(),
+        priority: 1,
+        cancel: false,
+        want_type: WantType::Block,
+        send_dont_have: false,
+    };
+    for f in Fields::new(buf) {
+        let (n, v) = f.map_err(pbe)?;
+        match n {
+            1 => {
+                cid = Some(Cid::try_from(v.bytes(1).map_err(pbe)?).map_err(|err| {
+                    MessageError::Cid {
+                        field: "entry",
+                        reason: err.to_string(),
+                    }
+                })?)
+            }
+            2 => e.priority = v.varint(2).map_err(pbe)? as i64 as i32,
+            3 => e.cancel = v.varint(3).map_err(pbe)? != 0,
+            4 => {
+                e.want_type = if v.varint(4).map_err(pbe)? == 1 {
+                    WantType::Have
+                } else {
+                    WantType::Block
+                }
+            }
+            5 => e.send_dont_have = v.varint(5).map_err(pbe)? != 0,
+            _ => {}
+        }
+    }
+    e.cid = cid.ok_or(MessageError::Cid {
+        field: "entry",
+        reason: "missing".into(),
+    })?;
+    Ok(e)
+}
+
+/// Reads one length-prefixed message; `Ok(None)` at a clean end of stream.
+async fn read_frame(stream: &mut Stream) -> std::io::Result<Option<Bytes>> {
+    let mut len: u64 = 0;
+    for i in 0..10 {
+        let mut b = [0u8; 1];
+        match stream.read(&mut b).await? {
+            0 if i == 0 => return Ok(None),
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => {}
+        }
+        len |= u64::from(b[0] & 0x7f) << (7 * i);
+        if b[0] < 0x80 {
+            break;
+        }
+    }
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|l| *l <= MAX_MESSAGE)
+        .ok_or_else(|| std::io::Error::other(format!("bitswap message of {len} bytes")))?;
+    let mut buf = BytesMut::zeroed(len);
+    let mut filled = 0;
+    while filled < len {
+        match stream.read(&mut buf[filled..]).await? {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("stream ended after {filled} of {len} message bytes"),
+                ))
+            }
+            n => filled += n,
+        }
+    }
+    Ok(Some(buf.freeze()))
+}
+
+async fn write_frame(stream: &mut Stream, body: &[u8]) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(10);
+    pb::put_varint(&mut head, body.len() as u64);
+    stream.write_all(&head).await?;
+    stream.write_all(body).await?;
+    stream.flush().await
+}
+
+/// Counters for tests, benchmarks and `status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub blocks_received: AtomicU64,
+    pub blocks_sent: AtomicU64,
+    /// Blocks that matched no outstanding want: late duplicates, blocks
+    /// nobody asked for, and corrupted bytes (which hash to no wanted CID).
+    pub unmatched: AtomicU64,
+    pub rewants: AtomicU64,
+    /// Inbound messages cut short by the sender (seen from Helia 7 when it
+    /// has to send several MiB at once).
+    pub truncated: AtomicU64,
+}
+
+/// A block we are waiting for.
+#[derive(Debug)]
+struct Want {
+    cid: Cid,
+    waiters: Vec<oneshot::Sender<Bytes>>,
+    /// Creation order: older wants are sent first.
+    order: u64,
+    /// Order in which wants were (re)sent; a block for a later want
+    /// arriving first means this one was probably lost.
+    seq: u64,
+    sent_at: Instant,
+    /// Peers asked since the last re-send.
+    asked: HashSet<PeerId>,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    tx: mpsc::Sender<Message>,
+    /// Wants in flight at once, and how to re-send one.
+    policy: PeerPolicy,
+    /// Wants sent to this peer and not answered yet.
+    in_flight: HashSet<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    wants: HashMap<Vec<u8>, Want>,
+    peers: HashMap<PeerId, PeerState>,
+    next_seq: u64,
+    /// Highest seq of a want answered so far.
+    answered_seq: u64,
+}
+
+type Outbox = Vec<(mpsc::Sender<Message>, Message)>;
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Sends every peer the oldest wants it was not asked for yet, keeping
+    /// at most its policy's number of wants in flight.
+    fn pump(&mut self) -> Outbox {
+        let mut order: Vec<(u64, Vec<u8>)> = self
+            .wants
+            .iter()
+            .map(|(k, w)| (w.order, k.clone()))
+            .collect();
+        order.sort_unstable();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (peer, ps) in self.peers.iter_mut() {
+            let mut entries = Vec::new();
+            for (_, key) in &order {
+                if ps.in_flight.len() >= ps.policy.wants {
+                    break;
+                }
+                let Some(w) = self.wants.get_mut(key) else {
+                    continue;
+                };
+                if !w.asked.insert(*peer) {
+                    continue;
+                }
+                if w.asked.len() == 1 {
+                    w.sent_at = now;
+                }
+                ps.in_flight.insert(key.clone());
+                entries.push(want_block(w.cid, w.seq));
+            }
+            if !entries.is_empty() {
+                out.push((
+                    ps.tx.clone(),
+                    Message {
+                        wantlist: entries,
+                        ..Message::default()
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// Forgets a want everywhere; returns cancels for the peers asked.
+    fn remove_want(&mut self, key: &[u8]) -> Option<(Want, Outbox)> {
+        let w = self.wants.remove(key)?;
+        let mut out = Vec::new();
+        for (peer, ps) in self.peers.iter_mut() {
+            if ps.in_flight.remove(key) && w.asked.contains(peer) {
+                out.push((
+                    ps.tx.clone(),
+                    Message {
+                        wantlist: vec![cancel(w.cid)],
+                        ..Message::default()
+                    },
+                ));
+            }
+        }
+        Some((w, out))
+    }
+}
+
+async fn send_all(out: Outbox) {
+    for (tx, msg) in out {
+        let _ = tx.send(msg).await;
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    store: BlockStore,
+    control: Control,
+    hashers: Arc<Semaphore>,
+    stats: Stats,
+}
+
+/// Handle to the bitswap engine; cheap to clone.
+#[derive(Clone)]
+pub struct Bitswap {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Bitswap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bitswap")
+            .field("stats", &self.shared.stats)
+            .finish()
+    }
+}
+
+fn priority(seq: u64) -> i32 {
+    // Earlier wants first: Kubo serves higher priorities first.
+    i32::MAX - (seq % (i32::MAX as u64)) as i32
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (plain maps).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Bitswap {
+    /// Starts serving `incoming` (from `Control::accept(PROTOCOL)`, taken
+    /// before any connection so identify advertises the protocol). Returns
+    /// the engine and the tasks to abort on shutdown.
+    pub fn start(
+        control: Control,
+        incoming: IncomingStreams,
+        store: BlockStore,
+    ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            store,
+            control,
+            hashers: Arc::new(Semaphore::new(HASHERS)),
+            stats: Stats::default(),
+        });
+        let accept = tokio::spawn(accept_loop(shared.clone(), incoming));
+        let ticker = tokio::spawn(tick_loop(shared.clone()));
+        (Bitswap { shared }, vec![accept, ticker])
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Replaces the set of peers wants go to, each with its limit of wants
+    /// in flight; new peers get the oldest current wants, departed peers'
+    /// senders are dropped.
+    pub async fn set_peers(&self, peers: &[(PeerId, PeerPolicy)]) {
+        let out = {
+            let mut st = self.shared.lock();
+            st.peers.retain(|p, _| peers.iter().any(|(q, _)| q == p));
+            for (p, policy) in peers {
+                let policy = PeerPolicy {
+                    wants: policy.wants.max(1),
+                    ..*policy
+                };
+                match st.peers.get_mut(p) {
+                    Some(ps) => ps.policy = policy,
+                    None => {
+                        let tx = spawn_writer(self.shared.clone(), *p);
+                        let in_flight = HashSet::new();
+                        st.peers.insert(
+                            *p,
+                            PeerState {
+                                tx,
+                                policy,
+                                in_flight,
+                            },
+                        );
+                    }
+                }
+            }
+            st.pump()
+        };
+        send_all(out).await;
+    }
+
+    /// Fetches one block from the connected peers: verified bytes, or
+    /// [`IpfsError::FetchTimeout`] naming the CID.
+    pub async fn get(&self, cid: Cid, timeout: Duration) -> Result<Bytes, IpfsError> {
+        block::check_supported(&cid)?;
+        if let Some(data) = block::inline_data(&cid) {
+            return Ok(data);
+        }
+        let key = cid.hash().to_bytes();
+        let (tx, rx) = oneshot::channel();
+        let out = {
+            let mut st = self.shared.lock();
+            if let Some(w) = st.wants.get_mut(&key) {
+                w.waiters.push(tx);
+                Vec::new()
+            } else {
+                let seq = st.next_seq();
+                st.wants.insert(
+                    key.clone(),
+                    Want {
+                        cid,
+                        waiters: vec![tx],
+                        order: seq,
+                        seq,
+                        sent_at: Instant::now(),
+                        asked: HashSet::new(),
+                    },
+                );
+                st.pump()
+            }
+        };
+        send_all(out).await;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(data)) => Ok(data),
+            Ok(Err(_)) | Err(_) => {
+                self.give_up(&key).await;
+                Err(IpfsError::FetchTimeout { cid, timeout })
+            }
+        }
+    }
+
+    /// Drops a timed-out waiter; the last one out cancels the want.
+    async fn give_up(&self, key: &[u8]) {
+        let out = {
+            let mut st = self.shared.lock();
+            let Some(w) = st.wants.get_mut(key) else {
+                return;
+            };
+            w.waiters.retain(|t| !t.is_closed());
+            if !w.waiters.is_empty() {
+                return;
+            }
+            let mut out = st.remove_want(key).map(|r| r.1).unwrap_or_default();
+            out.extend(st.pump());
+            out
+        };
+        send_all(out).await;
+    }
+}
+
+fn want_block(cid: Cid, seq: u64) -> WantEntry {
+    WantEntry {
+        cid,
+        priority: priority(seq),
+        cancel: false,
+        want_type: WantType::Block,
+        send_dont_have: true,
+    }
+}
+
+fn cancel(cid: Cid) -> WantEntry {
+    WantEntry {
+        cid,
+        priority: 0,
+        cancel: true,
+        want_type: WantType::Block,
+        send_dont_have: false,
+    }
+}
+
+/// One task per peer writes its queued messages, each on a new stream that
+/// is closed right after (as Kubo and Helia do: Helia only handles a stream's
+/// messages once the sender closes it), or, for peers whose policy says
+/// [`PeerPolicy::reuse_stream`], all on one stream kept open. A failed send
+/// is retried once on a new stream.
+fn spawn_writer(shared: Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
+    let (tx, mut rx) = mpsc::channel::<Message>(PEER_QUEUE);
+    tokio::spawn(async move {
+        let mut control = shared.control.clone();
+        let mut kept: Option<Stream> = None;
+        while let Some(mut msg) = rx.recv().await {
+            // Coalesce whatever else is queued: Helia drops messages beyond
+            // ten queued per peer, and fewer messages cost fewer streams.
+            while msg.block_bytes() < RESPONSE_BYTES {
+                match rx.try_recv() {
+                    Ok(more) => msg.merge(more),
+                    Err(_) => break,
+                }
+            }
+            let body = msg.encode();
+            let reuse = shared
+                .lock()
+                .peers
+                .get(&peer)
+                .is_some_and(|ps| ps.policy.reuse_stream);
+            if !reuse {
+                kept = None;
+            }
+            for attempt in 0..2 {
+                let stream = match kept.take() {
+                    Some(s) => Ok(s),
+                    None => control
+                        .open_stream(peer, PROTOCOL)
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string())),
+                };
+                let sent = match stream {
+                    Ok(mut s) => match write_frame(&mut s, &body).await {
+                        Ok(()) if reuse => {
+                            kept = Some(s);
+                            Ok(())
+                        }
+                        Ok(()) => s.close().await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(()) => {
+                        shared
+                            .stats
+                            .blocks_sent
+                            .fetch_add(msg.blocks.len() as u64, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => tracing::debug!(%peer, attempt, error = %e, "bitswap: send failed"),
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// Drains inbound streams as fast as possible (libp2p-stream keeps only one
+/// waiting) and reads each in its own task.
+async fn accept_loop(shared: Arc<Shared>, mut incoming: IncomingStreams) {
+    while let Some((peer, stream)) = incoming.next().await {
+        tokio::spawn(read_stream(shared.clone(), peer, stream));
+    }
+}
+
+async fn read_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
+    loop {
+        match read_frame(&mut stream).await {
+            Ok(Some(frame)) => match Message::decode(&frame) {
+                Ok(msg) => handle_message(&shared, peer, msg).await,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "bitswap: bad message");
+                    return;
+                }
+            },
+            Ok(None) => return,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    shared.stats.truncated.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(%peer, error = %e, "bitswap: stream ended");
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
+    for (prefix, data) in msg.blocks {
+        if shared.lock().wants.is_empty() {
+            shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let Ok(permit) = shared.hashers.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let hashed = tokio::task::spawn_blocking(move || {
+                block::cid_from_prefix(&prefix, &data).map(|c| (c, data))
+            })
+            .await;
+            drop(permit);
+            match hashed {
+                Ok(Some((cid, data))) => deliver(&shared, cid, data).await,
+                _ => {
+                    shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    let dont_have: Vec<Vec<u8>> = msg
+        .presences
+        .iter()
+        .filter(|(_, p)| *p == Presence::DontHave)
+        .map(|(c, _)| c.hash().to_bytes())
+        .collect();
+    if !dont_have.is_empty() {
+        let out = {
+            let mut st = shared.lock();
+            if let Some(ps) = st.peers.get_mut(&peer) {
+                for k in &dont_have {
+                    ps.in_flight.remove(k);
+                }
+            }
+            st.pump()
+        };
+        send_all(out).await;
+    }
+    if !msg.wantlist.is_empty() {
+        serve_wants(shared, peer, msg.wantlist).await;
+    }
+}
+
+/// Hands a verified block to its waiters and frees its slots.
+async fn deliver(shared: &Shared, cid: Cid, data: Bytes) {
+    let out = {
+        let mut st = shared.lock();
+        match st.remove_want(&cid.hash().to_bytes()) {
+            Some((w, mut out)) => {
+                shared.stats.blocks_received.fetch_add(1, Ordering::Relaxed);
+                st.answered_seq = st.answered_seq.max(w.seq);
+                for t in w.waiters {
+                    let _ = t.send(data.clone());
+                }
+                // Only peers still working on it need the cancel.
+                out.retain(|_| w.asked.len() > 1);
+                out.extend(st.pump());
+                out
+            }
+            None => {
+                shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+                Vec::new()
+            }
+        }
+    };
+    send_all(out).await;
+}
+
+/// Answers a peer's wantlist from the local store.
+async fn serve_wants(shared: &Arc<Shared>, peer: PeerId, wants: Vec<WantEntry>) {
+    let tx = peer_sender(shared, peer);
+    let mut out = Message::default();
+    let mut bytes = 0usize;
+    for e in wants.into_iter().filter(|e| !e.cancel) {
+        let store = shared.store.clone();
+        let cid = e.cid;
+        let found = match e.want_type {
+            WantType::Have => {
+                tokio::task::spawn_blocking(move || store.has(&cid).map(|h| h.then(Bytes::new)))
+                    .await
+            }
+            WantType::Block => {
+                tokio::task::spawn_blocking(move || {
+                    store.get(&cid).map(|b| b.map(Block::into_data))
+                })
+                .await
+            }
+        };
+        match found {
+            Ok(Ok(Some(data))) if e.want_type == WantType::Block => {
+                bytes += data.len();
+                out.blocks.push((block::prefix(&cid), data));
+            }
+            Ok(Ok(Some(_))) => out.presences.push((cid, Presence::Have)),
+            Ok(Ok(None)) if e.send_dont_have => out.presences.push((cid, Presence::DontHave)),
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => tracing::warn!(%cid, error = %err, "bitswap: cannot read block"),
+            Err(err) => tracing::warn!(%cid, error = %err, "bitswap: read task failed"),
+        }
+        if bytes >= RESPONSE_BYTES {
+            let msg = std::mem::take(&mut out);
+            bytes = 0;
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    }
+    if !out.is_empty() {
+        let _ = tx.send(out).await;
+    }
+}
+
+/// The writer for `peer`, created if the peer is new (it reached us first).
+fn peer_sender(shared: &Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
+    let mut st = shared.lock();
+    if let Some(ps) = st.peers.get(&peer).filter(|ps| !ps.tx.is_closed()) {
+        return ps.tx.clone();
+    }
+    let tx = spawn_writer(shared.clone(), peer);
+    st.peers.insert(
+        peer,
+        PeerState {
+            tx: tx.clone(),
+            policy: PeerPolicy::for_agent(""),
+            in_flight: HashSet::new(),
+        },
+    );
+    tx
+}
+
+/// Re-sends wants that look lost: overtaken by later blocks, or idle.
+async fn tick_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let out = {
+            let mut guard = shared.lock();
+            let st = &mut *guard;
+            let now = Instant::now();
+            let answered = st.answered_seq;
+            let mut next_seq = st.next_seq;
+            let mut out: HashMap<PeerId, Vec<WantEntry>> = HashMap::new();
+            for (key, w) in st.wants.iter_mut() {
+                let age = now.duration_since(w.sent_at);
+                if !((answered > w.seq && age >= REWANT_OVERTAKEN) || age >= REWANT_IDLE) {
+                    continue;
+                }
+                next_seq += 1;
+                w.seq = next_seq;
+                w.sent_at = now;
+                shared.stats.rewants.fetch_add(1, Ordering::Relaxed);
+                // Peers that said DONT_HAVE (or were not reached) may be
+                // asked again by the pump; the rest get the want re-sent.
+                w.asked
+                    .retain(|p| st.peers.get(p).is_some_and(|ps| ps.in_flight.contains(key)));
+                for p in &w.asked {
+                    let e = out.entry(*p).or_default();
+                    if st
+                        .peers
+                        .get(p)
+                        .is_some_and(|ps| ps.policy.cancel_before_rewant)
+                    {
+                        e.push(cancel(w.cid));
+                    }
+                    e.push(want_block(w.cid, w.seq));
+                }
+            }
+            st.next_seq = next_seq;
+            let mut msgs: Outbox = out
+                .into_iter()
+                .filter_map(|(p, wantlist)| {
+                    st.peers.get(&p).map(|ps| {
+                        (
+                            ps.tx.clone(),
+                            Message {
+                                wantlist,
+                                ..Message::default()
+                            },
+                        )
+                    })
+                })
+                .collect();
+            msgs.extend(st.pump());
+            msgs
+        };
+        for (tx, msg) in out {
+            let _ = tx.try_send(msg);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ipfs::block::{sha256_multihash, DAG_PB, RAW};
+    use proptest::prelude::*;
+
+    fn cid(i: u64) -> Cid {
+        Cid::new_v1(RAW, sha256_multihash(&i.to_le_bytes()))
+    }
+
+    #[test]
+    fn decodes_a_go_bitswap_style_message() {
+        // Hand-built like boxo's encoder: wantlist with a want-have entry,
+        // a payload block with a CIDv0 prefix, and a DONT_HAVE.
+        let data = Bytes::from_static(b"\x0a\x02\x08\x01");
+        let v0 = Cid::new_v0(sha256_multihash(&data)).unwrap();
+        let msg = Message {
+            wantlist: vec![WantEntry {
+                cid: cid(1),
+                priority: -5,
+                cancel: false,
+                want_type: WantType::Have,
+                send_dont_have: true,
+            }],
+            full: true,
+            blocks: vec![(block::prefix(&v0), data.clone())],
+            presences: vec![(cid(2), Presence::DontHave)],
+        };
+        let got = Message::decode(&Bytes::from(msg.encode())).unwrap();
+        assert_eq!(got, msg);
+        let (p, d) = &got.blocks[0];
+        assert_eq!(block::cid_from_prefix(p, d), Some(v0));
+        assert_eq!(v0.codec(), DAG_PB);
+    }
+
+    #[test]
+    fn only_helia_gets_a_cancel_before_a_rewant() {
+        let kubo = PeerPolicy::for_agent("kubo/0.22.0/");
+        assert!(!kubo.cancel_before_rewant);
+        assert_eq!(kubo.wants, WANTS_PER_KUBO_PEER);
+        assert!(PeerPolicy::for_agent("helia/7.1.15 js-libp2p/3.3.11").cancel_before_rewant);
+        assert_eq!(
+            PeerPolicy::for_agent("nixpfs/0.1.0").wants,
+            WANTS_PER_NIXPFS_PEER
+        );
+        assert!(!PeerPolicy::for_agent("").cancel_before_rewant);
+    }
+
+    #[test]
+    fn only_nixpfs_peers_get_one_long_lived_stream() {
+        assert!(PeerPolicy::for_agent("nixpfs/0.1.0").reuse_stream);
+        for agent in ["kubo/0.22.0/", "helia/7.1.15 js-libp2p/3.3.11", ""] {
+            assert!(!PeerPolicy::for_agent(agent).reuse_stream, "{agent}");
+        }
+    }
+
+    #[test]
+    fn bitswap_1_0_blocks_are_read_as_cidv0() {
+        let data = b"\x0a\x02\x08\x02";
+        let mut buf = Vec::new();
+        pb::put_bytes(&mut buf, 2, data);
+        let msg = Message::decode(&Bytes::from(buf)).unwrap();
+        let (p, d) = &msg.blocks[0];
+        let want = Cid::new_v0(sha256_multihash(data)).unwrap();
+        assert_eq!(block::cid_from_prefix(p, d), Some(want));
+    }
+
+    fn entry() -> impl Strategy<Value = WantEntry> {
+        (
+            any::<u64>(),
+            any::<i32>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(i, priority, cancel, have, send_dont_have)| WantEntry {
+                cid: cid(i),
+                priority,
+                cancel,
+                want_type: if have {
+                    WantType::Have
+                } else {
+                    WantType::Block
+                },
+                send_dont_have,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn message_round_trips(
+            wantlist in proptest::collection::vec(entry(), 0..4),
+            full in any::<bool>(),
+            blocks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..100), 0..3),
+            presences in proptest::collection::vec((any::<u64>(), any::<bool>()), 0..3),
+        ) {
+            let msg = Message {
+                wantlist,
+                full,
+                blocks: blocks.into_iter().map(|b| (block::prefix(&cid(0)), Bytes::from(b))).collect(),
+                presences: presences.into_iter().map(|(i, h)| (cid(i), if h { Presence::Have } else { Presence::DontHave })).collect(),
+            };
+            prop_assert_eq!(Message::decode(&Bytes::from(msg.encode())).unwrap(), msg);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Message::decode(&Bytes::from(bytes));
+        }
+    }
+}

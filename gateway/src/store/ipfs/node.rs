@@ -1,0 +1,919 @@
+//! The node: one process owns a data directory (`blocks/`, `pins.redb`,
+//! `identity.key`) and a libp2p host (rust-ipfs: TCP+noise+yamux, identify,
+//! ping, streams; no bootstrap, mDNS or DHT). It ties the block store, DAG
+//! import/reads, bitswap and pins together behind one cheap-to-clone handle.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cid::Cid;
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt, TryStreamExt};
+use rust_ipfs::builder::DefaultIpfsBuilder;
+use rust_ipfs::p2p::IdentifyConfiguration;
+use rust_ipfs::{Ipfs, Keypair, Multiaddr, PeerId, Protocol};
+use tokio::io::AsyncRead;
+use tokio::sync::RwLock;
+use tokio::task::JoinHandle;
+
+use super::bitswap::{self, Bitswap, Stats};
+use super::block::{self, Block};
+use super::blockstore::{BlockStore, WriteBatch};
+use super::dag::{self, BlockSource, Imported};
+use super::identify;
+use super::pins::{Pin, Pins};
+use super::IpfsError;
+
+/// How to start a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Holds `blocks/`, `pins.redb` and `identity.key`; created if missing.
+    pub data_dir: PathBuf,
+    /// Addresses to listen on. Default: loopback TCP on a free port. To be
+    /// reachable from other machines use e.g. `/ip4/0.0.0.0/tcp/4001`.
+    pub listen: Vec<Multiaddr>,
+    /// Peers (`…/p2p/<id>`) dialled at start, in the background.
+    pub peers: Vec<Multiaddr>,
+    /// How long a block may take to arrive from peers before a fetch fails.
+    pub fetch_timeout: Duration,
+    /// Blocks fetched ahead of the reader (memory: up to this many MiB).
+    pub fetch_window: usize,
+}
+
+impl NodeConfig {
+    /// Defaults: loopback listener, no peers, 60 s fetch timeout, 32 blocks ahead.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            data_dir: data_dir.into(),
+            listen: vec![Multiaddr::empty()
+                .with(Protocol::Ip4(std::net::Ipv4Addr::LOCALHOST))
+                .with(Protocol::Tcp(0))],
+            peers: Vec::new(),
+            fetch_timeout: Duration::from_secs(60),
+            fetch_window: 32,
+        }
+    }
+}
+
+/// A peer we are connected to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectedPeer {
+    pub peer_id: PeerId,
+    /// From identify, once the peer has told us.
+    pub agent_version: Option<String>,
+}
+
+/// What [`Node::gc`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct GcReport {
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+/// Handle to the running node; clones share it.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ipfs: Ipfs,
+    store: BlockStore,
+    pins: Pins,
+    bitswap: Bitswap,
+    peer_id: PeerId,
+    listen_addrs: Vec<Multiaddr>,
+    fetch_timeout: Duration,
+    fetch_window: usize,
+    /// Imports and pins hold it shared; GC holds it exclusively, so it never
+    /// deletes blocks of an import that is not pinned yet.
+    gc_lock: RwLock<()>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Garbage collection waits while one of these is alive (see [`Node::hold_gc`]).
+#[derive(Debug)]
+pub struct GcHold<'a> {
+    _shared: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.inner.peer_id)
+            .field("store", &self.inner.store.dir())
+            .finish()
+    }
+}
+
+fn host_err(e: impl std::fmt::Display) -> IpfsError {
+    IpfsError::Host {
+        reason: e.to_string(),
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> IpfsError {
+    IpfsError::Task {
+        reason: e.to_string(),
+    }
+}
+
+/// Loads the node's Ed25519 identity, creating it on first start.
+fn load_identity(path: &Path) -> Result<Keypair, IpfsError> {
+    let err = |reason: String| IpfsError::Identity {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match fs::read(path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+            crate::util::fs::write_atomically(path, &bytes).map_err(|e| err(e.to_string()))?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+impl Node {
+    /// Opens the data directory and starts the host: identity, listeners,
+    /// the bitswap protocol, then dials `cfg.peers` in the background.
+    pub async fn start(cfg: NodeConfig) -> Result<Node, IpfsError> {
+        let dir = cfg.data_dir.clone();
+        let (store, pins, keypair) = tokio::task::spawn_blocking(move || {
+            fs::create_dir_all(&dir).map_err(|source| IpfsError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let store = BlockStore::open(&dir.join("blocks"))?;
+            let pins = Pins::open(&dir.join("pins.redb"))?;
+            let keypair = load_identity(&dir.join("identity.key"))?;
+            Ok::<_, IpfsError>((store, pins, keypair))
+        })
+        .await
+        .map_err(join_err)??;
+        let peer_id = keypair.public().to_peer_id();
+        let ipfs: Ipfs = DefaultIpfsBuilder::with_keypair(&keypair)
+            .map_err(host_err)?
+            .with_identify(IdentifyConfiguration {
+                agent_version: format!("nixpfs/{}", env!("CARGO_PKG_VERSION")),
+                ..Default::default()
+            })
+            .with_ping(Default::default())
+            .with_streams()
+            .enable_tcp()
+            .set_idle_connection_timeout(120)
+            .start()
+            .await
+            .map_err(host_err)?;
+        // Accept bitswap before any connection exists: only then does
+        // identify advertise it (Helia asks only peers that do).
+        let mut control = ipfs.stream_control().await.map_err(host_err)?;
+        let incoming = control.accept(bitswap::PROTOCOL).map_err(host_err)?;
+        let (bitswap, mut tasks) = Bitswap::start(control, incoming, store.clone());
+        let mut listen_addrs = Vec::new();
+        for addr in &cfg.listen {
+            let id = ipfs
+                .add_listening_address(addr.clone())
+                .await
+                .map_err(|e| IpfsError::Host {
+                    reason: format!("cannot listen on {addr}: {e}"),
+                })?;
+            for a in ipfs.get_listening_address(id).await.map_err(host_err)? {
+                listen_addrs.push(a.with(Protocol::P2p(peer_id)));
+            }
+        }
+        tasks.push(tokio::spawn(track_peers(ipfs.clone(), bitswap.clone())));
+        let node = Node {
+            inner: Arc::new(Inner {
+                ipfs,
+                store,
+                pins,
+                bitswap,
+                peer_id,
+                listen_addrs,
+                fetch_timeout: cfg.fetch_timeout,
+                fetch_window: cfg.fetch_window.max(1),
+                gc_lock: RwLock::new(()),
+                tasks: Mutex::new(tasks),
+            }),
+        };
+        for addr in cfg.peers {
+            let task = tokio::spawn(keep_connected(node.clone(), addr));
+            node.lock_tasks().push(task);
+        }
+        Ok(node)
+    }
+
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This node's peer id (stable across restarts).
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// Addresses we listen on, each ending in `/p2p/<our id>`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.inner.listen_addrs.clone()
+    }
+
+    /// The block store (e.g. for checks and benchmarks).
+    pub fn store(&self) -> &BlockStore {
+        &self.inner.store
+    }
+
+    /// Blocks by CID, local first, else from peers (verified on arrival),
+    /// for walks outside this module (CAR export, the trustless gateway).
+    pub fn blocks(&self) -> Arc<dyn BlockSource> {
+        self.source(None)
+    }
+
+    /// Bitswap counters since start.
+    pub fn bitswap_stats(&self) -> &Stats {
+        self.inner.bitswap.stats()
+    }
+
+    /// Dials `addr` (which must end in `/p2p/<id>`) and waits until connected.
+    pub async fn connect(&self, addr: Multiaddr) -> Result<PeerId, IpfsError> {
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            return Err(IpfsError::MissingPeerId { addr });
+        };
+        let dial_err = |reason: String| IpfsError::Dial {
+            addr: addr.clone(),
+            reason,
+        };
+        let ipfs = &self.inner.ipfs;
+        if !ipfs
+            .is_connected(peer)
+            .await
+            .map_err(|e| dial_err(e.to_string()))?
+        {
+            ipfs.connect(addr.clone())
+                .await
+                .map_err(|e| dial_err(e.to_string()))?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !ipfs
+                .is_connected(peer)
+                .await
+                .map_err(|e| dial_err(e.to_string()))?
+            {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(dial_err("not connected after 10 s".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // Identify (asked by refresh_peers) sets the want window.
+        refresh_peers(ipfs, &self.inner.bitswap, &mut Agents::new()).await;
+        Ok(peer)
+    }
+
+    /// Connected peers, with agent versions where identify has run.
+    pub async fn connected_peers(&self) -> Result<Vec<ConnectedPeer>, IpfsError> {
+        let ipfs = &self.inner.ipfs;
+        let mut out = Vec::new();
+        for peer_id in ipfs.connected().await.map_err(host_err)? {
+            let agent_version = identify::query(ipfs, peer_id, IDENTIFY_TIMEOUT)
+                .await
+                .ok()
+                .map(|i| i.agent_version)
+                .filter(|a| !a.is_empty());
+            out.push(ConnectedPeer {
+                peer_id,
+                agent_version,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Imports a byte stream (profile `unixfs-v1-2025`), durably, unpinned:
+    /// the next [`gc`](Self::gc) removes it unless it gets pinned.
+    pub async fn add<R: AsyncRead + Unpin>(&self, reader: R) -> Result<Imported, IpfsError> {
+        let _guard = self.inner.gc_lock.read().await;
+        dag::import(reader, &self.inner.store).await
+    }
+
+    /// Imports and pins in one step; GC cannot run in between.
+    pub async fn add_and_pin<R: AsyncRead + Unpin>(&self, reader: R) -> Result<Pin, IpfsError> {
+        let _guard = self.inner.gc_lock.read().await;
+        let imported = dag::import(reader, &self.inner.store).await?;
+        self.pin_imported(imported).await
+    }
+
+    /// [`add_and_pin`](Self::add_and_pin) for a stream of byte chunks; chunks
+    /// of exactly [`dag::CHUNK_SIZE`] are stored without a copy.
+    pub async fn add_chunks_and_pin<S>(&self, chunks: S) -> Result<Pin, IpfsError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        let _guard = self.inner.gc_lock.read().await;
+        let imported = dag::import_chunks(chunks, &self.inner.store).await?;
+        self.pin_imported(imported).await
+    }
+
+    /// Records the pin of a DAG this node just imported (durably: the import
+    /// synced its blocks) without walking it again; the caller holds the GC
+    /// lock since before the import.
+    async fn pin_imported(&self, imported: Imported) -> Result<Pin, IpfsError> {
+        let pin = Pin {
+            cid: imported.cid,
+            size: imported.size,
+            dag_size: imported.dag_size,
+        };
+        let pins = self.inner.pins.clone();
+        tokio::task::spawn_blocking(move || pins.insert(&pin))
+            .await
+            .map_err(join_err)??;
+        Ok(pin)
+    }
+
+    fn source(&self, batch: Option<WriteBatch>) -> Arc<NodeSource> {
+        Arc::new(NodeSource(Arc::new(SourceInner {
+            store: self.inner.store.clone(),
+            bitswap: self.inner.bitswap.clone(),
+            timeout: self.inner.fetch_timeout,
+            batch: batch.map(Mutex::new),
+        })))
+    }
+
+    /// The whole file, in order: local blocks first, else from peers.
+    pub fn cat(&self, cid: Cid) -> impl Stream<Item = Result<Bytes, IpfsError>> + Send + 'static {
+        self.cat_range(cid, 0, None)
+    }
+
+    /// `len` bytes (`None`: to the end) of the file from `offset`.
+    pub fn cat_range(
+        &self,
+        cid: Cid,
+        offset: u64,
+        len: Option<u64>,
+    ) -> impl Stream<Item = Result<Bytes, IpfsError>> + Send + 'static {
+        dag::read_range(self.source(None), cid, offset, len, self.inner.fetch_window)
+    }
+
+    /// Size in bytes of the file `cid` (fetches its root block if needed).
+    pub async fn file_size(&self, cid: Cid) -> Result<u64, IpfsError> {
+        dag::file_size(&*self.source(None), cid).await
+    }
+
+    /// Whether every block of the DAG is stored locally.
+    pub async fn has_all(&self, cid: Cid) -> Result<bool, IpfsError> {
+        let mut walk = Box::pin(dag::walk_blocks(
+            Arc::new(self.inner.store.clone()),
+            cid,
+            self.inner.fetch_window,
+        ));
+        while let Some(item) = walk.next().await {
+            match item {
+                Ok(_) => {}
+                Err(IpfsError::BlockMissing { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Holds garbage collection off while alive, for callers that write
+    /// blocks themselves (a CAR import) and pin them afterwards with
+    /// [`Node::pin_held`]: a GC in between would delete them.
+    pub async fn hold_gc(&self) -> GcHold<'_> {
+        GcHold {
+            _shared: self.inner.gc_lock.read().await,
+        }
+    }
+
+    /// [`Node::pin`] under a [`GcHold`] the caller already has (taking the
+    /// lock again could wait behind a queued GC forever).
+    pub async fn pin_held(&self, _hold: &GcHold<'_>, cid: Cid) -> Result<Pin, IpfsError> {
+        self.pin_locked(cid).await
+    }
+
+    /// Pins `cid` recursively, fetching missing blocks from peers first; the
+    /// pin is recorded only after every block is durable.
+    pub async fn pin(&self, cid: Cid) -> Result<Pin, IpfsError> {
+        let _guard = self.inner.gc_lock.read().await;
+        self.pin_locked(cid).await
+    }
+
+    async fn pin_locked(&self, cid: Cid) -> Result<Pin, IpfsError> {
+        block::check_supported(&cid)?;
+        let source = self.source(Some(self.inner.store.batch()));
+        let dag_size = dag::walk_blocks(source.clone(), cid, self.inner.fetch_window)
+            .try_fold(0u64, |acc, (_, n)| async move { Ok(acc + n) })
+            .await?;
+        let size = dag::file_size(&*source, cid).await?;
+        let batch = source
+            .0
+            .batch
+            .as_ref()
+            .map(|b| std::mem::replace(&mut *lock(b), self.inner.store.batch()));
+        let pin = Pin {
+            cid,
+            size,
+            dag_size,
+        };
+        let pins = self.inner.pins.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(batch) = batch {
+                batch.commit()?;
+            }
+            pins.insert(&pin)
+        })
+        .await
+        .map_err(join_err)??;
+        Ok(pin)
+    }
+
+    /// Removes a pin; its blocks go at the next [`gc`](Self::gc).
+    pub async fn unpin(&self, cid: Cid) -> Result<(), IpfsError> {
+        let pins = self.inner.pins.clone();
+        let removed = tokio::task::spawn_blocking(move || pins.remove(&cid))
+            .await
+            .map_err(join_err)??;
+        if removed {
+            Ok(())
+        } else {
+            Err(IpfsError::NotPinned { cid })
+        }
+    }
+
+    /// All pins with their sizes.
+    pub async fn pins(&self) -> Result<Vec<Pin>, IpfsError> {
+        let pins = self.inner.pins.clone();
+        tokio::task::spawn_blocking(move || pins.list())
+            .await
+            .map_err(join_err)?
+    }
+
+    /// Deletes every block not reachable from a pin. Refuses (deleting
+    /// nothing) if a pinned DAG cannot be walked completely.
+    pub async fn gc(&self) -> Result<GcReport, IpfsError> {
+        let _guard = self.inner.gc_lock.write().await;
+        let mut keep = std::collections::HashSet::new();
+        for pin in self.pins().await? {
+            let mut walk = Box::pin(dag::walk_blocks(
+                Arc::new(self.inner.store.clone()),
+                pin.cid,
+                self.inner.fetch_window,
+            ));
+            while let Some(item) = walk.next().await {
+                keep.insert(item?.0.hash().to_bytes());
+            }
+        }
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut report = GcReport::default();
+            for (cid, _) in store.list()? {
+                if !keep.contains(&cid.hash().to_bytes()) {
+                    report.bytes += store.delete(&cid)?;
+                    report.blocks += 1;
+                }
+            }
+            Ok(report)
+        })
+        .await
+        .map_err(join_err)?
+    }
+
+    /// Stops the host and background tasks. Other clones become unusable.
+    pub async fn shutdown(&self) {
+        for t in self.lock_tasks().drain(..) {
+            t.abort();
+        }
+        self.inner.ipfs.clone().exit_daemon().await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// First wait before re-dialling an unreachable configured peer; it doubles
+/// up to [`REDIAL_MAX`] while the peer stays away.
+const REDIAL_MIN: Duration = Duration::from_secs(1);
+const REDIAL_MAX: Duration = Duration::from_secs(60);
+/// How often a configured peer's connection is checked.
+const PEER_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps one configured (static) peer connected: dials it at start and
+/// whenever its connection is gone (restart, network loss, idle timeout),
+/// backing off exponentially while it stays unreachable.
+async fn keep_connected(node: Node, addr: Multiaddr) {
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        tracing::warn!(%addr, "configured peer lacks /p2p/<peer id>: not dialled");
+        return;
+    };
+    let mut backoff = REDIAL_MIN;
+    let mut failures = 0u32;
+    loop {
+        if node.inner.ipfs.is_connected(peer).await.unwrap_or(false) {
+            tokio::time::sleep(PEER_CHECK).await;
+            continue;
+        }
+        match node.connect(addr.clone()).await {
+            Ok(_) => {
+                if failures > 0 {
+                    tracing::info!(%peer, failures, "configured peer reconnected");
+                }
+                failures = 0;
+                backoff = REDIAL_MIN;
+            }
+            Err(e) => {
+                failures += 1;
+                // Log the first failure, then at 2, 4, 8… so a long outage
+                // does not flood the log.
+                if failures.is_power_of_two() {
+                    tracing::warn!(%peer, failures, retry_in = ?backoff, "configured peer unreachable: {e}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(REDIAL_MAX);
+            }
+        }
+    }
+}
+
+/// How long a peer may take to answer an identify request.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Agent versions learned from identify, so each peer is asked only once.
+type Agents = std::collections::HashMap<PeerId, String>;
+
+/// Hands bitswap the connected peers, with a larger want window for peers
+/// whose identify says they are nixpfs nodes.
+async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap, agents: &mut Agents) {
+    let Ok(peers) = ipfs.connected().await else {
+        return;
+    };
+    agents.retain(|p, _| peers.contains(p));
+    let mut caps = Vec::with_capacity(peers.len());
+    for p in peers {
+        if let std::collections::hash_map::Entry::Vacant(slot) = agents.entry(p) {
+            // Asked once per connection; a peer that does not answer counts
+            // as foreign.
+            let agent = identify::query(ipfs, p, IDENTIFY_TIMEOUT).await;
+            slot.insert(agent.map(|i| i.agent_version).unwrap_or_default());
+        }
+        let agent = agents.get(&p).map_or("", String::as_str);
+        caps.push((p, bitswap::PeerPolicy::for_agent(agent)));
+    }
+    bitswap.set_peers(&caps).await;
+}
+
+/// Keeps bitswap's peer set in step with the swarm's connections.
+async fn track_peers(ipfs: Ipfs, bitswap: Bitswap) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut agents = Agents::new();
+    loop {
+        tick.tick().await;
+        refresh_peers(&ipfs, &bitswap, &mut agents).await;
+    }
+}
+
+/// Local blocks first, then bitswap; when pinning, fetched blocks are
+/// written to the store (synced later by the batch).
+struct NodeSource(Arc<SourceInner>);
+
+struct SourceInner {
+    store: BlockStore,
+    bitswap: Bitswap,
+    timeout: Duration,
+    batch: Option<Mutex<WriteBatch>>,
+}
+
+impl NodeSource {
+    fn fetch(&self, cid: Cid) -> BoxFuture<'static, Result<Bytes, IpfsError>> {
+        let this = self.0.clone();
+        Box::pin(async move {
+            let store = this.store.clone();
+            let local = tokio::task::spawn_blocking(move || store.get(&cid))
+                .await
+                .map_err(join_err)??;
+            if let Some(b) = local {
+                return Ok(b.into_data());
+            }
+            let data = this.bitswap.get(cid, this.timeout).await?;
+            if this.batch.is_some() {
+                let store = this.store.clone();
+                let block = Block::from_store(cid, data.clone());
+                let written = tokio::task::spawn_blocking(move || store.write(&block))
+                    .await
+                    .map_err(join_err)??;
+                if let Some(b) = &this.batch {
+                    lock(b).add(written);
+                }
+            }
+            Ok(data)
+        })
+    }
+}
+
+impl BlockSource for NodeSource {
+    fn get(&self, cid: Cid) -> BoxFuture<'static, Result<Bytes, IpfsError>> {
+        self.fetch(cid)
+    }
+
+    fn ensure(&self, cid: Cid) -> BoxFuture<'static, Result<u64, IpfsError>> {
+        let this = self.0.clone();
+        let fetch = self.fetch(cid);
+        Box::pin(async move {
+            let store = this.store.clone();
+            let size = tokio::task::spawn_blocking(move || store.size(&cid))
+                .await
+                .map_err(join_err)??;
+            match size {
+                Some(n) => Ok(n),
+                None => Ok(fetch.await?.len() as u64),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ipfs::dag::CHUNK_SIZE;
+    use sha2::{Digest, Sha256};
+    use std::time::Instant;
+
+    /// Deterministic, non-repeating test bytes (xorshift), streamed.
+    struct Noise {
+        state: u64,
+        left: u64,
+    }
+
+    impl AsyncRead for Noise {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = (buf.remaining() as u64).min(self.left) as usize / 8 * 8;
+            let n = if n == 0 {
+                (self.left as usize).min(buf.remaining())
+            } else {
+                n
+            };
+            let mut out = vec![0u8; n];
+            for chunk in out.chunks_mut(8) {
+                self.state ^= self.state << 13;
+                self.state ^= self.state >> 7;
+                self.state ^= self.state << 17;
+                chunk.copy_from_slice(&self.state.to_le_bytes()[..chunk.len()]);
+            }
+            self.left -= n as u64;
+            buf.put_slice(&out);
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn noise(seed: u64, len: u64) -> Noise {
+        Noise {
+            state: seed | 1,
+            left: len,
+        }
+    }
+
+    async fn node(dir: &Path, timeout: Duration) -> Node {
+        let mut cfg = NodeConfig::new(dir);
+        cfg.fetch_timeout = timeout;
+        Node::start(cfg).await.unwrap()
+    }
+
+    async fn sha_of(
+        stream: impl Stream<Item = Result<Bytes, IpfsError>>,
+    ) -> Result<(Vec<u8>, u64), IpfsError> {
+        let mut stream = Box::pin(stream);
+        let mut h = Sha256::new();
+        let mut n = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            n += chunk.len() as u64;
+            h.update(&chunk);
+        }
+        Ok((h.finalize().to_vec(), n))
+    }
+
+    async fn sha_of_noise(seed: u64, len: u64) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut r = noise(seed, len);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return h.finalize().to_vec();
+            }
+            h.update(&buf[..n]);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identity_and_pins_survive_restart_and_gc_frees_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let a = node(dir.path(), Duration::from_secs(1)).await;
+        let first_start = t0.elapsed();
+        let id = a.peer_id();
+        let kept = a
+            .add_and_pin(noise(1, 3 * CHUNK_SIZE as u64 + 5))
+            .await
+            .unwrap();
+        let loose = a.add(noise(2, 2 * CHUNK_SIZE as u64)).await.unwrap();
+        assert_eq!(kept.size, 3 * CHUNK_SIZE as u64 + 5);
+        assert!(a.has_all(loose.cid).await.unwrap());
+        a.shutdown().await;
+        drop(a);
+
+        let t0 = Instant::now();
+        let a = node(dir.path(), Duration::from_secs(1)).await;
+        let warm_start = t0.elapsed();
+        assert!(
+            warm_start < Duration::from_secs(1),
+            "warm start took {warm_start:?} (cold {first_start:?})"
+        );
+        assert_eq!(a.peer_id(), id);
+        assert_eq!(a.pins().await.unwrap(), vec![kept]);
+        let report = a.gc().await.unwrap();
+        assert_eq!(report.blocks, 3);
+        assert!(report.bytes > 2 * CHUNK_SIZE as u64);
+        assert!(!a.has_all(loose.cid).await.unwrap());
+        assert!(a.has_all(kept.cid).await.unwrap());
+        let (sha, n) = sha_of(a.cat(kept.cid)).await.unwrap();
+        assert_eq!(n, kept.size);
+        assert_eq!(sha, sha_of_noise(1, kept.size).await);
+        a.unpin(kept.cid).await.unwrap();
+        assert!(matches!(
+            a.unpin(kept.cid).await,
+            Err(IpfsError::NotPinned { .. })
+        ));
+        assert_eq!(a.gc().await.unwrap().blocks, 5);
+        assert!(a.store().list().unwrap().is_empty());
+        a.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn second_node_fetches_a_file_over_bitswap() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = node(da.path(), Duration::from_secs(5)).await;
+        let b = node(db.path(), Duration::from_secs(2)).await;
+        let len = 20 * CHUNK_SIZE as u64 + 777;
+        let pinned = a.add_and_pin(noise(3, len)).await.unwrap();
+        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+
+        let t0 = Instant::now();
+        let (sha, n) = sha_of(b.cat(pinned.cid)).await.unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "cat over bitswap: {:.1} MB/s, {:?}",
+            len as f64 / secs / 1e6,
+            b.bitswap_stats()
+        );
+        assert_eq!(n, len);
+        assert_eq!(sha, sha_of_noise(3, len).await);
+
+        // A range from the middle, then pinning fetches and keeps every block.
+        let (_, n) = sha_of(b.cat_range(pinned.cid, 5 * CHUNK_SIZE as u64 - 3, Some(10)))
+            .await
+            .unwrap();
+        assert_eq!(n, 10);
+        assert_eq!(b.file_size(pinned.cid).await.unwrap(), len);
+        let pin = b.pin(pinned.cid).await.unwrap();
+        assert_eq!(pin, pinned);
+        assert!(b.has_all(pinned.cid).await.unwrap());
+
+        let agents = b.connected_peers().await.unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].peer_id, a.peer_id());
+        let want = concat!("nixpfs/", env!("CARGO_PKG_VERSION"));
+        assert_eq!(agents[0].agent_version.as_deref(), Some(want));
+
+        // Nobody has this block: the error names it, after the timeout.
+        let missing = *Block::from_data(block::RAW, Bytes::from_static(b"nobody has me")).cid();
+        let t0 = Instant::now();
+        let err = sha_of(b.cat(missing)).await.unwrap_err();
+        assert!(
+            matches!(err, IpfsError::FetchTimeout { cid, .. } if cid == missing),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&missing.to_string()));
+        assert!(t0.elapsed() < Duration::from_secs(4));
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_configured_peer_is_redialled_after_it_restarts() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let b_config = || {
+            let mut cfg = NodeConfig::new(db.path());
+            cfg.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()];
+            cfg
+        };
+        let b = Node::start(b_config()).await.unwrap();
+        let b_id = b.peer_id();
+        let mut cfg = NodeConfig::new(da.path());
+        cfg.peers = b.listen_addrs();
+        let a = Node::start(cfg).await.unwrap();
+        let connected = |a: Node| async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let peers = a.connected_peers().await.unwrap();
+                if peers.iter().any(|p| p.peer_id == b_id) {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        assert!(connected(a.clone()).await, "dialled at start");
+        b.shutdown().await;
+        drop(b);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.inner.ipfs.is_connected(b_id).await.unwrap() {
+            assert!(
+                Instant::now() < deadline,
+                "still connected to a stopped peer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let b = Node::start(b_config()).await.unwrap();
+        assert_eq!(b.peer_id(), b_id);
+        assert!(connected(a.clone()).await, "redialled after the restart");
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn gc_waits_for_a_hold_and_blocks_pinned_under_it_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), Duration::from_secs(2)).await;
+        let hold = node.hold_gc().await;
+        let gc = tokio::spawn({
+            let node = node.clone();
+            async move { node.gc().await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!gc.is_finished(), "GC ran while an import held it off");
+        let store = node.inner.store.clone();
+        let block = Block::from_data(block::RAW, Bytes::from_static(b"imported, then pinned"));
+        let cid = *block.cid();
+        tokio::task::spawn_blocking(move || store.write(&block))
+            .await
+            .unwrap()
+            .unwrap();
+        node.pin_held(&hold, cid).await.unwrap();
+        drop(hold);
+        gc.await.unwrap().unwrap();
+        assert!(
+            node.inner.store.get(&cid).unwrap().is_some(),
+            "pinned block kept"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupted_block_on_the_server_never_reaches_the_reader() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = node(da.path(), Duration::from_secs(5)).await;
+        let b = node(db.path(), Duration::from_secs(1)).await;
+        let pinned = a
+            .add_and_pin(noise(4, 2 * CHUNK_SIZE as u64))
+            .await
+            .unwrap();
+        let second = a
+            .store()
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(c, _)| c)
+            .find(|c| *c != pinned.cid && a.store().size(c).unwrap() == Some(CHUNK_SIZE as u64))
+            .unwrap();
+        let path = a.store().path_of(&second);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+        let err = sha_of(b.cat(pinned.cid)).await.unwrap_err();
+        assert!(matches!(err, IpfsError::FetchTimeout { .. }), "{err}");
+        assert!(
+            b.bitswap_stats()
+                .unmatched
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}

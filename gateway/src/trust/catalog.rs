@@ -1,0 +1,348 @@
+//! Answers the one question a binary cache is asked: "may I serve store path
+//! P, and with which narinfo?". The user's own pins are always served; other
+//! paths only when the anchor policy holds. Every narinfo served points at
+//! `nar/<nix32 NarHash>.nar` and carries the gateway's own signature.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use anchor_registry::{Decision, NarInfo, Policy, Registry, SecretKey, StorePathHash};
+use bytes::Bytes;
+
+use crate::store::index::{Index, IndexError, LocalPath};
+
+/// What the catalog knows about a store path; `T` is the narinfo to send,
+/// parsed or as the text the endpoint sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup<T = Box<NarInfo>> {
+    /// Servable: the narinfo to send, already rewritten and signed.
+    Found(T),
+    /// Unknown, or known but not trusted enough: Nix sees a 404.
+    NotFound,
+    /// Registry anchors disagree about this path: blocked, Nix sees a 404.
+    Conflict,
+}
+
+/// Resolution of store paths to servable narinfos.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    index: Arc<Index>,
+    key: Arc<SecretKey>,
+    /// `key`'s public half as written in narinfos and index records.
+    public: Arc<str>,
+    trust: Arc<RwLock<Trust>>,
+    own: Arc<Mutex<OwnCache>>,
+}
+
+/// Most narinfos a catalog keeps signed in memory (a few hundred bytes each).
+const OWN_CACHE_ENTRIES: usize = 1 << 18;
+
+/// The user's own paths' narinfos as sent: the endpoint answers a hit with a
+/// reference-counted copy of these bytes. Valid while the index's local
+/// generation is unchanged; when full it starts over.
+#[derive(Debug, Default)]
+struct OwnCache {
+    generation: u64,
+    entries: HashMap<StorePathHash, Bytes>,
+}
+
+impl OwnCache {
+    fn get(&mut self, generation: u64, hash: &StorePathHash) -> Option<Bytes> {
+        if self.generation != generation {
+            self.entries.clear();
+            self.generation = generation;
+        }
+        self.entries.get(hash).cloned()
+    }
+
+    fn put(&mut self, generation: u64, hash: StorePathHash, info: Bytes) {
+        if self.generation != generation {
+            return;
+        }
+        if self.entries.len() >= OWN_CACHE_ENTRIES {
+            self.entries.clear();
+        }
+        self.entries.insert(hash, info);
+    }
+}
+
+/// The registry in force and the user's policy; replaced by each sync.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub registry: Option<Registry>,
+    pub policy: Policy,
+}
+
+/// The URL under which the gateway serves a NAR: its Nix identity, stable
+/// forever whatever the CID (Nix caches narinfos, URL included, for 30 days).
+pub fn nar_url(narinfo: &NarInfo) -> String {
+    format!("nar/{}.nar", narinfo.nar_hash.to_nix32())
+}
+
+impl Catalog {
+    pub fn new(index: Arc<Index>, key: Arc<SecretKey>, trust: Trust) -> Self {
+        Self {
+            index,
+            public: key.public().to_string().into(),
+            key,
+            trust: Arc::new(RwLock::new(trust)),
+            own: Arc::default(),
+        }
+    }
+
+    /// The index this catalog answers from.
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    /// The gateway's own narinfo key, public half.
+    pub fn public_key(&self) -> anchor_registry::PublicKey {
+        self.key.public()
+    }
+
+    /// Installs a newly verified registry (sync does this).
+    pub fn set_registry(&self, registry: Registry) {
+        if let Ok(mut trust) = self.trust.write() {
+            trust.registry = Some(registry);
+        }
+    }
+
+    /// A copy of the registry and policy in force.
+    pub fn trust(&self) -> Option<Trust> {
+        self.trust.read().ok().map(|t| t.clone())
+    }
+
+    /// Records the user's own paths in served form (our URL, uncompressed,
+    /// our signature), one transaction: serving them then costs one index
+    /// read, no parsing and no signing.
+    pub fn put_locals(&self, paths: Vec<LocalPath>) -> Result<(), IndexError> {
+        let served: Vec<LocalPath> = paths
+            .into_iter()
+            .map(|path| LocalPath {
+                narinfo: self.present(path.narinfo),
+                cid: path.cid,
+            })
+            .collect();
+        self.index.put_locals(&served, Some(&self.public))
+    }
+
+    /// The narinfo text for one of the user's own paths if it is in memory:
+    /// no I/O, so callers may skip moving the lookup to a blocking thread.
+    pub fn cached(&self, hash: &StorePathHash) -> Option<Bytes> {
+        let generation = self.index.local_generation();
+        self.lock_own().get(generation, hash)
+    }
+
+    /// The narinfo to serve for `hash`, if policy allows, parsed.
+    pub fn lookup(&self, hash: &StorePathHash) -> Result<Lookup, IndexError> {
+        Ok(match self.lookup_text(hash)? {
+            Lookup::Found(text) => {
+                let parsed = std::str::from_utf8(&text)
+                    .ok()
+                    .and_then(|t| NarInfo::parse(t).ok());
+                match parsed {
+                    Some(info) => Lookup::Found(Box::new(info)),
+                    None => return Err(corrupt_own(hash, "not a narinfo")),
+                }
+            }
+            Lookup::NotFound => Lookup::NotFound,
+            Lookup::Conflict => Lookup::Conflict,
+        })
+    }
+
+    /// The narinfo text to serve for `hash`, if policy allows. The user's
+    /// own paths come from memory or as stored; others from policy.
+    pub fn lookup_text(&self, hash: &StorePathHash) -> Result<Lookup<Bytes>, IndexError> {
+        let generation = self.index.local_generation();
+        if let Some(text) = self.lock_own().get(generation, hash) {
+            return Ok(Lookup::Found(text));
+        }
+        if let Some(stored) = self.index.local_narinfo(hash)? {
+            let text = if stored.served_by.as_deref() == Some(&*self.public) {
+                Bytes::from(stored.text)
+            } else {
+                let info =
+                    NarInfo::parse(&stored.text).map_err(|e| corrupt_own(hash, &e.to_string()))?;
+                Bytes::from(self.present(info).to_string())
+            };
+            self.lock_own().put(generation, *hash, text.clone());
+            return Ok(Lookup::Found(text));
+        }
+        match self.decide(hash)? {
+            Some(Decision::Serve { mapping, agreeing }) => {
+                let data = mapping.into_data();
+                let narinfo = NarInfo {
+                    store_path: data.path,
+                    url: String::new(),
+                    compression: None,
+                    file_hash: None,
+                    file_size: None,
+                    nar_hash: data.nar_hash,
+                    nar_size: data.nar_size,
+                    references: data.references.into_iter().collect(),
+                    deriver: data.deriver,
+                    sigs: agreeing
+                        .iter()
+                        .map(|v| v.mapping.signature().clone())
+                        .collect(),
+                    ca: data.ca.map(|ca| ca.as_str().to_owned()),
+                };
+                Ok(Lookup::Found(Bytes::from(
+                    self.present(narinfo).to_string(),
+                )))
+            }
+            Some(Decision::Conflict { .. }) => Ok(Lookup::Conflict),
+            Some(Decision::NotEnough { .. }) | None => Ok(Lookup::NotFound),
+        }
+    }
+
+    fn lock_own(&self) -> std::sync::MutexGuard<'_, OwnCache> {
+        self.own.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The policy's decision for `hash` from unexpired anchor sets; `None`
+    /// when no registry is loaded or nobody said anything about the path.
+    pub fn decide(&self, hash: &StorePathHash) -> Result<Option<Decision>, IndexError> {
+        let assertions = self.index.assertions(hash, crate::util::time::unix_now())?;
+        let Some(path) = assertions.first().map(|a| a.mapping.path().clone()) else {
+            return Ok(None);
+        };
+        let Ok(trust) = self.trust.read() else {
+            return Ok(None);
+        };
+        let Some(registry) = &trust.registry else {
+            return Ok(None);
+        };
+        Ok(Some(trust.policy.evaluate(registry, &path, &assertions)))
+    }
+
+    /// Rewrites a narinfo for serving: our URL, uncompressed, our signature
+    /// added beside the ones it carries.
+    fn present(&self, mut narinfo: NarInfo) -> NarInfo {
+        narinfo.url = nar_url(&narinfo);
+        narinfo.compression = Some("none".to_owned());
+        narinfo.file_hash = None;
+        narinfo.file_size = None;
+        narinfo.sign(&self.key);
+        narinfo
+    }
+}
+
+fn corrupt_own(hash: &StorePathHash, message: &str) -> IndexError {
+    IndexError::Corrupt {
+        table: "local_paths",
+        key: hash.to_string(),
+        message: message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anchor_registry::{NarHash, StorePath};
+
+    fn local(sig_name: &str) -> LocalPath {
+        let mut narinfo = NarInfo {
+            store_path: StorePath::parse("/nix/store/0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-own")
+                .unwrap(),
+            url: "nar/x.nar".into(),
+            compression: None,
+            file_hash: None,
+            file_size: None,
+            nar_hash: NarHash::digest(b"nar"),
+            nar_size: 3,
+            references: Vec::new(),
+            deriver: None,
+            sigs: Vec::new(),
+            ca: None,
+        };
+        narinfo.sign(&SecretKey::generate(sig_name).unwrap());
+        LocalPath {
+            narinfo,
+            cid: "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy".into(),
+        }
+    }
+
+    #[test]
+    fn own_paths_are_served_from_memory_until_the_index_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let catalog = Catalog::new(
+            index.clone(),
+            Arc::new(SecretKey::generate("gw-1").unwrap()),
+            Trust {
+                registry: None,
+                policy: Policy::new(1, None).unwrap(),
+            },
+        );
+        let first = local("uploader-1");
+        let hash = *first.narinfo.store_path.hash();
+        index.put_locals(&[first], None).unwrap();
+        let found = |catalog: &Catalog| match catalog.lookup(&hash).unwrap() {
+            Lookup::Found(info) => Some(info),
+            _ => None,
+        };
+        let a = found(&catalog).unwrap();
+        assert_eq!(found(&catalog).unwrap(), a, "cached answer is the same");
+        assert!(a.sigs.iter().any(|s| s.name() == "uploader-1"));
+
+        index.put_locals(&[local("uploader-2")], None).unwrap();
+        let b = found(&catalog).unwrap();
+        assert!(b.sigs.iter().any(|s| s.name() == "uploader-2"), "{b}");
+
+        index.remove_local(&hash).unwrap();
+        assert_eq!(catalog.lookup(&hash).unwrap(), Lookup::NotFound);
+    }
+
+    fn catalog(index: &Arc<Index>, key: &Arc<SecretKey>) -> Catalog {
+        Catalog::new(
+            index.clone(),
+            key.clone(),
+            Trust {
+                registry: None,
+                policy: Policy::new(1, None).unwrap(),
+            },
+        )
+    }
+
+    #[test]
+    fn paths_stored_in_served_form_are_sent_as_stored_and_re_signed_after_a_key_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let key = Arc::new(SecretKey::generate("gw-1").unwrap());
+        let path = local("uploader-1");
+        let hash = *path.narinfo.store_path.hash();
+        catalog(&index, &key).put_locals(vec![path]).unwrap();
+
+        let stored = index.local_narinfo(&hash).unwrap().unwrap();
+        assert_eq!(stored.served_by, Some(key.public().to_string()));
+        let served = NarInfo::parse(&stored.text).unwrap();
+        assert_eq!(served.url, nar_url(&served));
+        assert_eq!(served.compression.as_deref(), Some("none"));
+        assert!(served.verify(&key.public()), "stored with our signature");
+        let fresh = catalog(&index, &key);
+        assert_eq!(
+            fresh.lookup_text(&hash).unwrap(),
+            Lookup::Found(Bytes::from(stored.text.clone())),
+            "sent byte for byte as stored"
+        );
+        assert_eq!(fresh.cached(&hash), Some(Bytes::from(stored.text)));
+
+        let rotated = SecretKey::generate("gw-1").unwrap();
+        let Lookup::Found(info) = catalog(&index, &Arc::new(rotated.clone()))
+            .lookup(&hash)
+            .unwrap()
+        else {
+            panic!("own path not served");
+        };
+        assert!(
+            info.verify(&rotated.public()),
+            "re-signed with the key in use"
+        );
+        assert!(
+            !info.verify(&key.public()),
+            "the old key's signature replaced"
+        );
+        assert!(info.sigs.iter().any(|s| s.name() == "uploader-1"));
+    }
+}

@@ -1,0 +1,527 @@
+//! Fetching the anchor registry and each anchor's newest mapping set from
+//! where they publish (file, http(s), IPFS), verifying them through
+//! `anchor-registry`, and indexing what passed. Nothing is indexed, and no
+//! trusted state moves, unless every check passed.
+
+use std::sync::Arc;
+
+use anchor_registry::{
+    check_header, Anchor, EntryChecks, Registry, SetKind, SetReader, Source, TrustError,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::store::index::{ForkEvidence, Index, IndexError};
+use crate::store::ipfs::Node;
+use crate::trust::catalog::Catalog;
+use crate::util::metrics::Metrics;
+use crate::util::time::unix_now;
+
+/// Largest registry or mapping set accepted from one source.
+const MAX_DOCUMENT: u64 = 1 << 30;
+
+/// Why a sync could not even start (per-anchor failures are in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot load the registry from {source_name}: {message}")]
+    RegistrySource {
+        source_name: String,
+        message: String,
+    },
+    #[error("registry from {source_name} refused: {error}")]
+    Registry {
+        source_name: String,
+        error: anchor_registry::RegistryError,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("sync task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What became of one publisher's set in a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// A new version was verified and indexed.
+    Accepted,
+    /// The trusted version again: nothing changed.
+    Unchanged,
+    /// No source delivered a set that passed every check.
+    Rejected,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Accepted => "accepted",
+            Self::Unchanged => "unchanged",
+            Self::Rejected => "rejected",
+        })
+    }
+}
+
+/// What one sync did, per anchor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub registry_version: u64,
+    pub anchors: Vec<AnchorSync>,
+}
+
+/// The outcome for one anchor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorSync {
+    pub anchor: String,
+    pub outcome: Outcome,
+    pub version: Option<u64>,
+    pub entries: Option<u64>,
+    /// Why each source failed, when none succeeded.
+    pub errors: Vec<String>,
+}
+
+/// Everything a sync touches.
+#[derive(Debug, Clone)]
+pub struct Syncer {
+    pub index: Arc<Index>,
+    pub catalog: Catalog,
+    pub node: Option<Node>,
+    pub metrics: Arc<Metrics>,
+    /// The registry's own location (file path or http(s) URL).
+    pub registry_source: String,
+}
+
+impl Syncer {
+    /// Loads and verifies the registry (rotation checked against the last
+    /// accepted one), then every anchor's newest set.
+    pub async fn sync(&self) -> Result<SyncReport, SyncError> {
+        let registry = self.load_registry().await?;
+        self.catalog.set_registry(registry.clone());
+        let mut report = SyncReport {
+            registry_version: registry.version(),
+            anchors: Vec::new(),
+        };
+        for anchor in registry.anchors() {
+            let outcome = self.sync_anchor(&registry, anchor).await?;
+            report.anchors.push(outcome);
+        }
+        Ok(report)
+    }
+
+    async fn load_registry(&self) -> Result<Registry, SyncError> {
+        let source = &self.registry_source;
+        let bytes = fetch_location(source, self.node.as_ref())
+            .await
+            .map_err(|message| SyncError::RegistrySource {
+                source_name: source.clone(),
+                message,
+            })?;
+        let text = String::from_utf8(bytes.to_vec()).map_err(|_| SyncError::RegistrySource {
+            source_name: source.clone(),
+            message: "not UTF-8 text".to_owned(),
+        })?;
+        let refused = |error| SyncError::Registry {
+            source_name: source.clone(),
+            error,
+        };
+        let registry = Registry::parse(&text).map_err(refused)?;
+        let previous = match self.index.registry_text()? {
+            Some(old) => Registry::parse(&old).ok(),
+            None => None,
+        };
+        registry
+            .verify(previous.as_ref(), unix_now())
+            .map_err(refused)?;
+        if previous.as_ref().map(Registry::version) != Some(registry.version()) {
+            self.index.put_registry_text(&text)?;
+        }
+        Ok(registry)
+    }
+
+    async fn sync_anchor(
+        &self,
+        registry: &Registry,
+        anchor: &Anchor,
+    ) -> Result<AnchorSync, SyncError> {
+        let mut errors = Vec::new();
+        for source in &anchor.sources {
+            // Files are streamed; other sources arrive whole (bounded).
+            let document = match source {
+                Source::File(path) => std::fs::File::open(path)
+                    .map(|f| Document::File(std::io::BufReader::with_capacity(1 << 20, f)))
+                    .map_err(|e| e.to_string()),
+                _ => fetch_source(source, self.node.as_ref())
+                    .await
+                    .map(Document::Bytes),
+            };
+            let document = match document {
+                Ok(document) => document,
+                Err(e) => {
+                    errors.push(format!("{source}: {e}"));
+                    continue;
+                }
+            };
+            let index = self.index.clone();
+            let registry = registry.clone();
+            let name = anchor.name.as_str().to_owned();
+            let result = tokio::task::spawn_blocking(move || match document {
+                Document::File(reader) => {
+                    verify_and_index(&index, &registry, SetKind::Anchor, &name, reader)
+                }
+                Document::Bytes(bytes) => {
+                    verify_and_index(&index, &registry, SetKind::Anchor, &name, &bytes[..])
+                }
+            })
+            .await?;
+            match result {
+                Ok(Indexed::Accepted { version, entries }) => {
+                    Metrics::inc(&self.metrics.sync_accepted);
+                    tracing::info!(anchor = %anchor.name, version, entries, "accepted mapping set");
+                    return Ok(AnchorSync {
+                        anchor: anchor.name.to_string(),
+                        outcome: Outcome::Accepted,
+                        version: Some(version),
+                        entries: Some(entries),
+                        errors,
+                    });
+                }
+                Ok(Indexed::Unchanged { version }) => {
+                    return Ok(AnchorSync {
+                        anchor: anchor.name.to_string(),
+                        outcome: Outcome::Unchanged,
+                        version: Some(version),
+                        entries: None,
+                        errors,
+                    });
+                }
+                Err(SetRejected::Index(e)) => return Err(e.into()),
+                Err(SetRejected::Trust(e)) => {
+                    Metrics::inc(&self.metrics.sync_rejected);
+                    tracing::warn!(anchor = %anchor.name, %source, "refused mapping set: {e}");
+                    errors.push(format!("{source}: {e}"));
+                }
+            }
+        }
+        Ok(AnchorSync {
+            anchor: anchor.name.to_string(),
+            outcome: Outcome::Rejected,
+            version: None,
+            entries: None,
+            errors,
+        })
+    }
+}
+
+/// A fetched set: streamed from a file, or held whole.
+enum Document {
+    File(std::io::BufReader<std::fs::File>),
+    Bytes(Bytes),
+}
+
+/// What became of one fetched set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexed {
+    Accepted {
+        version: u64,
+        entries: u64,
+    },
+    /// The trusted version again: nothing to do.
+    Unchanged {
+        version: u64,
+    },
+}
+
+/// Why a fetched set was not indexed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetRejected {
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// Verifies a set against the registry and the trusted state and, only when
+/// every check passed, replaces the publisher's mappings and state. The set
+/// is copied aside while it is read, so it is read once; the trusted version
+/// again costs one header line. A fork is recorded as evidence before it is
+/// refused.
+pub fn verify_and_index(
+    index: &Index,
+    registry: &Registry,
+    kind: SetKind,
+    name: &str,
+    reader: impl std::io::BufRead,
+) -> Result<Indexed, SetRejected> {
+    let trusted = index.trusted_state(kind, name)?;
+    let mut tee = index.tee_set(reader)?;
+    // Entry signatures are checked when policy counts a mapping (see
+    // `Policy::evaluate`); the header signature already binds every entry
+    // byte to the anchor, so deferring them is sound and ~20x faster.
+    let set = SetReader::open_with(&mut tee, EntryChecks::DeferNixSignatures)
+        .map_err(TrustError::from)?;
+    let state = match check_header(set.header(), registry, trusted.as_ref(), unix_now()) {
+        Ok(state) => state,
+        Err(TrustError::Fork {
+            anchor,
+            version,
+            trusted,
+            found,
+        }) => {
+            tracing::error!(%anchor, version, "anchor signed two different sets of one version: fork");
+            index.record_fork(&ForkEvidence {
+                anchor: anchor.to_string(),
+                version,
+                trusted: (*trusted).clone(),
+                found: (*found).clone(),
+            })?;
+            return Err(TrustError::Fork {
+                anchor,
+                version,
+                trusted,
+                found,
+            }
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if index.holds_set(&state) {
+        return Ok(Indexed::Unchanged {
+            version: state.version(),
+        });
+    }
+    let mut keys = Vec::new();
+    set.for_each(|m| keys.push((*m.path().hash(), *m.nar_hash())))
+        .map_err(TrustError::from)?;
+    let entries = keys.len() as u64;
+    index.replace_set(&state, tee.finish(keys)?)?;
+    Ok(Indexed::Accepted {
+        version: state.version(),
+        entries,
+    })
+}
+
+/// Fetches a registry location given as text (file path or http(s) URL).
+async fn fetch_location(location: &str, node: Option<&Node>) -> Result<Bytes, String> {
+    match Source::parse(location) {
+        Ok(source) => fetch_source(&source, node).await,
+        Err(_) => tokio::fs::read(location)
+            .await
+            .map(Bytes::from)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Fetches one published document, bounded in size.
+pub async fn fetch_source(source: &Source, node: Option<&Node>) -> Result<Bytes, String> {
+    match source {
+        Source::File(path) => {
+            let meta = tokio::fs::metadata(path).await.map_err(|e| e.to_string())?;
+            if meta.len() > MAX_DOCUMENT {
+                return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+            }
+            tokio::fs::read(path)
+                .await
+                .map(Bytes::from)
+                .map_err(|e| e.to_string())
+        }
+        Source::Http(url) => {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || http_get(&url))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        Source::Ipfs(cid) => {
+            let Some(node) = node else {
+                return Err("ipfs:// sources need the IPFS node (run through `nixpfs serve`)".to_owned());
+            };
+            let cid: cid::Cid = cid.to_string().parse().map_err(|e| format!("{e}"))?;
+            let mut stream = Box::pin(node.cat(cid));
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                if (out.len() + chunk.len()) as u64 > MAX_DOCUMENT {
+                    return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(Bytes::from(out))
+        }
+        Source::Ipns(name) => Err(format!(
+            "ipns://{name}: IPNS resolution is not supported yet; publish the set as a file, http(s) URL or ipfs:// CID too"
+        )),
+    }
+}
+
+fn http_get(url: &str) -> Result<Bytes, String> {
+    use std::io::Read;
+    let response = ureq::get(url)
+        .timeout(std::time::Duration::from_secs(60))
+        .call()
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    response
+        .into_reader()
+        .take(MAX_DOCUMENT + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    if out.len() as u64 > MAX_DOCUMENT {
+        return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use anchor_registry::testing::{anchor, key, mapping, one_root_registry, FAR_FUTURE};
+    use anchor_registry::{MappingSetBuilder, Policy, SecretKey, SignedHeader, StorePath};
+
+    use super::*;
+    use crate::trust::catalog::Trust;
+
+    /// An index, an anchor `alpha` publishing at `<dir>/alpha.jsonl`, and a
+    /// syncer reading the registry from `<dir>/registry.json`.
+    struct World {
+        dir: tempfile::TempDir,
+        alpha: SecretKey,
+        syncer: Syncer,
+    }
+
+    fn world() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let alpha = key("alpha-1");
+        let set_file = dir.path().join("alpha.jsonl");
+        let registry = one_root_registry(
+            [anchor(
+                &alpha,
+                "alpha",
+                &[set_file.to_str().expect("utf-8")],
+            )],
+            FAR_FUTURE,
+        );
+        let registry_file = dir.path().join("registry.json");
+        std::fs::write(&registry_file, registry.render()).expect("write registry");
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).expect("index"));
+        let catalog = Catalog::new(
+            index.clone(),
+            Arc::new(key("gateway-1")),
+            Trust {
+                registry: None,
+                policy: Policy::default(),
+            },
+        );
+        let syncer = Syncer {
+            index,
+            catalog,
+            node: None,
+            metrics: Arc::default(),
+            registry_source: registry_file.to_str().expect("utf-8").to_owned(),
+        };
+        World { dir, alpha, syncer }
+    }
+
+    fn path(i: u8) -> StorePath {
+        let hash = "0123456789abcdfghijklmnpqrsvwxyz";
+        StorePath::parse(&format!(
+            "/nix/store/{}{}-pkg",
+            &hash[..31],
+            hash.as_bytes()[i as usize] as char
+        ))
+        .expect("a valid store path")
+    }
+
+    /// Writes `alpha`'s next set (after `previous`) with `paths` to `out`.
+    fn publish(
+        w: &World,
+        previous: Option<&SignedHeader>,
+        paths: &[u8],
+        out: &Path,
+    ) -> SignedHeader {
+        let mut builder = match previous {
+            Some(h) => MappingSetBuilder::next_after(h),
+            None => MappingSetBuilder::first(
+                SetKind::Anchor,
+                anchor_registry::AnchorName::parse("alpha").expect("name"),
+            ),
+        };
+        for &i in paths {
+            builder.insert(mapping(&w.alpha, path(i), &[i]));
+        }
+        let mut bytes = Vec::new();
+        let header = builder
+            .write(&w.alpha, 1, FAR_FUTURE, &mut bytes)
+            .expect("write set");
+        std::fs::write(out, bytes).expect("write set file");
+        header
+    }
+
+    fn set_file(w: &World) -> PathBuf {
+        w.dir.path().join("alpha.jsonl")
+    }
+
+    #[tokio::test]
+    async fn sync_outcomes_follow_the_published_versions() {
+        let w = world();
+        let v1 = publish(&w, None, &[1], &set_file(&w));
+        let kept = w.dir.path().join("v1.jsonl");
+        std::fs::copy(set_file(&w), &kept).expect("keep v1");
+
+        let report = w.syncer.sync().await.expect("sync");
+        assert_eq!(report.registry_version, 1);
+        let alpha = &report.anchors[0];
+        assert_eq!(
+            (alpha.outcome, alpha.version, alpha.entries),
+            (Outcome::Accepted, Some(1), Some(1))
+        );
+
+        let again = w.syncer.sync().await.expect("sync again");
+        assert_eq!(again.anchors[0].outcome, Outcome::Unchanged);
+
+        publish(&w, Some(&v1), &[1, 2], &set_file(&w));
+        let next = w.syncer.sync().await.expect("sync v2");
+        let alpha = &next.anchors[0];
+        assert_eq!(
+            (alpha.outcome, alpha.version, alpha.entries),
+            (Outcome::Accepted, Some(2), Some(2))
+        );
+
+        // The old version again is a rollback: refused, counted, with the reason.
+        std::fs::copy(&kept, set_file(&w)).expect("restore v1");
+        let rolled = w.syncer.sync().await.expect("sync rollback");
+        let alpha = &rolled.anchors[0];
+        assert_eq!(alpha.outcome, Outcome::Rejected);
+        assert!(
+            alpha.errors[0].contains("alpha.jsonl"),
+            "{:?}",
+            alpha.errors
+        );
+        let counters = w.syncer.metrics.snapshot();
+        assert_eq!((counters.sync_accepted, counters.sync_rejected), (2, 1));
+        assert_eq!(
+            w.syncer
+                .index
+                .trusted_state(SetKind::Anchor, "alpha")
+                .expect("state")
+                .map(|s| s.version()),
+            Some(2)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_set_is_rejected_and_a_missing_registry_stops_the_sync() {
+        let w = world();
+        let report = w.syncer.sync().await.expect("the registry loads");
+        assert_eq!(report.anchors[0].outcome, Outcome::Rejected);
+        assert_eq!(
+            w.syncer.metrics.snapshot().sync_rejected,
+            0,
+            "nothing was refused, only missing"
+        );
+
+        std::fs::remove_file(&w.syncer.registry_source).expect("remove registry");
+        let err = w.syncer.sync().await.expect_err("no registry");
+        assert!(matches!(err, SyncError::RegistrySource { .. }), "{err}");
+        assert!(err.to_string().contains("registry.json"), "{err}");
+    }
+}

@@ -1,0 +1,105 @@
+//! The one copy of the file writes a crash must not tear: documents replaced
+//! through a temporary file and a rename, and secret files no umask can
+//! widen.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// A file operation that failed, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("while writing {}: {source}", path.display())]
+pub struct WriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl WriteError {
+    fn at(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
+        move |source| Self {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// The directory a file at `path` lives in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Writes `contents` to `path` through a temporary file in the same
+/// directory, synced before the rename, so a crash leaves either the old
+/// document or the new one, never half of one. The file is private to its
+/// owner (mode 0600, as `tempfile` creates it): identities and tokens go
+/// through here too.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), WriteError> {
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(parent_dir(path)).map_err(WriteError::at(path))?;
+    tmp.write_all(contents)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(WriteError::at(path))?;
+    tmp.persist(path)
+        .map_err(|e| WriteError::at(path)(e.error))?;
+    Ok(())
+}
+
+/// Creates a new file readable only by its owner and writes `contents`:
+/// secret keys must not leak through a permissive umask, and an existing
+/// key is never overwritten.
+pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), WriteError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(WriteError::at(path))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(WriteError::at(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn atomic_writes_replace_the_whole_document_and_stay_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("doc");
+        write_atomically(&path, b"first version").expect("write");
+        write_atomically(&path, b"second").expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"second");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("ls").count(),
+            1,
+            "no temporary file left"
+        );
+    }
+
+    #[test]
+    fn atomic_write_into_a_missing_directory_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("missing").join("doc");
+        let err = write_atomically(&path, b"x").expect_err("no such directory");
+        assert!(err.to_string().contains("missing/doc"), "{err}");
+    }
+
+    #[test]
+    fn secret_files_are_private_and_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        write_secret_file(&path, "secret").expect("write");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(write_secret_file(&path, "other").is_err());
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "secret");
+    }
+}

@@ -1,0 +1,6 @@
+//! Small helpers every layer shares: files written atomically or privately,
+//! Nix-format key files, the wall clock, and the gateway's counters.
+pub mod fs;
+pub mod keys;
+pub mod metrics;
+pub mod time;
