@@ -197,9 +197,18 @@ fn text(status: StatusCode, body: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
-async fn with_path() -> Response {
-    let e = RequestError::Path;
+/// A path below a CID: a CID that does not parse is the client's mistake
+/// (400, as without a path); pathing itself is not implemented (501).
+async fn with_path(Path((cid_text, _path)): Path<(String, String)>) -> Response {
+    let e = parse_cid(cid_text).err().unwrap_or(RequestError::Path);
     text(e.status(), e)
+}
+
+fn parse_cid(text: String) -> Result<Cid, RequestError> {
+    text.parse::<Cid>().map_err(|e| RequestError::BadCid {
+        reason: e.to_string(),
+        text,
+    })
 }
 
 async fn handle(
@@ -208,15 +217,9 @@ async fn handle(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let cid = match cid_text.parse::<Cid>() {
+    let cid = match parse_cid(cid_text.clone()) {
         Ok(c) => c,
-        Err(e) => {
-            let e = RequestError::BadCid {
-                text: cid_text,
-                reason: e.to_string(),
-            };
-            return text(e.status(), e);
-        }
+        Err(e) => return text(e.status(), e),
     };
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = match negotiate(&query, accept) {
