@@ -14,7 +14,19 @@ impl App {
     /// Runs one request; the reply is JSON for both the CLI's `--json` and
     /// its text rendering.
     pub async fn execute(&self, request: AdminRequest) -> Result<Value, AdminError> {
-        Ok(self.dispatch(request).await?)
+        // Claims and rebuild records feed the reproducibility counts that
+        // `status` reads stored (sync refreshes them itself).
+        let changes_repro = matches!(
+            request,
+            AdminRequest::Contribute { .. }
+                | AdminRequest::ImportClaims { .. }
+                | AdminRequest::AnchorRebuild { .. }
+        );
+        let reply = self.dispatch(request).await?;
+        if changes_repro {
+            crate::publish::refresh_repro_counts(&self.publisher).await?;
+        }
+        Ok(reply)
     }
 
     async fn dispatch(&self, request: AdminRequest) -> anyhow::Result<Value> {
@@ -100,12 +112,7 @@ impl App {
             AdminRequest::Repro => json!(crate::publish::repro(&self.publisher).await?),
             AdminRequest::Id => json!(IdReply {
                 peer_id: self.node.peer_id().to_string(),
-                listen_addrs: self
-                    .node
-                    .listen_addrs()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
+                listen_addrs: self.listen_addrs(),
                 gateway_key: self.key.public(),
             }),
         })
@@ -115,5 +122,108 @@ impl App {
 impl AdminService for App {
     fn execute(&self, request: AdminRequest) -> BoxFuture<'_, Result<Value, AdminError>> {
         Box::pin(App::execute(self, request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::http::admin::ErrorKind;
+    use crate::publish::pin::PinEntry;
+
+    async fn open(dir: &std::path::Path) -> App {
+        let config = Config {
+            ipfs_listen: vec!["/ip4/127.0.0.1/tcp/0".to_owned()],
+            ..Config::default()
+        };
+        App::open(dir, config)
+            .await
+            .expect("open the data directory")
+    }
+
+    #[tokio::test]
+    async fn dispatch_runs_each_op_on_its_subsystem_and_types_its_failures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = open(&dir.path().join("data")).await;
+        assert_eq!(
+            app.execute(AdminRequest::Pins).await.expect("pins"),
+            json!([])
+        );
+
+        let file = dir.path().join("hello.txt");
+        std::fs::write(&file, b"hello from a unit test").expect("write");
+        let added: PinEntry = serde_json::from_value(
+            app.execute(AdminRequest::Add { path: file })
+                .await
+                .expect("add"),
+        )
+        .expect("a pin entry");
+        let pins: Vec<PinEntry> =
+            serde_json::from_value(app.execute(AdminRequest::Pins).await.expect("pins"))
+                .expect("pin entries");
+        assert_eq!(pins, vec![added.clone()]);
+
+        let kind = |request| async { app.execute(request).await.expect_err("must fail").kind };
+        let unknown_path = "/nix/store/00000000000000000000000000000000-never-pinned";
+        assert_eq!(
+            kind(AdminRequest::Unpin {
+                targets: vec![unknown_path.to_owned()]
+            })
+            .await,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(AdminRequest::Fetch {
+                cid: "not-a-cid".to_owned(),
+                out: dir.path().join("out")
+            })
+            .await,
+            ErrorKind::BadRequest
+        );
+        assert_eq!(
+            kind(AdminRequest::Add {
+                path: dir.path().join("missing")
+            })
+            .await,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(AdminRequest::Sync).await,
+            ErrorKind::BadRequest,
+            "no registry configured"
+        );
+
+        let unpinned = app
+            .execute(AdminRequest::Unpin {
+                targets: vec![added.cid.clone()],
+            })
+            .await
+            .expect("unpin the CID");
+        assert_eq!(unpinned, json!([added.cid]));
+        assert_eq!(
+            app.execute(AdminRequest::Pins).await.expect("pins"),
+            json!([])
+        );
+        app.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn status_reads_stored_repro_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let app = open(&data).await;
+        let status = app.status().await.expect("status");
+        assert_eq!(status.repro, crate::publish::ReproCounts::default());
+        let stored = data.join("repro-counts.json");
+        assert!(stored.is_file(), "the first status stores the counts");
+        // A stored count is what status reports, until something refreshes it.
+        let counts = crate::publish::ReproCounts {
+            reproduced: 7,
+            ..Default::default()
+        };
+        std::fs::write(&stored, serde_json::to_vec(&counts).expect("json")).expect("write");
+        assert_eq!(app.status().await.expect("status").repro.reproduced, 7);
+        app.shutdown().await;
     }
 }

@@ -157,6 +157,15 @@ impl App {
         &self.node
     }
 
+    /// The node's listen multiaddrs, as text.
+    pub fn listen_addrs(&self) -> Vec<String> {
+        self.node
+            .listen_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     /// Stops the node (its listeners and background tasks).
     pub async fn shutdown(&self) {
         self.node.shutdown().await;
@@ -216,6 +225,7 @@ impl App {
         if let Ok(mut last) = self.last_sync.lock() {
             *last = Some((crate::util::time::unix_now(), report.clone()));
         }
+        crate::publish::refresh_repro_counts(&self.publisher).await?;
         Ok(report)
     }
 
@@ -251,12 +261,7 @@ impl App {
         };
         Ok(Status {
             peer_id: self.node.peer_id().to_string(),
-            listen_addrs: self
-                .node
-                .listen_addrs()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            listen_addrs: self.listen_addrs(),
             connected_peers: peers.len(),
             pins: pins.len(),
             pinned_bytes: pins.iter().map(|p| p.size).sum(),
@@ -283,7 +288,7 @@ impl App {
                 .collect(),
             forks,
             conflicts,
-            repro: crate::publish::repro_counts(&self.publisher).await?,
+            repro: crate::publish::stored_repro_counts(&self.publisher).await?,
             counters: self.metrics.snapshot(),
         })
     }

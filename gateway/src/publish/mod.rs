@@ -103,7 +103,33 @@ pub async fn repro(p: &Publisher) -> Result<Vec<PathReport>> {
     .await?
 }
 
-/// Verdict counts over [`repro`]'s paths, for `nixpfs status`.
-pub async fn repro_counts(p: &Publisher) -> Result<ReproCounts> {
-    Ok(ReproCounts::of(&repro(p).await?))
+/// Where the verdict counts of the last [`refresh_repro_counts`] are kept.
+const REPRO_COUNTS_FILE: &str = "repro-counts.json";
+
+/// Recomputes the verdict counts over [`repro`]'s paths and stores them, so
+/// `nixpfs status` reads them instead of rebuilding the whole report. Run
+/// after whatever changes the report's inputs (sync, claims, rebuilds).
+pub async fn refresh_repro_counts(p: &Publisher) -> Result<ReproCounts> {
+    let counts = ReproCounts::of(&repro(p).await?);
+    crate::util::fs::write_atomically(
+        &p.data_dir.join(REPRO_COUNTS_FILE),
+        &serde_json::to_vec(&counts)?,
+    )?;
+    Ok(counts)
+}
+
+/// The stored verdict counts; computed and stored first when there are none
+/// (or the file is damaged).
+pub async fn stored_repro_counts(p: &Publisher) -> Result<ReproCounts> {
+    match std::fs::read(p.data_dir.join(REPRO_COUNTS_FILE)) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(counts) => Ok(counts),
+            Err(_) => refresh_repro_counts(p).await,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => refresh_repro_counts(p).await,
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "while reading {}",
+            p.data_dir.join(REPRO_COUNTS_FILE).display()
+        ))),
+    }
 }
