@@ -101,6 +101,12 @@ pub enum RegistryError {
         have: usize,
         need: u64,
     },
+    #[error("registry version {version} has {have} valid signatures from the configured trust root, needs {need}: it is not the registry this gateway was set up to follow (check `registry_root_keys`)")]
+    UntrustedRoot {
+        version: u64,
+        have: usize,
+        need: u64,
+    },
     #[error("registry version {found} is older than trusted version {trusted} (rollback)")]
     Rollback { trusted: u64, found: u64 },
     #[error("registry version {version} has digest {found_digest}, but the trusted one has {trusted_digest} (fork)")]
@@ -271,6 +277,53 @@ struct Body {
 struct File {
     signed: Body,
     signatures: Vec<RegistrySignature>,
+}
+
+/// The keys a gateway trusts to sign the first registry it accepts, and how
+/// many of them must: configured, never learned from what a source sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustRoot {
+    keys: Vec<PublicKey>,
+    threshold: u64,
+}
+
+impl TrustRoot {
+    /// `threshold` of `keys` (distinct by bytes), 1 <= threshold <= keys.
+    pub fn new(keys: Vec<PublicKey>, threshold: u64) -> Result<Self, RegistryError> {
+        let distinct: BTreeSet<&[u8; 32]> = keys.iter().map(PublicKey::as_bytes).collect();
+        if distinct.len() != keys.len() {
+            let mut seen = BTreeSet::new();
+            if let Some(dup) = keys.iter().find(|k| !seen.insert(k.as_bytes())) {
+                return Err(RegistryError::DuplicateRootKey {
+                    key: dup.to_string(),
+                });
+            }
+        }
+        if threshold == 0 || threshold > keys.len() as u64 {
+            return Err(RegistryError::InvalidThreshold {
+                threshold,
+                keys: keys.len(),
+            });
+        }
+        Ok(Self { keys, threshold })
+    }
+
+    /// The trust root a registry names for itself: what its root-key
+    /// holders tell users to configure.
+    pub fn of(registry: &Registry) -> Self {
+        Self {
+            keys: registry.root_keys().to_vec(),
+            threshold: registry.threshold(),
+        }
+    }
+
+    pub fn keys(&self) -> &[PublicKey] {
+        &self.keys
+    }
+
+    pub fn threshold(&self) -> u64 {
+        self.threshold
+    }
 }
 
 /// A registry document: anchors, root keys and threshold, version, expiry and
@@ -461,6 +514,32 @@ impl Registry {
             .signatures
             .partition_point(|s| s.key.to_string() < signature.key.to_string());
         self.signatures.insert(at, signature);
+    }
+
+    /// Decides whether to trust this version as a gateway configured with
+    /// `root` does: with no version trusted yet, it must also carry a
+    /// threshold of signatures by the configured root keys, so whoever
+    /// answers the first fetch cannot plant a registry of their own (as a TUF
+    /// client ships its root). Later versions rotate as [`Registry::verify`]
+    /// says.
+    pub fn verify_from(
+        &self,
+        root: &TrustRoot,
+        previous: Option<&Registry>,
+        now: u64,
+    ) -> Result<(), RegistryError> {
+        self.verify(previous, now)?;
+        if previous.is_none() {
+            let have = self.count_signers(&self.signed_message(), &root.keys);
+            if (have as u64) < root.threshold {
+                return Err(RegistryError::UntrustedRoot {
+                    version: self.body.version,
+                    have,
+                    need: root.threshold,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Decides whether to trust this version at `now` (unix seconds), given the
@@ -700,6 +779,78 @@ mod tests {
             reg.sign(k);
         }
         reg
+    }
+
+    #[test]
+    fn a_first_registry_needs_the_configured_root() {
+        let real = roots(3);
+        let root = TrustRoot::new(publics(&real), 2).expect("valid root");
+        assert_eq!(signed_v1(&real, 2).verify_from(&root, None, NOW), Ok(()));
+        // Self-consistent, signed by its own roots: planted, so refused.
+        let planted = signed_v1(&roots(3), 2);
+        assert_eq!(planted.verify(None, NOW), Ok(()));
+        assert_eq!(
+            planted.verify_from(&root, None, NOW),
+            Err(RegistryError::UntrustedRoot {
+                version: 1,
+                have: 0,
+                need: 2
+            })
+        );
+        // One configured key is not a threshold of two.
+        let mut mixed = Registry::init(vec![real[0].public(), key("other-1").public()], 1, LATER)
+            .expect("valid");
+        mixed.sign(&real[0]);
+        assert_eq!(
+            mixed.verify_from(&root, None, NOW),
+            Err(RegistryError::UntrustedRoot {
+                version: 1,
+                have: 1,
+                need: 2
+            })
+        );
+    }
+
+    #[test]
+    fn later_versions_rotate_from_the_trusted_one_not_the_configured_root() {
+        let r = roots(2);
+        let root = TrustRoot::new(publics(&r[..1]), 1).expect("valid root");
+        let v1 = signed_v1(&r[..1], 1);
+        let mut v2 = v1.next_version().expect("v2");
+        v2.set_root_keys(publics(&r[1..]), 1).expect("rotate");
+        v2.sign(&r[0]);
+        v2.sign(&r[1]);
+        assert_eq!(v2.verify_from(&root, Some(&v1), NOW), Ok(()));
+        // A gateway that starts at version 2 accepts it: a configured key signed it.
+        assert_eq!(v2.verify_from(&root, None, NOW), Ok(()));
+        // Without that signature, it does not.
+        let mut unsigned_by_root = v1.next_version().expect("v2");
+        unsigned_by_root
+            .set_root_keys(publics(&r[1..]), 1)
+            .expect("rotate");
+        unsigned_by_root.sign(&r[1]);
+        assert!(matches!(
+            unsigned_by_root.verify_from(&root, None, NOW),
+            Err(RegistryError::UntrustedRoot { version: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn trust_roots_need_distinct_keys_and_a_reachable_threshold() {
+        let r = roots(2);
+        assert!(TrustRoot::new(publics(&r), 2).is_ok());
+        assert!(matches!(
+            TrustRoot::new(publics(&r), 3),
+            Err(RegistryError::InvalidThreshold { .. })
+        ));
+        assert!(matches!(
+            TrustRoot::new(publics(&r), 0),
+            Err(RegistryError::InvalidThreshold { .. })
+        ));
+        assert!(matches!(
+            TrustRoot::new(vec![r[0].public(), r[0].public()], 1),
+            Err(RegistryError::DuplicateRootKey { .. })
+        ));
     }
 
     #[test]

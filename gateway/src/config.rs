@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use anchor_registry::{PublicKey, RegistryError, TrustRoot};
 use serde::Deserialize;
 
 /// Port the gateway listens on when nothing else is configured.
@@ -21,6 +22,12 @@ pub struct Config {
     pub peers: Vec<String>,
     /// The signed anchor registry: a file path or an http(s) URL.
     pub registry: Option<String>,
+    /// The trust root: public keys (`name:base64`, as `nixpfs registry init`
+    /// prints them) of which `registry_threshold` must have signed the
+    /// first registry this gateway accepts. Required with `registry`.
+    pub registry_root_keys: Vec<PublicKey>,
+    /// How many of `registry_root_keys` must have signed the first registry.
+    pub registry_threshold: u64,
     /// How many distinct registry anchors must agree before a path is served.
     pub require: u32,
     /// Only these registry anchors count (all of the registry's when empty).
@@ -51,6 +58,8 @@ impl Default for Config {
             ipfs_listen: vec!["/ip4/127.0.0.1/tcp/0".to_owned()],
             peers: Vec::new(),
             registry: None,
+            registry_root_keys: Vec::new(),
+            registry_threshold: 1,
             require: 1,
             anchors: Vec::new(),
             upload_token_file: None,
@@ -77,6 +86,10 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid config: `require` must be at least 1 (got {0})")]
     RequireZero(u32),
+    #[error("`registry` is set but no trust root is configured: add `registry_root_keys = [\"root-1:…\"]` (the public keys the registry's maintainers publish; `nixpfs registry init` prints the lines) or pass --registry-root-key KEY")]
+    NoTrustRoot,
+    #[error("invalid trust root (`registry_root_keys`, `registry_threshold`): {0}")]
+    TrustRoot(RegistryError),
 }
 
 impl Config {
@@ -95,20 +108,33 @@ impl Config {
                 })
             }
         };
-        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.message().to_owned(),
-        })?;
-        config.validate()?;
-        Ok(config)
+        })
     }
 
-    /// Checks what serde cannot express.
+    /// Checks what serde cannot express, once the file and the flags are
+    /// merged (a flag may supply what the file lacks).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.require == 0 {
             return Err(ConfigError::RequireZero(self.require));
         }
+        self.trust_root()?;
         Ok(())
+    }
+
+    /// The configured trust root; `None` when no registry is followed.
+    pub fn trust_root(&self) -> Result<Option<TrustRoot>, ConfigError> {
+        if self.registry.is_none() && self.registry_root_keys.is_empty() {
+            return Ok(None);
+        }
+        if self.registry_root_keys.is_empty() {
+            return Err(ConfigError::NoTrustRoot);
+        }
+        TrustRoot::new(self.registry_root_keys.clone(), self.registry_threshold)
+            .map(Some)
+            .map_err(ConfigError::TrustRoot)
     }
 }
 
@@ -167,8 +193,44 @@ mod tests {
         assert!(err.contains("lisen"), "{err}");
         std::fs::write(&path, "require = 0\n").unwrap();
         assert!(matches!(
-            Config::load(&path, true),
+            Config::load(&path, true).unwrap().validate(),
             Err(ConfigError::RequireZero(0))
         ));
+    }
+
+    #[test]
+    fn a_registry_needs_a_configured_trust_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "registry = \"/srv/registry.json\"\n").unwrap();
+        let config = Config::load(&path, true).unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::NoTrustRoot));
+        assert!(err.to_string().contains("registry_root_keys"), "{err}");
+
+        let root = anchor_registry::testing::key("root-1").public();
+        std::fs::write(
+            &path,
+            format!("registry = \"/srv/registry.json\"\nregistry_root_keys = [\"{root}\"]\n"),
+        )
+        .unwrap();
+        let config = Config::load(&path, true).unwrap();
+        let trust = config.trust_root().unwrap().expect("configured");
+        assert_eq!((trust.keys(), trust.threshold()), (&[root.clone()][..], 1));
+
+        std::fs::write(
+            &path,
+            format!("registry_root_keys = [\"{root}\"]\nregistry_threshold = 2\n"),
+        )
+        .unwrap();
+        let err = Config::load(&path, true).unwrap().validate().unwrap_err();
+        assert!(matches!(err, ConfigError::TrustRoot(_)), "{err}");
+
+        std::fs::write(&path, "registry_root_keys = [\"not a key\"]\n").unwrap();
+        let err = Config::load(&path, true).unwrap_err().to_string();
+        assert!(
+            err.contains("registry_root_keys") || err.contains("public key"),
+            "{err}"
+        );
     }
 }

@@ -17,8 +17,28 @@ pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     (file, public)
 }
 
+/// A registry file and the trust root a gateway must be configured with to
+/// follow it.
+#[derive(Debug, Clone)]
+pub struct TestRegistry {
+    pub file: PathBuf,
+    pub root_key: String,
+}
+
+impl TestRegistry {
+    /// `serve` flags that follow this registry from its trust root.
+    pub fn serve_args(&self) -> [&str; 4] {
+        [
+            "--registry",
+            self.file.to_str().expect("utf-8 path"),
+            "--registry-root-key",
+            &self.root_key,
+        ]
+    }
+}
+
 /// A registry signed by a fresh root key listing `anchors` (name, public key, source).
-pub fn registry(dir: &Path, anchors: &[(&str, &str, &[&Path])]) -> PathBuf {
+pub fn registry(dir: &Path, anchors: &[(&str, &str, &[&Path])]) -> TestRegistry {
     fs::create_dir_all(dir).expect("registry dir");
     let (root, root_pub) = keygen(dir, "root-1");
     let reg = dir.join("registry.json");
@@ -52,5 +72,8 @@ pub fn registry(dir: &Path, anchors: &[(&str, &str, &[&Path])]) -> PathBuf {
             .arg("--key")
             .arg(&root),
     );
-    reg
+    TestRegistry {
+        file: reg,
+        root_key: root_pub,
+    }
 }

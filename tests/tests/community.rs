@@ -5,13 +5,14 @@
 //! Claims alone, however many keys sign them, never make a path servable.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use anchor_registry::{
     AnchorName, MappingSetBuilder, NarHash, PublicKey, SecretKey, SetKind, StorePath, Vouch,
 };
+use e2e::anchors::keygen;
 use e2e::gateway::Gateway;
 use e2e::nix::NixEnv;
 use e2e::{nixpfs, nixpfs_bin, run_ok, run_ok_str};
@@ -54,17 +55,6 @@ fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
-/// Generates a key with `nixpfs key generate`: (secret file, public key).
-fn key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let file = dir.join(format!("{name}.sk"));
-    let public = run_ok_str(
-        nixpfs()
-            .args(["key", "generate", "--name", name, "--out"])
-            .arg(&file),
-    );
-    (file, public)
-}
-
 fn record<'a>(report: &'a Value, path: &str) -> &'a Value {
     report["records"]
         .as_array()
@@ -104,7 +94,7 @@ fn world() -> World {
 
     // The contributor seeds the closure and `lonely`, and claims them.
     let contributor_dir = dir.join("contributor");
-    let (alice, _) = key(&dir, "alice-1");
+    let (alice, _) = keygen(&dir, "alice-1");
     let out = run_ok_str(
         nixpfs_with_nix(&env, &contributor_dir)
             .args(["contribute", "--closure", &nondet, &lonely, "--key"])
@@ -131,7 +121,7 @@ fn world() -> World {
     // Two rebuilder anchors, each on its own data directory and key, take
     // the claims and rebuild both derivations (one by .drv, one by output).
     let reg = dir.join("registry.json");
-    let (root, root_pub) = key(&dir, "root-1");
+    let (root, root_pub) = keygen(&dir, "root-1");
     run_ok(
         nixpfs()
             .args(["registry", "init", "--root-key", &root_pub])
@@ -142,7 +132,7 @@ fn world() -> World {
     let mut results = Vec::new();
     for name in ["rebuilder-a", "rebuilder-b"] {
         let data = dir.join(name);
-        let (sk, public) = key(&dir, name);
+        let (sk, public) = keygen(&dir, name);
         run_ok(
             nixpfs_with_nix(&env, &data)
                 .args(["claims", "import"])
@@ -205,6 +195,8 @@ fn world() -> World {
         &[
             "--registry",
             reg.to_str().expect("utf-8"),
+            "--registry-root-key",
+            &root_pub,
             "--require",
             "2",
             "--peer",
@@ -451,8 +443,8 @@ in builtins.derivation {
     let closure = env.closure(&top);
     assert_eq!(closure.len(), 50);
     let dir = env.path().to_owned();
-    let (contributor_key, _) = key(&dir, "carol-1");
-    let (rebuilder_key, _) = key(&dir, "rebuilder-1");
+    let (contributor_key, _) = keygen(&dir, "carol-1");
+    let (rebuilder_key, _) = keygen(&dir, "rebuilder-1");
     let contributor = dir.join("contributor");
     let started = Instant::now();
     let out = run_ok_str(
@@ -523,7 +515,7 @@ fn an_absent_output_is_built_here_and_only_if_matches_withholds_lonely_results()
         &e2e::nix::nonce(),
     ]));
     let dir = env.path().to_owned();
-    let (sk, public) = key(&dir, "rebuilder-1");
+    let (sk, public) = keygen(&dir, "rebuilder-1");
     let data = dir.join("rebuilder");
     let report = json(&run_ok_str(
         nixpfs_with_nix(&env, &data)

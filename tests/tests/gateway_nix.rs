@@ -215,7 +215,9 @@ fn anchors_policy_decides_what_a_client_gateway_serves_from_a_peer() {
         &client_dir,
         &[
             "--registry",
-            reg.to_str().unwrap(),
+            reg.file.to_str().unwrap(),
+            "--registry-root-key",
+            &reg.root_key,
             "--require",
             "2",
             "--peer",
@@ -305,7 +307,9 @@ fn anchors_policy_decides_what_a_client_gateway_serves_from_a_peer() {
         &dir.join("client2"),
         &[
             "--registry",
-            reg.to_str().unwrap(),
+            reg.file.to_str().unwrap(),
+            "--registry-root-key",
+            &reg.root_key,
             "--require",
             "1",
             "--anchor",
@@ -378,7 +382,9 @@ fn bytes_that_do_not_match_the_signed_nar_hash_never_reach_nix() {
         &dir.join("client"),
         &[
             "--registry",
-            reg.to_str().unwrap(),
+            reg.file.to_str().unwrap(),
+            "--registry-root-key",
+            &reg.root_key,
             "--peer",
             &seeder_gw.multiaddr(),
         ],

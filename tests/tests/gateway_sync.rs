@@ -40,12 +40,19 @@ fn a_seeder_keeps_the_closure_available_after_the_anchor_is_gone() {
             .arg(&set),
     );
     let reg = registry(dir, &[("anchor-a", &ka_pub, &[&set])]);
-    let reg_s = reg.to_str().unwrap();
+    let reg_s = reg.file.to_str().unwrap();
 
     let anchor = Gateway::start(&anchor_dir, &[]);
     let seeder = Gateway::start(
         &dir.join("seeder"),
-        &["--registry", reg_s, "--peer", &anchor.multiaddr()],
+        &[
+            "--registry",
+            reg_s,
+            "--registry-root-key",
+            &reg.root_key,
+            "--peer",
+            &anchor.multiaddr(),
+        ],
     );
     run_ok_str(seeder.cli().args(["anchors", "sync"]));
     let seeded = run_ok_str(seeder.cli().args(["seed", "--anchor", "anchor-a"]));
@@ -57,6 +64,8 @@ fn a_seeder_keeps_the_closure_available_after_the_anchor_is_gone() {
         &[
             "--registry",
             reg_s,
+            "--registry-root-key",
+            &reg.root_key,
             "--require",
             "1",
             "--peer",
@@ -189,7 +198,9 @@ fn sockpuppets_rollbacks_and_expired_sets_are_refused_with_a_logged_reason() {
         &dir.join("gw-puppets"),
         &[
             "--registry",
-            reg_puppets.to_str().unwrap(),
+            reg_puppets.file.to_str().unwrap(),
+            "--registry-root-key",
+            &reg_puppets.root_key,
             "--sync-interval",
             "0",
         ],
@@ -224,7 +235,7 @@ fn sockpuppets_rollbacks_and_expired_sets_are_refused_with_a_logged_reason() {
     );
     let gw = Gateway::start(
         &dir.join("gw"),
-        &["--registry", reg.to_str().unwrap(), "--sync-interval", "0"],
+        &[reg.serve_args().as_slice(), &["--sync-interval", "0"]].concat(),
     );
     let sync = run_ok_str(gw.cli().args(["anchors", "sync"]));
     assert!(

@@ -113,6 +113,7 @@ impl App {
     pub async fn open(data_dir: &Path, config: Config) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("while creating the data directory {}", data_dir.display()))?;
+        config.validate()?;
         let key = Arc::new(gateway_key(data_dir, &config)?);
         let index =
             Arc::new(Index::open(&data_dir.join("index.redb")).context(
@@ -133,10 +134,8 @@ impl App {
                 policy: policy(&config)?,
             },
         );
-        if let Some(text) = index.registry_text()? {
-            if let Ok(registry) = anchor_registry::Registry::parse(&text) {
-                catalog.set_registry(registry);
-            }
+        if let Some(registry) = crate::trust::sync::stored_registry(&index)? {
+            catalog.set_registry(registry);
         }
         let publisher = Publisher::new(data_dir.to_owned(), node.clone(), catalog.clone());
         Ok(Self {
@@ -214,12 +213,16 @@ impl App {
                 "no registry configured: set `registry` in the config or pass --registry FILE|URL"
             );
         };
+        let Some(root) = self.config.trust_root()? else {
+            bail!(crate::config::ConfigError::NoTrustRoot);
+        };
         let syncer = Syncer {
             index: self.index.clone(),
             catalog: self.catalog.clone(),
             node: Some(self.node.clone()),
             metrics: self.metrics.clone(),
             registry_source: source,
+            root,
         };
         let report = syncer.sync().await?;
         if let Ok(mut last) = self.last_sync.lock() {

@@ -27,6 +27,13 @@ pub struct ServeArgs {
     /// The anchor registry: file path or http(s) URL (config `registry`).
     #[arg(long)]
     pub registry: Option<String>,
+    /// A trust-root key (`name:base64`) the first registry must be signed
+    /// by; repeat (config `registry_root_keys`).
+    #[arg(long = "registry-root-key", value_parser = parse_public_key)]
+    pub registry_root_keys: Vec<anchor_registry::PublicKey>,
+    /// How many trust-root keys must have signed it (config `registry_threshold`).
+    #[arg(long)]
+    pub registry_threshold: Option<u64>,
     /// Distinct registry anchors that must agree (config `require`).
     #[arg(long)]
     pub require: Option<u32>,
@@ -64,6 +71,12 @@ impl ServeArgs {
         if self.registry.is_some() {
             config.registry = self.registry;
         }
+        if !self.registry_root_keys.is_empty() {
+            config.registry_root_keys = self.registry_root_keys;
+        }
+        if let Some(threshold) = self.registry_threshold {
+            config.registry_threshold = threshold;
+        }
         if let Some(require) = self.require {
             config.require = require;
         }
@@ -86,6 +99,10 @@ impl ServeArgs {
             config.priority = priority;
         }
     }
+}
+
+fn parse_public_key(text: &str) -> Result<anchor_registry::PublicKey, String> {
+    anchor_registry::PublicKey::parse(text).map_err(|e| e.to_string())
 }
 
 /// The data directory and configuration every command starts from.

@@ -86,6 +86,21 @@ fn save(file: &std::path::Path, registry: &Registry) -> Result<()> {
     Ok(())
 }
 
+/// The config lines a gateway needs to follow this registry: its trust root.
+/// Users get them from the registry's maintainers, never from a fetch.
+fn trust_root_lines(registry: &Registry) -> String {
+    let keys: Vec<String> = registry
+        .root_keys()
+        .iter()
+        .map(|k| format!("{:?}", k.to_string()))
+        .collect();
+    format!(
+        "gateways that follow this registry need, in config.toml:\n  registry_root_keys = [{}]\n  registry_threshold = {}\n",
+        keys.join(", "),
+        registry.threshold()
+    )
+}
+
 /// A published (signed) registry is immutable: changes go to the next version.
 fn editable(registry: Registry) -> Result<Registry> {
     if registry.signatures().is_empty() {
@@ -119,6 +134,7 @@ pub fn run_registry(cmd: RegistryCommand) -> Result<()> {
                 "created registry version 1 at {} (sign it with `nixpfs registry sign`)",
                 out.display()
             );
+            print!("{}", trust_root_lines(&registry));
         }
         RegistryCommand::AddAnchor {
             file,
@@ -165,6 +181,7 @@ pub fn run_registry(cmd: RegistryCommand) -> Result<()> {
                 registry.signatures().len(),
                 registry.threshold()
             );
+            print!("{}", trust_root_lines(&registry));
         }
         RegistryCommand::Verify { file, previous } => {
             let registry = load(&file)?;

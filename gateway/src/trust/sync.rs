@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use anchor_registry::{
-    check_header, Anchor, EntryChecks, Registry, SetKind, SetReader, Source, TrustError,
+    check_header, Anchor, EntryChecks, Registry, RegistryError, SetKind, SetReader, Source,
+    TrustError, TrustRoot,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -34,6 +35,8 @@ pub enum SyncError {
         source_name: String,
         error: anchor_registry::RegistryError,
     },
+    #[error("the registry stored in the index is damaged ({reason}); move the data directory's index.redb aside (or restore it from a backup) and run `nixpfs anchors sync`, which starts again from the configured trust root")]
+    StoredRegistry { reason: RegistryError },
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error("sync task failed: {0}")]
@@ -89,6 +92,8 @@ pub struct Syncer {
     pub metrics: Arc<Metrics>,
     /// The registry's own location (file path or http(s) URL).
     pub registry_source: String,
+    /// The keys the first registry accepted must be signed by.
+    pub root: TrustRoot,
 }
 
 impl Syncer {
@@ -124,14 +129,20 @@ impl Syncer {
             source_name: source.clone(),
             error,
         };
-        let registry = Registry::parse(&text).map_err(refused)?;
-        let previous = match self.index.registry_text()? {
-            Some(old) => Registry::parse(&old).ok(),
-            None => None,
+        let previous = stored_registry(&self.index)?;
+        let verified = Registry::parse(&text).and_then(|registry| {
+            registry
+                .verify_from(&self.root, previous.as_ref(), unix_now())
+                .map(|()| registry)
+        });
+        let registry = match verified {
+            Ok(registry) => registry,
+            Err(error) => {
+                Metrics::inc(&self.metrics.registry_refused);
+                tracing::warn!(source = %source, "refused registry: {error}");
+                return Err(refused(error));
+            }
         };
-        registry
-            .verify(previous.as_ref(), unix_now())
-            .map_err(refused)?;
         if previous.as_ref().map(Registry::version) != Some(registry.version()) {
             self.index.put_registry_text(&text)?;
         }
@@ -210,6 +221,17 @@ impl Syncer {
             errors,
         })
     }
+}
+
+/// The registry the index holds as trusted, if any; one that does not parse
+/// is an error, never "no predecessor" (which would let any registry signed
+/// by the trust root roll this one back).
+pub fn stored_registry(index: &Index) -> Result<Option<Registry>, SyncError> {
+    index
+        .registry_text()?
+        .map(|text| Registry::parse(&text))
+        .transpose()
+        .map_err(|reason| SyncError::StoredRegistry { reason })
 }
 
 /// A fetched set: streamed from a file, or held whole.
@@ -417,6 +439,7 @@ mod tests {
             node: None,
             metrics: Arc::default(),
             registry_source: registry_file.to_str().expect("utf-8").to_owned(),
+            root: TrustRoot::of(&registry),
         };
         World { dir, alpha, syncer }
     }
@@ -506,6 +529,42 @@ mod tests {
                 .map(|s| s.version()),
             Some(2)
         );
+    }
+
+    #[tokio::test]
+    async fn a_first_registry_not_signed_by_the_trust_root_is_refused_and_counted() {
+        let mut w = world();
+        w.syncer.root = TrustRoot::new(vec![key("real-root-1").public()], 1).expect("root");
+        let err = w.syncer.sync().await.expect_err("planted registry");
+        assert!(
+            matches!(
+                &err,
+                SyncError::Registry {
+                    error: RegistryError::UntrustedRoot { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(w.syncer.metrics.snapshot().registry_refused, 1);
+        assert_eq!(
+            w.syncer.index.registry_text().expect("index"),
+            None,
+            "nothing stored"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_stored_registry_is_an_error_not_a_fresh_start() {
+        let w = world();
+        w.syncer.sync().await.expect("first sync");
+        w.syncer
+            .index
+            .put_registry_text("{ damaged")
+            .expect("damage it");
+        let err = w.syncer.sync().await.expect_err("damaged");
+        assert!(matches!(err, SyncError::StoredRegistry { .. }), "{err}");
+        assert!(err.to_string().contains("index.redb"), "{err}");
     }
 
     #[tokio::test]

@@ -57,6 +57,9 @@ counters! {
     sync_rejected,
     /// Anchor sets accepted during sync.
     sync_accepted,
+    /// Registries refused during sync (not by the trust root, rollback,
+    /// fork, expired, unauthorised rotation…).
+    registry_refused,
 }
 
 impl Metrics {
