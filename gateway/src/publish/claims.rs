@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::publish::anchor::{key_file_name, KeyNameError};
 use crate::publish::Publisher;
 use crate::store::index::Index;
 use crate::trust::sync::{verify_and_index, Indexed, Outcome, SetRejected};
@@ -74,8 +75,9 @@ pub struct PathClaims {
 }
 
 /// Where a contributor's claims set goes unless `--out` says otherwise.
-pub fn default_claims_file(data_dir: &Path, key_name: &str) -> PathBuf {
-    data_dir.join("claims").join(format!("{key_name}.jsonl"))
+pub fn default_claims_file(data_dir: &Path, key_name: &str) -> Result<PathBuf, KeyNameError> {
+    let name = key_file_name(key_name)?;
+    Ok(data_dir.join("claims").join(format!("{name}.jsonl")))
 }
 
 /// Pins, seeds and claims `paths`: signs each into the contributor's working
@@ -90,9 +92,12 @@ pub async fn contribute(
     expires_in: u64,
 ) -> Result<Contribution> {
     let key = crate::util::keys::read_secret_key(key_file)?;
+    let out = match out {
+        Some(out) => out,
+        None => default_claims_file(&p.data_dir, key.name())?,
+    };
     let claimed =
         crate::publish::anchor::sign(&p.pinner, &p.data_dir, paths, closure, &key).await?;
-    let out = out.unwrap_or_else(|| default_claims_file(&p.data_dir, key.name()));
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("while creating {}", parent.display()))?;
@@ -112,7 +117,7 @@ pub async fn contribute(
     .await??;
     let pinned = p.pinner.add_file(&out).await?;
     crate::util::fs::write_atomically(
-        &crate::publish::anchor::anchor_dir(&p.data_dir, &key).join("published.cid"),
+        &crate::publish::anchor::anchor_dir(&p.data_dir, &key)?.join("published.cid"),
         format!("{}\n", pinned.cid).as_bytes(),
     )?;
     let bytes = Bytes::from(
@@ -316,6 +321,21 @@ mod tests {
         let squatter = claims_set(&key("mallory-1"), "alice", b"evil");
         let err = import_verified(&index, &registry, "m".to_owned(), &squatter).unwrap_err();
         assert!(err.to_string().contains("already held"), "{err}");
+    }
+
+    #[test]
+    fn claims_files_are_named_after_the_key() {
+        let file = default_claims_file(Path::new("/data"), "alice-1").unwrap();
+        assert_eq!(file, Path::new("/data/claims/alice-1.jsonl"));
+    }
+
+    #[test]
+    fn key_names_that_would_leave_the_claims_directory_are_refused() {
+        for name in ["../x", "a/b", ".", ".."] {
+            let err = default_claims_file(Path::new("/data"), name).unwrap_err();
+            assert_eq!(err.name, name);
+            assert!(err.to_string().contains(&format!("`{name}`")), "{err}");
+        }
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub async fn rebuild(
     }
     let signed = to_sign.len();
     if !to_sign.is_empty() {
-        let dir = crate::publish::anchor::anchor_dir(&p.data_dir, &options.key);
+        let dir = crate::publish::anchor::anchor_dir(&p.data_dir, &options.key)?;
         crate::publish::anchor::add_to_working(&dir, to_sign)?;
     }
     RecordStore::new(&p.data_dir).save(&records)?;

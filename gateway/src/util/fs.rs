@@ -46,6 +46,30 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), WriteError> 
     Ok(())
 }
 
+/// Like [`write_atomically`], then syncs the directory as well, so the
+/// rename itself survives a power loss. For files whose order on disk is
+/// part of a protocol: a later write must never be durable without this one.
+pub fn write_durably(path: &Path, contents: &[u8]) -> Result<(), WriteError> {
+    write_atomically(path, contents)?;
+    sync_dir(parent_dir(path)).map_err(WriteError::at(path))
+}
+
+/// Removes `path` (one already gone is fine) and syncs its directory, so
+/// the removal is durable before whatever comes next.
+pub fn remove_durably(path: &Path) -> Result<(), WriteError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(WriteError::at(path)(e)),
+    }
+    sync_dir(parent_dir(path)).map_err(WriteError::at(path))
+}
+
+/// Syncs a directory's entries (creations, renames, removals) to disk.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Creates a new file readable only by its owner and writes `contents`:
 /// secret keys must not leak through a permissive umask, and an existing
 /// key is never overwritten.
@@ -90,6 +114,18 @@ mod tests {
         let path = dir.path().join("missing").join("doc");
         let err = write_atomically(&path, b"x").expect_err("no such directory");
         assert!(err.to_string().contains("missing/doc"), "{err}");
+    }
+
+    #[test]
+    fn durable_writes_and_removals_are_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("doc");
+        write_durably(&path, b"one").expect("write");
+        write_durably(&path, b"one").expect("rewrite");
+        assert_eq!(std::fs::read(&path).expect("read"), b"one");
+        remove_durably(&path).expect("remove");
+        remove_durably(&path).expect("already gone");
+        assert!(!path.exists());
     }
 
     #[test]
