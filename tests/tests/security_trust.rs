@@ -126,3 +126,64 @@ fn registry_init_and_sign_print_the_trust_root_a_gateway_needs() {
         "{sign}"
     );
 }
+
+#[test]
+fn an_expired_registry_serves_no_anchor_path() {
+    use anchor_registry::testing::{anchor, key, mapping, one_root_registry, FAR_FUTURE};
+    use anchor_registry::{AnchorName, MappingSetBuilder, SetKind, StorePath};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alpha = key("alpha-1");
+    let set = dir.path().join("alpha.jsonl");
+    let path =
+        StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-anchored").expect("path");
+    let mut builder =
+        MappingSetBuilder::first(SetKind::Anchor, AnchorName::parse("alpha").expect("name"));
+    builder.insert(mapping(&alpha, path.clone(), b"nar bytes"));
+    let mut bytes = Vec::new();
+    builder
+        .write(&alpha, 1, FAR_FUTURE, &mut bytes)
+        .expect("set");
+    fs::write(&set, bytes).expect("write set");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let expires = now + 4;
+    let registry = one_root_registry(
+        [anchor(&alpha, "alpha", &[set.to_str().expect("utf-8")])],
+        expires,
+    );
+    let reg = dir.path().join("registry.json");
+    fs::write(&reg, registry.render()).expect("write registry");
+    let gw = Gateway::start(
+        &dir.path().join("gw"),
+        &[
+            "--registry",
+            reg.to_str().expect("utf-8"),
+            "--registry-root-key",
+            &registry.root_keys()[0].to_string(),
+            "--sync-interval",
+            "0",
+        ],
+    );
+    run_ok_str(gw.cli().args(["anchors", "sync"]));
+    let narinfo = format!("/{}.narinfo", path.hash());
+    assert_eq!(
+        gw.get(&narinfo).0,
+        200,
+        "served while the registry is valid"
+    );
+
+    let wait = expires.saturating_sub(now) + 1;
+    std::thread::sleep(std::time::Duration::from_secs(wait));
+    let (status, body) = gw.get(&narinfo);
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("registry expired"));
+    assert_eq!(metric(&gw, "narinfo_registry_expired"), 1);
+    assert!(gw.log_text().contains("the registry expired"), "logged");
+    let text = run_ok_str(gw.cli().arg("status"));
+    assert!(
+        text.contains(&format!("registry expired at {expires}")),
+        "{text}"
+    );
+}

@@ -57,6 +57,13 @@ pub struct Status {
     pub pinned_bytes: u64,
     pub local_paths: u64,
     pub registry_version: Option<u64>,
+    /// When the registry in force expires (unix seconds); past it, no path
+    /// is served on anchor policy.
+    #[serde(default)]
+    pub registry_expires: Option<u64>,
+    /// Why the last sync could not fetch the registry, if it could not.
+    #[serde(default)]
+    pub registry_error: Option<String>,
     /// Unix seconds when the last anchor sync finished, if any since start.
     pub last_sync: Option<u64>,
     pub anchors: Vec<AnchorStatus>,
@@ -262,6 +269,7 @@ impl App {
                     .map(|a| a.outcome)
             })
         };
+        let registry = self.catalog.trust().and_then(|t| t.registry);
         Ok(Status {
             peer_id: self.node.peer_id().to_string(),
             listen_addrs: self.listen_addrs(),
@@ -270,11 +278,11 @@ impl App {
             pinned_bytes: pins.iter().map(|p| p.size).sum(),
             local_paths: locals,
             last_sync: last_sync.as_ref().map(|(at, _)| *at),
-            registry_version: self
-                .catalog
-                .trust()
-                .and_then(|t| t.registry)
-                .map(|r| r.version()),
+            registry_version: registry.as_ref().map(|r| r.version()),
+            registry_expires: registry.as_ref().map(|r| r.expires()),
+            registry_error: last_sync
+                .as_ref()
+                .and_then(|(_, report)| report.registry_error.clone()),
             anchors: states
                 .iter()
                 .map(|s| {

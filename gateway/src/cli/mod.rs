@@ -459,6 +459,18 @@ fn render_status(s: Status) -> String {
         s.forks,
         s.conflicts,
     );
+    if let Some(expires) = s.registry_expires {
+        if expires <= gateway::util::time::unix_now() {
+            out.push_str(&format!(
+                "registry expired at {expires}: no path is served on anchor policy until a fresh one syncs (last fetch: {})\n",
+                s.registry_error.as_deref().unwrap_or("ok")
+            ));
+        } else if let Some(error) = &s.registry_error {
+            out.push_str(&format!(
+                "registry fetch failed, using the stored one: {error}\n"
+            ));
+        }
+    }
     let repro = &s.repro;
     out.push_str(&format!(
         "repro: {} paths, {} reproduced, {} differ, {} not checked\n",
@@ -631,6 +643,8 @@ mod tests {
             pinned_bytes: 300,
             local_paths: 4,
             registry_version: Some(5),
+            registry_expires: None,
+            registry_error: None,
             last_sync: None,
             anchors: vec![AnchorStatus {
                 name: "anchor-a".to_owned(),

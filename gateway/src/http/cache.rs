@@ -111,6 +111,18 @@ async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -
                 format!("{hash_part}: registry anchors disagree about its contents (see `nixpfs conflicts`)"),
             )
         }
+        Ok(Ok(Lookup::RegistryExpired { expired_at })) => {
+            Metrics::inc(&state.metrics.narinfo_registry_expired);
+            tracing::warn!(
+                path = hash_part,
+                expired_at,
+                "refused an anchor-vouched path: the registry expired; sync a fresh one"
+            );
+            text(
+                StatusCode::NOT_FOUND,
+                format!("{hash_part}: the anchor registry expired at {expired_at} (unix seconds); it counts for nothing until a fresh one syncs"),
+            )
+        }
         Ok(Err(e)) => internal("while looking up a narinfo", e),
         Err(e) => internal("while looking up a narinfo", e),
     }

@@ -21,6 +21,10 @@ pub enum Lookup<T = Box<NarInfo>> {
     NotFound,
     /// Registry anchors disagree about this path: blocked, Nix sees a 404.
     Conflict,
+    /// Anchors vouched for this path, but the registry that names them
+    /// expired at this time (unix seconds): it counts for nothing until a
+    /// fresh one is synced. Nix sees a 404.
+    RegistryExpired { expired_at: u64 },
 }
 
 /// Resolution of store paths to servable narinfos.
@@ -147,6 +151,7 @@ impl Catalog {
             }
             Lookup::NotFound => Lookup::NotFound,
             Lookup::Conflict => Lookup::Conflict,
+            Lookup::RegistryExpired { expired_at } => Lookup::RegistryExpired { expired_at },
         })
     }
 
@@ -167,6 +172,15 @@ impl Catalog {
             };
             self.lock_own().put(generation, *hash, text.clone());
             return Ok(Lookup::Found(text));
+        }
+        let now = crate::util::time::unix_now();
+        if let Some(expired_at) = self.registry_expired(now) {
+            let vouched = !self.index.assertions(hash, now)?.is_empty();
+            return Ok(if vouched {
+                Lookup::RegistryExpired { expired_at }
+            } else {
+                Lookup::NotFound
+            });
         }
         match self.decide(hash)? {
             Some(Decision::Serve { mapping, agreeing }) => {
@@ -200,10 +214,23 @@ impl Catalog {
         self.own.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// When the registry in force expired, if it has by `now`: from then on
+    /// it counts for nothing, and no set counts past it.
+    pub fn registry_expired(&self, now: u64) -> Option<u64> {
+        let trust = self.trust.read().ok()?;
+        let expires = trust.registry.as_ref()?.expires();
+        (now >= expires).then_some(expires)
+    }
+
     /// The policy's decision for `hash` from unexpired anchor sets; `None`
-    /// when no registry is loaded or nobody said anything about the path.
+    /// when no registry is loaded, it expired, or nobody said anything
+    /// about the path.
     pub fn decide(&self, hash: &StorePathHash) -> Result<Option<Decision>, IndexError> {
-        let assertions = self.index.assertions(hash, crate::util::time::unix_now())?;
+        let now = crate::util::time::unix_now();
+        if self.registry_expired(now).is_some() {
+            return Ok(None);
+        }
+        let assertions = self.index.assertions(hash, now)?;
         let Some(path) = assertions.first().map(|a| a.mapping.path().clone()) else {
             return Ok(None);
         };
@@ -303,6 +330,54 @@ mod tests {
                 policy: Policy::new(1, None).unwrap(),
             },
         )
+    }
+
+    #[test]
+    fn an_expired_registry_counts_for_nothing_but_own_paths_are_still_served() {
+        use anchor_registry::testing::{self, FAR_FUTURE};
+        use anchor_registry::{AnchorName, MappingSetBuilder, SetKind};
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let key = Arc::new(SecretKey::generate("gw-1").unwrap());
+        let alpha = testing::key("alpha-1");
+        let anchors = || [testing::anchor(&alpha, "alpha", &["/srv/alpha.jsonl"])];
+        let live = testing::one_root_registry(anchors(), FAR_FUTURE);
+        let path =
+            StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-anchored").unwrap();
+        let mut builder =
+            MappingSetBuilder::first(SetKind::Anchor, AnchorName::parse("alpha").unwrap());
+        builder.insert(testing::mapping(&alpha, path.clone(), b"nar"));
+        let mut set = Vec::new();
+        builder.write(&alpha, 1, FAR_FUTURE, &mut set).unwrap();
+        crate::trust::sync::verify_and_index(&index, &live, SetKind::Anchor, "alpha", &set[..])
+            .unwrap();
+        let catalog = catalog(&index, &key);
+        catalog.set_registry(live);
+        assert!(matches!(
+            catalog.lookup(path.hash()).unwrap(),
+            Lookup::Found(_)
+        ));
+
+        catalog.set_registry(testing::one_root_registry(anchors(), 1));
+        assert_eq!(
+            catalog.lookup(path.hash()).unwrap(),
+            Lookup::RegistryExpired { expired_at: 1 }
+        );
+        assert_eq!(
+            catalog.decide(path.hash()).unwrap(),
+            None,
+            "no conflict, no vote"
+        );
+        let unknown = StorePath::parse("/nix/store/2ccccccccccccccccccccccccccccccc-x").unwrap();
+        assert_eq!(catalog.lookup(unknown.hash()).unwrap(), Lookup::NotFound);
+
+        let own = local("uploader-1");
+        let own_hash = *own.narinfo.store_path.hash();
+        catalog.put_locals(vec![own]).unwrap();
+        assert!(matches!(
+            catalog.lookup(&own_hash).unwrap(),
+            Lookup::Found(_)
+        ));
     }
 
     #[test]

@@ -69,6 +69,10 @@ impl std::fmt::Display for Outcome {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncReport {
     pub registry_version: u64,
+    /// Why the registry could not be fetched, when the sync went on with
+    /// the stored (unexpired) one.
+    #[serde(default)]
+    pub registry_error: Option<String>,
     pub anchors: Vec<AnchorSync>,
 }
 
@@ -100,10 +104,23 @@ impl Syncer {
     /// Loads and verifies the registry (rotation checked against the last
     /// accepted one), then every anchor's newest set.
     pub async fn sync(&self) -> Result<SyncReport, SyncError> {
-        let registry = self.load_registry().await?;
+        let (registry, registry_error) = match self.load_registry().await {
+            Ok(registry) => (registry, None),
+            // The registry host is down: while the stored registry is
+            // unexpired, its anchors' sets keep syncing.
+            Err(e @ SyncError::RegistrySource { .. }) => match stored_registry(&self.index)? {
+                Some(stored) if unix_now() < stored.expires() => {
+                    tracing::warn!("{e}; syncing anchor sets with the stored registry");
+                    (stored, Some(e.to_string()))
+                }
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
         self.catalog.set_registry(registry.clone());
         let mut report = SyncReport {
             registry_version: registry.version(),
+            registry_error,
             anchors: Vec::new(),
         };
         for anchor in registry.anchors() {
@@ -555,6 +572,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn anchor_sets_keep_syncing_while_the_registry_host_is_down() {
+        let w = world();
+        let v1 = publish(&w, None, &[1], &set_file(&w));
+        w.syncer.sync().await.expect("first sync");
+        std::fs::remove_file(&w.syncer.registry_source).expect("the host goes down");
+        publish(&w, Some(&v1), &[1, 2], &set_file(&w));
+        let report = w
+            .syncer
+            .sync()
+            .await
+            .expect("sync with the stored registry");
+        assert!(report
+            .registry_error
+            .is_some_and(|e| e.contains("registry.json")));
+        assert_eq!(report.anchors[0].outcome, Outcome::Accepted);
+        assert_eq!(report.anchors[0].version, Some(2));
+    }
+
+    #[tokio::test]
     async fn a_damaged_stored_registry_is_an_error_not_a_fresh_start() {
         let w = world();
         w.syncer.sync().await.expect("first sync");
@@ -578,8 +614,10 @@ mod tests {
             "nothing was refused, only missing"
         );
 
-        std::fs::remove_file(&w.syncer.registry_source).expect("remove registry");
-        let err = w.syncer.sync().await.expect_err("no registry");
+        // Without a stored registry to fall back on, a missing one stops it.
+        let fresh = world();
+        std::fs::remove_file(&fresh.syncer.registry_source).expect("remove registry");
+        let err = fresh.syncer.sync().await.expect_err("no registry");
         assert!(matches!(err, SyncError::RegistrySource { .. }), "{err}");
         assert!(err.to_string().contains("registry.json"), "{err}");
     }

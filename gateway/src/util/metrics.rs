@@ -39,6 +39,9 @@ counters! {
     narinfo_not_found,
     /// narinfo requests refused because registry anchors disagree.
     narinfo_conflict,
+    /// narinfo requests refused because the registry naming the anchors
+    /// that vouched for the path had expired.
+    narinfo_registry_expired,
     /// NAR responses started.
     nar_served,
     /// NAR bytes sent.
