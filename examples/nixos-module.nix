@@ -5,6 +5,11 @@ let cfg = config.services.nixpfs; in {
     enable = lib.mkEnableOption "nixpfs gateway";
     package = lib.mkOption { type = lib.types.package; };
     registry = lib.mkOption { type = lib.types.str; description = "Registry file or URL."; };
+    registryRootKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      description = "The registry's trust root: public keys its maintainers publish.";
+    };
+    registryThreshold = lib.mkOption { type = lib.types.int; default = 1; };
     require = lib.mkOption { type = lib.types.int; default = 1; };
     peers = lib.mkOption { type = lib.types.listOf lib.types.str; default = [ ]; };
   };
@@ -16,7 +21,9 @@ let cfg = config.services.nixpfs; in {
         ExecStart = lib.concatStringsSep " " ([
           "${cfg.package}/bin/nixpfs" "--data-dir" "/var/lib/nixpfs" "serve"
           "--registry" cfg.registry "--require" (toString cfg.require)
-        ] ++ lib.concatMap (p: [ "--peer" p ]) cfg.peers);
+          "--registry-threshold" (toString cfg.registryThreshold)
+        ] ++ lib.concatMap (k: [ "--registry-root-key" k ]) cfg.registryRootKeys
+          ++ lib.concatMap (p: [ "--peer" p ]) cfg.peers);
         StateDirectory = "nixpfs";
         DynamicUser = true;
         Restart = "on-failure";

@@ -25,7 +25,7 @@ nixpfs --data-dir a serve --listen 127.0.0.1:18481 & A=$!
 trap 'kill $A ${C:-} 2>/dev/null || true' EXIT
 sleep 1
 PEER=$(nixpfs --data-dir a id | awk '/^listen:/{print $2; exit}')/p2p/$(nixpfs --data-dir a id | awk '/^peer id:/{print $3}')
-nixpfs --data-dir c serve --listen 127.0.0.1:18483 --registry "$W/registry.json" --require 2 --peer "$PEER" & C=$!
+nixpfs --data-dir c serve --listen 127.0.0.1:18483 --registry "$W/registry.json" --registry-root-key "$(cat root.pub)" --require 2 --peer "$PEER" & C=$!
 sleep 2
 nixpfs --data-dir c anchors sync
 KEY=$(nixpfs --data-dir c id | awk '/^gateway key:/{print $3}')
