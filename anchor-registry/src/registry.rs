@@ -290,21 +290,7 @@ pub struct TrustRoot {
 impl TrustRoot {
     /// `threshold` of `keys` (distinct by bytes), 1 <= threshold <= keys.
     pub fn new(keys: Vec<PublicKey>, threshold: u64) -> Result<Self, RegistryError> {
-        let distinct: BTreeSet<&[u8; 32]> = keys.iter().map(PublicKey::as_bytes).collect();
-        if distinct.len() != keys.len() {
-            let mut seen = BTreeSet::new();
-            if let Some(dup) = keys.iter().find(|k| !seen.insert(k.as_bytes())) {
-                return Err(RegistryError::DuplicateRootKey {
-                    key: dup.to_string(),
-                });
-            }
-        }
-        if threshold == 0 || threshold > keys.len() as u64 {
-            return Err(RegistryError::InvalidThreshold {
-                threshold,
-                keys: keys.len(),
-            });
-        }
+        check_root_keys(&keys, threshold)?;
         Ok(Self { keys, threshold })
     }
 
