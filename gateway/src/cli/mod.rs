@@ -329,6 +329,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Anchors(AnchorsCommand::Sync) => node::dispatch(&cli.global, AdminRequest::Sync)?
             .print(false, |sync: SyncReport| {
                 let mut out = format!("registry version {}\n", sync.registry_version);
+                if let Some(error) = &sync.registry_error {
+                    out.push_str(&format!(
+                        "registry not fetched, synced with the stored one: {error}\n"
+                    ));
+                }
                 out.push_str(&lines(&sync.anchors, |a| {
                     let mut line = format!("{}: {}", a.anchor, a.outcome);
                     if let Some(version) = a.version {
