@@ -115,17 +115,16 @@ impl Config {
     }
 
     /// Checks what serde cannot express, once the file and the flags are
-    /// merged (a flag may supply what the file lacks).
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// merged (a flag may supply what the file lacks), and returns the
+    /// trust root it built: `None` when no registry is followed.
+    pub fn validate(&self) -> Result<Option<TrustRoot>, ConfigError> {
         if self.require == 0 {
             return Err(ConfigError::RequireZero(self.require));
         }
-        self.trust_root()?;
-        Ok(())
+        self.trust_root()
     }
 
-    /// The configured trust root; `None` when no registry is followed.
-    pub fn trust_root(&self) -> Result<Option<TrustRoot>, ConfigError> {
+    fn trust_root(&self) -> Result<Option<TrustRoot>, ConfigError> {
         if self.registry.is_none() && self.registry_root_keys.is_empty() {
             return Ok(None);
         }
@@ -215,7 +214,7 @@ mod tests {
         )
         .unwrap();
         let config = Config::load(&path, true).unwrap();
-        let trust = config.trust_root().unwrap().expect("configured");
+        let trust = config.validate().unwrap().expect("configured");
         assert_eq!((trust.keys(), trust.threshold()), (&[root.clone()][..], 1));
 
         std::fs::write(

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anchor_registry::{AnchorName, Decision, Policy, SecretKey, Vouch};
+use anchor_registry::{AnchorName, Decision, Policy, SecretKey, TrustRoot, Vouch};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,9 @@ pub struct App {
     catalog: Catalog,
     key: Arc<SecretKey>,
     publisher: Publisher,
+    /// The configured trust root, validated once at open; `None` when no
+    /// registry is followed.
+    trust_root: Option<TrustRoot>,
     metrics: Arc<Metrics>,
     /// When the last sync finished (unix seconds) and what it did.
     last_sync: Arc<std::sync::Mutex<Option<(u64, SyncReport)>>>,
@@ -118,9 +121,9 @@ pub fn gateway_key(data_dir: &Path, config: &Config) -> Result<SecretKey> {
 impl App {
     /// Opens (creating on first use) the data directory and starts the node.
     pub async fn open(data_dir: &Path, config: Config) -> Result<Self> {
+        let trust_root = config.validate()?;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("while creating the data directory {}", data_dir.display()))?;
-        config.validate()?;
         let key = Arc::new(gateway_key(data_dir, &config)?);
         let index =
             Arc::new(Index::open(&data_dir.join("index.redb")).context(
@@ -153,6 +156,7 @@ impl App {
             catalog,
             key,
             publisher,
+            trust_root,
             metrics: Arc::new(Metrics::default()),
             last_sync: Arc::default(),
         })
@@ -220,7 +224,7 @@ impl App {
                 "no registry configured: set `registry` in the config or pass --registry FILE|URL"
             );
         };
-        let Some(root) = self.config.trust_root()? else {
+        let Some(root) = self.trust_root.clone() else {
             bail!(crate::config::ConfigError::NoTrustRoot);
         };
         let syncer = Syncer {

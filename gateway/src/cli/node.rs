@@ -127,7 +127,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn serve(global: &GlobalArgs, args: ServeArgs) -> Result<()> {
     let (data_dir, mut config) = resolve(global)?;
     args.apply(&mut config);
-    config.validate()?;
     runtime()?.block_on(async {
         let app = App::open(&data_dir, config).await?;
         gateway::app::serve::serve(app).await

@@ -182,7 +182,7 @@ impl Catalog {
                 Lookup::NotFound
             });
         }
-        match self.decide(hash)? {
+        match self.decide_unexpired(hash, now)? {
             Some(Decision::Serve { mapping, agreeing }) => {
                 let data = mapping.into_data();
                 let narinfo = NarInfo {
@@ -230,6 +230,15 @@ impl Catalog {
         if self.registry_expired(now).is_some() {
             return Ok(None);
         }
+        self.decide_unexpired(hash, now)
+    }
+
+    /// [`Catalog::decide`] once the caller checked the registry's expiry.
+    fn decide_unexpired(
+        &self,
+        hash: &StorePathHash,
+        now: u64,
+    ) -> Result<Option<Decision>, IndexError> {
         let assertions = self.index.assertions(hash, now)?;
         let Some(path) = assertions.first().map(|a| a.mapping.path().clone()) else {
             return Ok(None);
