@@ -782,6 +782,17 @@ impl<R: BufRead> SetReader<R> {
             }
         })?;
         check_order(&h.anchor, line_no, self.last.as_ref(), mapping.path())?;
+        // Checked in every mode (a string comparison): a set that carries
+        // another key's signatures is refused whole, even with signature
+        // checks deferred.
+        if mapping.signature().name() != h.key.name() {
+            return Err(SetError::ForeignEntry {
+                anchor: h.anchor.clone(),
+                path: mapping.path().to_string(),
+                signer: mapping.signature().name().to_owned(),
+                key: h.key.name().to_owned(),
+            });
+        }
         self.last = Some(mapping.path().clone());
         Ok(Some((line_no, mapping)))
     }
@@ -1281,6 +1292,23 @@ mod tests {
             matches!(err, Some(SetError::EntrySignature { line: 4, .. })),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn a_set_carrying_another_keys_signature_is_refused_in_every_mode() {
+        let k = key("alpha-1");
+        let mut list = entries(&k, 0..4);
+        list[2] = list[2].data().clone().sign(&key("beta-1"));
+        let lines: Vec<Vec<u8>> = list.iter().map(line_of).collect();
+        let forged = forge(&k, &lines, None, None);
+        for checks in [EntryChecks::All, EntryChecks::DeferNixSignatures] {
+            let (yielded, err) = entries_before_error(&forged, checks);
+            assert_eq!(yielded, 2, "{checks:?}");
+            assert!(
+                matches!(&err, Some(SetError::ForeignEntry { signer, .. }) if signer == "beta-1"),
+                "{checks:?}: {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //! anchors, out of the configured n, agree on its Nix fingerprint and none of
 //! them disagrees. Owns the policy, its evaluation and the conflict evidence.
 //!
-//! Counting rules: an anchor counts once, identified by its registry key (a
-//! mapping counts only if its Nix signature verifies under that key, so keys
-//! outside the registry, i.e. sockpuppets, count for nothing); claims never
+//! Counting rules: a mapping counts only for the owner of the set that
+//! carries it, and only if that owner is a registry anchor under the same key
+//! and the mapping's Nix signature verifies under that key. So keys outside
+//! the registry (sockpuppets) count for nothing, and a set cannot lend its
+//! owner's weight to signatures it copied from another anchor (from that
+//! anchor's narinfos, or from a set it revoked or let expire). An anchor
+//! counts once. Claims never
 //! count; k is fixed, so anchors that are offline or did not answer raise
 //! nothing and lower nothing. Agreement is on the Nix fingerprint (path,
 //! NarHash, NarSize, References), the thing Nix checks: two anchors whose
@@ -21,7 +25,7 @@ use crate::keys::PublicKey;
 use crate::mapping::Mapping;
 use crate::mapping_set::SetKind;
 use crate::registry::{AnchorName, Registry};
-use crate::store_path::StorePath;
+use crate::store_path::{StorePath, StorePathHash};
 
 /// Why a policy cannot be used with a registry.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -84,10 +88,13 @@ impl Default for Policy {
     }
 }
 
-/// A mapping as the index holds it, with the kind of set it came from.
+/// A mapping as the index holds it, with the set that carries it: the set's
+/// kind, its owner (the header's name) and the key that signed the set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assertion {
     pub kind: SetKind,
+    pub owner: AnchorName,
+    pub key: PublicKey,
     pub mapping: Mapping,
 }
 
@@ -118,8 +125,10 @@ pub enum Decision {
         need: u64,
         agreeing: Vec<Vouch>,
     },
-    /// Counted anchors signed different fingerprints: the path is blocked.
-    /// `evidence` holds every counted anchor's mapping, sorted by anchor.
+    /// Counted anchors signed different fingerprints (a different name for
+    /// the same hash part included): the path is blocked. `path` is the
+    /// first evidence's; `evidence` holds every counted anchor's mapping,
+    /// sorted by anchor.
     Conflict {
         path: StorePath,
         evidence: Vec<Vouch>,
@@ -171,22 +180,27 @@ impl Policy {
         Ok(())
     }
 
-    /// Decides whether to serve `path` from what the index holds about it
-    /// (from unexpired sets). Assertions about other paths, claims, unknown
-    /// keys, anchors outside the policy and bad signatures are ignored.
+    /// Decides whether to serve the path with hash part `hash` from what the
+    /// index holds about it (from unexpired sets). Every name under that hash
+    /// part is judged together, so two names for one hash part conflict.
+    /// Assertions about other hash parts, claims, owners that are not
+    /// registry anchors under the set's key, anchors outside the policy and
+    /// mappings not signed by their set's owner are ignored.
     pub fn evaluate(
         &self,
         registry: &Registry,
-        path: &StorePath,
+        hash: &StorePathHash,
         assertions: &[Assertion],
     ) -> Decision {
         // fingerprint -> anchor -> vouch: one vote per anchor per fingerprint.
         let mut by_fingerprint: BTreeMap<String, BTreeMap<AnchorName, Vouch>> = BTreeMap::new();
         for assertion in assertions {
-            if assertion.kind != SetKind::Anchor || assertion.mapping.path() != path {
+            if assertion.kind != SetKind::Anchor || assertion.mapping.path().hash() != hash {
                 continue;
             }
-            let Some(anchor) = registry.anchor_by_key_name(assertion.mapping.signature().name())
+            let Some(anchor) = registry
+                .anchor(&assertion.owner)
+                .filter(|a| a.key == assertion.key)
             else {
                 continue;
             };
@@ -197,7 +211,11 @@ impl Policy {
             {
                 continue;
             }
-            if assertion.mapping.verify(&anchor.key).is_err() {
+            // The name check is free and refuses copied signatures before
+            // the (costly) signature check.
+            if assertion.mapping.signature().name() != anchor.key.name()
+                || assertion.mapping.verify(&anchor.key).is_err()
+            {
                 continue;
             }
             by_fingerprint
@@ -216,10 +234,8 @@ impl Policy {
                 .flat_map(BTreeMap::into_values)
                 .collect();
             evidence.sort_by(|a, b| a.anchor.cmp(&b.anchor));
-            return Decision::Conflict {
-                path: path.clone(),
-                evidence,
-            };
+            let path = evidence[0].mapping.path().clone();
+            return Decision::Conflict { path, evidence };
         }
         let agreeing: Vec<Vouch> = by_fingerprint
             .into_values()
@@ -246,6 +262,7 @@ mod tests {
     use crate::keys::SecretKey;
     use crate::mapping::testing::{cid_of, data, key};
     use crate::mapping::MappingData;
+    use proptest::strategy::Strategy;
 
     const EXPIRES: u64 = 2_000_000_000;
 
@@ -279,10 +296,24 @@ mod tests {
         data(1, b"a backdoored NAR")
     }
 
+    /// The owner a test key stands for: `a0-1` signs `a0`'s sets.
+    fn owner_of(k: &SecretKey) -> AnchorName {
+        let key_name = k.public().name().to_owned();
+        name(key_name.rsplit_once('-').map_or(&key_name[..], |(n, _)| n))
+    }
+
+    /// `d` signed by `k`, in a set of `k`'s owner.
     fn by(k: &SecretKey, d: MappingData) -> Assertion {
+        carried(k, k, d)
+    }
+
+    /// `d` signed by `signer`, carried in a set that `owner` signed.
+    fn carried(owner: &SecretKey, signer: &SecretKey, d: MappingData) -> Assertion {
         Assertion {
             kind: SetKind::Anchor,
-            mapping: d.sign(k),
+            owner: owner_of(owner),
+            key: owner.public(),
+            mapping: d.sign(signer),
         }
     }
 
@@ -300,8 +331,11 @@ mod tests {
     #[test]
     fn one_anchor_serves_under_default_policy() {
         let w = world(3);
-        let d =
-            Policy::default().evaluate(&w.registry, &truth().path, &[by(&w.anchors[0], truth())]);
+        let d = Policy::default().evaluate(
+            &w.registry,
+            truth().path.hash(),
+            &[by(&w.anchors[0], truth())],
+        );
         assert!(
             matches!(&d, Decision::Serve { mapping, .. } if mapping.nar_hash() == &truth().nar_hash)
         );
@@ -316,7 +350,7 @@ mod tests {
             .collect();
         // One even borrows a registry anchor's key name.
         puppets.push(by(&key("a0-1"), lie()));
-        let d = Policy::default().evaluate(&w.registry, &truth().path, &puppets);
+        let d = Policy::default().evaluate(&w.registry, truth().path.hash(), &puppets);
         assert_eq!(
             d,
             Decision::NotEnough {
@@ -332,7 +366,7 @@ mod tests {
         let w = world(3);
         let mut assertions = vec![by(&w.anchors[0], truth())];
         assertions.extend((0..5).map(|i| by(&key(&format!("puppet{i}-1")), lie())));
-        let d = Policy::default().evaluate(&w.registry, &truth().path, &assertions);
+        let d = Policy::default().evaluate(&w.registry, truth().path.hash(), &assertions);
         assert!(matches!(d, Decision::Serve { .. }));
     }
 
@@ -342,7 +376,7 @@ mod tests {
         let policy = Policy::new(2, None).expect("valid");
         let d = policy.evaluate(
             &w.registry,
-            &truth().path,
+            truth().path.hash(),
             &[by(&w.anchors[0], truth()), by(&w.anchors[2], truth())],
         );
         assert!(matches!(d, Decision::Serve { .. }));
@@ -353,7 +387,11 @@ mod tests {
     fn an_offline_anchor_does_not_lower_the_bar() {
         let w = world(3);
         let policy = Policy::new(2, None).expect("valid");
-        let d = policy.evaluate(&w.registry, &truth().path, &[by(&w.anchors[1], truth())]);
+        let d = policy.evaluate(
+            &w.registry,
+            truth().path.hash(),
+            &[by(&w.anchors[1], truth())],
+        );
         assert!(matches!(
             d,
             Decision::NotEnough {
@@ -369,7 +407,7 @@ mod tests {
         let w = world(3);
         let policy = Policy::new(2, None).expect("valid");
         let once = by(&w.anchors[0], truth());
-        let d = policy.evaluate(&w.registry, &truth().path, &[once.clone(), once]);
+        let d = policy.evaluate(&w.registry, truth().path.hash(), &[once.clone(), once]);
         assert!(matches!(
             d,
             Decision::NotEnough {
@@ -389,7 +427,7 @@ mod tests {
             by(&w.anchors[1], truth()),
             by(&w.anchors[2], lie()),
         ];
-        match policy.evaluate(&w.registry, &truth().path, &assertions) {
+        match policy.evaluate(&w.registry, truth().path.hash(), &assertions) {
             Decision::Conflict { path, evidence } => {
                 assert_eq!(path, truth().path);
                 assert_eq!(evidence.len(), 3);
@@ -407,7 +445,7 @@ mod tests {
         let w = world(1);
         let d = Policy::default().evaluate(
             &w.registry,
-            &truth().path,
+            truth().path.hash(),
             &[by(&w.anchors[0], truth()), by(&w.anchors[0], lie())],
         );
         assert!(matches!(d, Decision::Conflict { .. }));
@@ -421,7 +459,7 @@ mod tests {
         let policy = Policy::new(2, None).expect("valid");
         let d = policy.evaluate(
             &w.registry,
-            &truth().path,
+            truth().path.hash(),
             &[by(&w.anchors[0], truth()), by(&w.anchors[1], elsewhere)],
         );
         assert!(matches!(d, Decision::Serve { ref agreeing, .. } if agreeing.len() == 2));
@@ -434,7 +472,7 @@ mod tests {
         odd.nar_size += 1;
         let d = Policy::default().evaluate(
             &w.registry,
-            &truth().path,
+            truth().path.hash(),
             &[by(&w.anchors[0], truth()), by(&w.anchors[1], odd)],
         );
         assert!(matches!(d, Decision::Conflict { .. }));
@@ -448,10 +486,10 @@ mod tests {
             .iter()
             .map(|k| Assertion {
                 kind: SetKind::Claims,
-                mapping: truth().sign(k),
+                ..by(k, truth())
             })
             .collect();
-        let d = Policy::default().evaluate(&w.registry, &truth().path, &claims);
+        let d = Policy::default().evaluate(&w.registry, truth().path.hash(), &claims);
         assert!(matches!(d, Decision::NotEnough { have: 0, .. }));
     }
 
@@ -463,11 +501,11 @@ mod tests {
         let other_path = by(&w.anchors[0], data(2, b"other"));
         let d = Policy::default().evaluate(
             &w.registry,
-            &truth().path,
+            truth().path.hash(),
             &[
                 Assertion {
-                    kind: SetKind::Anchor,
                     mapping: forged,
+                    ..by(&w.anchors[0], truth())
                 },
                 other_path,
             ],
@@ -476,16 +514,118 @@ mod tests {
     }
 
     #[test]
+    fn a_set_carrying_another_anchors_signatures_lends_them_no_weight() {
+        let w = world(2);
+        let (a, b) = (&w.anchors[0], &w.anchors[1]);
+        // `a`'s set carries `b`'s real signature on a lie: neither counts.
+        let copied = carried(a, b, lie());
+        let d = Policy::default().evaluate(
+            &w.registry,
+            truth().path.hash(),
+            std::slice::from_ref(&copied),
+        );
+        assert!(matches!(d, Decision::NotEnough { have: 0, .. }), "{d:?}");
+        let only_b = Policy::new(1, Some([name("a1")].into())).expect("valid");
+        let d = only_b.evaluate(
+            &w.registry,
+            truth().path.hash(),
+            std::slice::from_ref(&copied),
+        );
+        assert!(matches!(d, Decision::NotEnough { have: 0, .. }), "{d:?}");
+        // It cannot raise a conflict against `b`'s own truth either.
+        let d = only_b.evaluate(&w.registry, truth().path.hash(), &[copied, by(b, truth())]);
+        assert_eq!(agreeing_names(&d), ["a1"]);
+        assert!(matches!(d, Decision::Serve { .. }));
+    }
+
+    #[test]
+    fn a_re_keyed_anchors_old_set_counts_for_nothing() {
+        let w = world(1);
+        let old_key = key("a0-1");
+        let stale = Assertion {
+            kind: SetKind::Anchor,
+            owner: name("a0"),
+            key: old_key.public(),
+            mapping: truth().sign(&old_key),
+        };
+        let d = Policy::default().evaluate(&w.registry, truth().path.hash(), &[stale]);
+        assert!(matches!(d, Decision::NotEnough { have: 0, .. }), "{d:?}");
+    }
+
+    #[test]
+    fn two_names_for_one_hash_part_conflict() {
+        let w = world(2);
+        let mut renamed = truth();
+        renamed.path = StorePath::parse(&format!("/nix/store/{}-hidden", truth().path.hash()))
+            .expect("a valid store path");
+        let d = Policy::new(1, None).expect("valid").evaluate(
+            &w.registry,
+            truth().path.hash(),
+            &[
+                by(&w.anchors[0], truth()),
+                by(&w.anchors[1], renamed.clone()),
+            ],
+        );
+        match d {
+            Decision::Conflict { evidence, .. } => {
+                let paths: BTreeSet<String> = evidence
+                    .iter()
+                    .map(|v| v.mapping.path().to_string())
+                    .collect();
+                assert_eq!(
+                    paths,
+                    [truth().path.to_string(), renamed.path.to_string()].into()
+                );
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the order, a mapping whose signer is not its set's owner
+        /// never becomes a vote, and never blocks the owner's honest ones.
+        #[test]
+        fn foreign_signatures_never_vote(
+            order in proptest::sample::subsequence((0..6usize).collect::<Vec<_>>(), 0..=6)
+                .prop_shuffle(),
+        ) {
+            let w = world(3);
+            let pool: Vec<Assertion> = (0..6)
+                .map(|i| {
+                    let owner = &w.anchors[i % 3];
+                    let signer = &w.anchors[(i + 1) % 3];
+                    carried(owner, signer, if i % 2 == 0 { lie() } else { truth() })
+                })
+                .collect();
+            let assertions: Vec<Assertion> = order.iter().map(|&i| pool[i].clone()).collect();
+            let d = Policy::default().evaluate(&w.registry, truth().path.hash(), &assertions);
+            proptest::prop_assert!(
+                matches!(d, Decision::NotEnough { have: 0, .. }),
+                "{:?}",
+                d
+            );
+            let mut with_honest = assertions.clone();
+            with_honest.push(by(&w.anchors[2], truth()));
+            let d = Policy::default().evaluate(&w.registry, truth().path.hash(), &with_honest);
+            proptest::prop_assert_eq!(agreeing_names(&d), vec!["a2".to_owned()]);
+        }
+    }
+
+    #[test]
     fn only_configured_anchors_count_or_conflict() {
         let w = world(3);
         let policy = Policy::new(1, Some([name("a0")].into())).expect("valid");
         let d = policy.evaluate(
             &w.registry,
-            &truth().path,
+            truth().path.hash(),
             &[by(&w.anchors[0], truth()), by(&w.anchors[1], lie())],
         );
         assert!(matches!(d, Decision::Serve { .. }));
-        let d = policy.evaluate(&w.registry, &truth().path, &[by(&w.anchors[2], truth())]);
+        let d = policy.evaluate(
+            &w.registry,
+            truth().path.hash(),
+            &[by(&w.anchors[2], truth())],
+        );
         assert!(matches!(d, Decision::NotEnough { have: 0, .. }));
     }
 
@@ -537,7 +677,7 @@ mod tests {
         let w = world(2);
         let d = Policy::default().evaluate(
             &w.registry,
-            &truth().path,
+            truth().path.hash(),
             &[by(&w.anchors[0], truth()), by(&w.anchors[1], lie())],
         );
         let json = serde_json::to_string(&d).expect("serialises");

@@ -148,70 +148,116 @@ async fn nar(
             )
         }
     };
-    let index = state.index.clone();
-    let location = match tokio::task::spawn_blocking(move || index.nar_location(&nar_hash)).await {
-        Ok(Ok(Some(location))) => location,
-        Ok(Ok(None)) => return text(StatusCode::NOT_FOUND, format!("unknown NAR {file}")),
-        Ok(Err(e)) => return internal("while looking up a NAR", e),
-        Err(e) => return internal("while looking up a NAR", e),
-    };
-    let cid = match location.cid.parse::<cid::Cid>() {
-        Ok(cid) => cid,
-        Err(e) => return internal("while reading a NAR location", e),
-    };
-    let size = location.nar_size;
-    let range = match headers.get(header::RANGE).map(|v| parse_range(v, size)) {
-        None => None,
-        Some(Ok(range)) => range,
-        Some(Err(Unsatisfiable)) => {
-            return (
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-                "requested range not satisfiable\n",
-            )
-                .into_response()
-        }
-    };
-
-    if !location.verified {
-        // First fetch of these bytes: stream them while checking NarHash and
-        // hold back the end until it matches. A range of unverified bytes
-        // cannot be checked, so it waits for the whole NAR to be verified.
-        if let Some((start, end)) = range {
-            if let Err(resp) = verify_whole(&state, &cid, nar_hash, size).await {
-                return resp;
+    let catalog = state.catalog.clone();
+    let locations =
+        match tokio::task::spawn_blocking(move || catalog.nar_locations(&nar_hash)).await {
+            Ok(Ok(locations)) if !locations.is_empty() => locations,
+            Ok(Ok(_)) => return text(StatusCode::NOT_FOUND, format!("unknown NAR {file}")),
+            Ok(Err(e)) => return internal("while looking up a NAR", e),
+            Err(e) => return internal("while looking up a NAR", e),
+        };
+    // Each candidate in turn until one delivers: a CID nobody has, or whose
+    // bytes are not this NAR, does not hide the NAR behind it.
+    let mut failures = Vec::new();
+    for location in locations {
+        let cid = match location.cid.parse::<cid::Cid>() {
+            Ok(cid) => cid,
+            Err(e) => {
+                failures.push(format!("{}: not a CID ({e})", location.cid));
+                continue;
             }
-            return serve_range(&state, &cid, start, end, size);
+        };
+        let size = location.nar_size;
+        let range = match headers.get(header::RANGE).map(|v| parse_range(v, size)) {
+            None => None,
+            Some(Ok(range)) => range,
+            Some(Err(Unsatisfiable)) => {
+                return (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+                    "requested range not satisfiable\n",
+                )
+                    .into_response()
+            }
+        };
+        if location.verified {
+            return match range {
+                Some((start, end)) => serve_range(&state, &cid, start, end, size),
+                None => {
+                    Metrics::inc(&state.metrics.nar_served);
+                    let body = Body::from_stream(Box::pin(state.node.cat(cid)));
+                    nar_response(StatusCode::OK, size, None, body)
+                }
+            };
         }
+        // First fetch of these bytes: a range of unverified bytes cannot be
+        // checked, so it waits for the whole NAR to be verified.
+        if let Some((start, end)) = range {
+            match verify_whole(&state, &cid, nar_hash, size).await {
+                Ok(()) => return serve_range(&state, &cid, start, end, size),
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            }
+        }
+        // Stream them while checking NarHash, holding back the end until it
+        // matches; the first chunk is awaited here so a CID that fails at
+        // once falls through to the next candidate.
+        let mut verified = VerifiedNar::new(
+            Box::pin(state.node.cat(cid)),
+            nar_hash,
+            size,
+            refuter(&state, nar_hash, cid),
+        );
+        let first = match verified.next().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                tracing::warn!(nar = %nar_hash, %cid, "NAR candidate failed, trying the next: {e}");
+                failures.push(format!("{cid}: {e}"));
+                continue;
+            }
+            None => bytes::Bytes::new(),
+        };
         Metrics::inc(&state.metrics.nar_served);
-        let metrics = state.metrics.clone();
-        let hash_text = nar_hash.to_string();
-        let verified =
-            VerifiedNar::new(Box::pin(state.node.cat(cid)), nar_hash, size, move |err| {
-                tracing::error!(nar = %hash_text, "refusing NAR bytes: {err}");
-                Metrics::inc(&metrics.nar_hash_mismatch);
-            });
         let index = state.index.clone();
         let mut location = location.clone();
-        let body = verified.chain(futures::stream::once(async move {
-            // Reached only when every byte was checked: later requests may
-            // then skip the whole-NAR hash.
-            location.verified = true;
-            let _ =
-                tokio::task::spawn_blocking(move || index.put_nar_location(&nar_hash, &location))
-                    .await;
-            Ok(bytes::Bytes::new())
-        }));
+        let body = futures::stream::once(async move { Ok(first) })
+            .chain(verified)
+            .chain(futures::stream::once(async move {
+                // Reached only when every byte was checked: later requests
+                // may then skip the whole-NAR hash.
+                location.verified = true;
+                let _ = tokio::task::spawn_blocking(move || {
+                    index.put_nar_location(&nar_hash, &location)
+                })
+                .await;
+                Ok(bytes::Bytes::new())
+            }));
         return nar_response(StatusCode::OK, size, None, Body::from_stream(body));
     }
+    text(
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "cannot serve NAR {file}: every known location failed: {}",
+            failures.join("; ")
+        ),
+    )
+}
 
-    match range {
-        Some((start, end)) => serve_range(&state, &cid, start, end, size),
-        None => {
-            Metrics::inc(&state.metrics.nar_served);
-            let body = Body::from_stream(Box::pin(state.node.cat(cid)));
-            nar_response(StatusCode::OK, size, None, body)
-        }
+/// What to do when a CID's bytes are not the NAR: log, count, and try that
+/// CID last from then on.
+fn refuter(
+    state: &AppState,
+    nar_hash: NarHash,
+    cid: cid::Cid,
+) -> impl FnOnce(&crate::store::verify::VerifyError) + Send + 'static {
+    let metrics = state.metrics.clone();
+    let catalog = state.catalog.clone();
+    move |err| {
+        tracing::error!(nar = %nar_hash, %cid, "refusing NAR bytes: {err}");
+        Metrics::inc(&metrics.nar_hash_mismatch);
+        catalog.refute(&nar_hash, &cid.to_string());
     }
 }
 
@@ -222,18 +268,16 @@ async fn verify_whole(
     cid: &cid::Cid,
     nar_hash: NarHash,
     size: u64,
-) -> Result<(), Response> {
-    let metrics = state.metrics.clone();
-    let mut stream = VerifiedNar::new(Box::pin(state.node.cat(*cid)), nar_hash, size, move |err| {
-        tracing::error!("refusing NAR bytes: {err}");
-        Metrics::inc(&metrics.nar_hash_mismatch);
-    });
+) -> Result<(), String> {
+    let mut stream = VerifiedNar::new(
+        Box::pin(state.node.cat(*cid)),
+        nar_hash,
+        size,
+        refuter(state, nar_hash, *cid),
+    );
     while let Some(chunk) = stream.next().await {
         if let Err(e) = chunk {
-            return Err(text(
-                StatusCode::BAD_GATEWAY,
-                format!("cannot serve this NAR: {e}"),
-            ));
+            return Err(format!("{cid}: {e}"));
         }
     }
     let location = crate::store::index::NarLocation {
@@ -244,8 +288,8 @@ async fn verify_whole(
     let index = state.index.clone();
     match tokio::task::spawn_blocking(move || index.put_nar_location(&nar_hash, &location)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(internal("while recording a verified NAR", e)),
-        Err(e) => Err(internal("while recording a verified NAR", e)),
+        Ok(Err(e)) => Err(format!("{cid}: verified, but cannot record it: {e}")),
+        Err(e) => Err(format!("{cid}: verified, but cannot record it: {e}")),
     }
 }
 

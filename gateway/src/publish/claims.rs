@@ -184,7 +184,11 @@ pub fn import_verified(
     if h.kind != SetKind::Claims {
         bail!(ClaimsError::NotClaims { name });
     }
-    if let Some(state) = index.trusted_state(SetKind::Claims, &name)? {
+    let held_by = index.trusted_states()?.into_iter().find(|s| {
+        let held = s.header().header();
+        held.kind == SetKind::Claims && held.anchor == h.anchor
+    });
+    if let Some(state) = held_by {
         let held = &state.header().header().key;
         if *held != h.key {
             bail!(ClaimsError::NameTaken {
@@ -201,7 +205,7 @@ pub fn import_verified(
             }
             Ok(Indexed::Unchanged { version }) => (Outcome::Unchanged, version, None),
             Err(SetRejected::Index(e)) => return Err(e.into()),
-            Err(SetRejected::Trust(e)) => {
+            Err(e) => {
                 bail!(ClaimsError::Refused {
                     name,
                     reason: e.to_string(),
@@ -227,7 +231,7 @@ pub fn claims_by_path(index: &Index, now: u64) -> Result<BTreeMap<String, Vec<Cl
         if h.kind != SetKind::Claims || h.expires <= now {
             continue;
         }
-        for mapping in index.owner_mappings(SetKind::Claims, h.anchor.as_str())? {
+        for mapping in index.owner_mappings(&state)? {
             by_path
                 .entry(mapping.path().to_string())
                 .or_default()

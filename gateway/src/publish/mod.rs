@@ -86,7 +86,7 @@ pub async fn repro(p: &Publisher) -> Result<Vec<PathReport>> {
             let vouches = registry
                 .as_ref()
                 .map(
-                    |r| match Policy::default().evaluate(r, &path, &assertions) {
+                    |r| match Policy::default().evaluate(r, path.hash(), &assertions) {
                         Decision::Serve { agreeing, .. } | Decision::NotEnough { agreeing, .. } => {
                             agreeing
                         }

@@ -79,8 +79,9 @@ pub struct RebuildRecord {
 
 /// Compares our NarHash with everyone else's statements about the path.
 /// Our own earlier mappings (they verify under `own`) are skipped; anchor
-/// mappings count only from registry anchors; claims count as they are
-/// (their signatures were checked on import). A differing claim does not
+/// mappings count only from registry anchors, for the set's owner under its
+/// registry key; claims count as they are (their signatures were checked on
+/// import). A differing claim does not
 /// outweigh a match (anyone can claim anything); a differing anchor does.
 pub fn judge(
     ours: &NarHash,
@@ -97,8 +98,8 @@ pub fn judge(
         }
         if assertion.kind == SetKind::Anchor {
             let counted = registry
-                .and_then(|r| r.anchor_by_key_name(mapping.signature().name()))
-                .is_some_and(|a| mapping.verify(&a.key).is_ok());
+                .and_then(|r| r.anchor(&assertion.owner))
+                .is_some_and(|a| a.key == assertion.key && mapping.verify(&a.key).is_ok());
             if !counted {
                 continue;
             }
@@ -295,6 +296,8 @@ mod tests {
     fn assertion(kind: SetKind, signer: &SecretKey, nar: &[u8]) -> Assertion {
         Assertion {
             kind,
+            owner: AnchorName::parse(signer.name()).unwrap(),
+            key: signer.public(),
             mapping: mapping(signer, nar),
         }
     }

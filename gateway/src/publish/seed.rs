@@ -33,7 +33,7 @@ pub fn candidates(index: &Index, anchors: &[String]) -> Result<Vec<Candidate>, I
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for state in states {
-        for mapping in index.owner_mappings(SetKind::Anchor, state.anchor().as_str())? {
+        for mapping in index.owner_mappings(&state)? {
             let data = mapping.data();
             if seen.insert(data.nar_hash) {
                 out.push(Candidate {

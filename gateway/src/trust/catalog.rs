@@ -3,13 +3,15 @@
 //! paths only when the anchor policy holds. Every narinfo served points at
 //! `nar/<nix32 NarHash>.nar` and carries the gateway's own signature.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
-use anchor_registry::{Decision, NarInfo, Policy, Registry, SecretKey, StorePathHash};
+use anchor_registry::{
+    Decision, Mapping, NarHash, NarInfo, Policy, Registry, SecretKey, StorePathHash,
+};
 use bytes::Bytes;
 
-use crate::store::index::{Index, IndexError, LocalPath};
+use crate::store::index::{Index, IndexError, LocalPath, NarLocation};
 
 /// What the catalog knows about a store path; `T` is the narinfo to send,
 /// parsed or as the text the endpoint sends.
@@ -36,7 +38,13 @@ pub struct Catalog {
     public: Arc<str>,
     trust: Arc<RwLock<Trust>>,
     own: Arc<Mutex<OwnCache>>,
+    /// CIDs whose bytes did not match the NarHash they were mapped to: tried
+    /// last from then on.
+    refuted: Arc<Mutex<HashSet<(NarHash, String)>>>,
 }
+
+/// Most refuted CIDs remembered; when full it starts over.
+const REFUTED_ENTRIES: usize = 1 << 16;
 
 /// Most narinfos a catalog keeps signed in memory (a few hundred bytes each).
 const OWN_CACHE_ENTRIES: usize = 1 << 18;
@@ -91,6 +99,7 @@ impl Catalog {
             key,
             trust: Arc::new(RwLock::new(trust)),
             own: Arc::default(),
+            refuted: Arc::default(),
         }
     }
 
@@ -240,16 +249,75 @@ impl Catalog {
         now: u64,
     ) -> Result<Option<Decision>, IndexError> {
         let assertions = self.index.assertions(hash, now)?;
-        let Some(path) = assertions.first().map(|a| a.mapping.path().clone()) else {
+        if assertions.is_empty() {
             return Ok(None);
-        };
+        }
         let Ok(trust) = self.trust.read() else {
             return Ok(None);
         };
         let Some(registry) = &trust.registry else {
             return Ok(None);
         };
-        Ok(Some(trust.policy.evaluate(registry, &path, &assertions)))
+        Ok(Some(trust.policy.evaluate(registry, hash, &assertions)))
+    }
+
+    /// Where the bytes of the NAR with this hash may be, best first: the
+    /// recorded location (own pins, uploads, NARs once verified); then the
+    /// CIDs of the vouches that make a path with this NAR servable; then what
+    /// any other unexpired set maps it to. A CID only locates bytes, which
+    /// are checked against NarHash before they are served, so no set can
+    /// hide a NAR by mapping it to a CID nobody has: the next one is tried.
+    /// CIDs refuted by their bytes come last.
+    pub fn nar_locations(&self, nar_hash: &NarHash) -> Result<Vec<NarLocation>, IndexError> {
+        let now = crate::util::time::unix_now();
+        let assertions = self.index.nar_assertions(nar_hash, now)?;
+        let mut vouched = Vec::new();
+        if self.registry_expired(now).is_none() {
+            let mut hashes: Vec<StorePathHash> = assertions
+                .iter()
+                .map(|a| *a.mapping.path().hash())
+                .collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            for hash in hashes {
+                if let Some(Decision::Serve { agreeing, .. }) = self.decide_unexpired(&hash, now)? {
+                    vouched.extend(
+                        agreeing
+                            .into_iter()
+                            .filter(|v| v.mapping.nar_hash() == nar_hash)
+                            .map(|v| located(&v.mapping)),
+                    );
+                }
+            }
+        }
+        let mut out: Vec<NarLocation> = Vec::new();
+        let candidates = self
+            .index
+            .nar_location(nar_hash)?
+            .into_iter()
+            .chain(vouched)
+            .chain(assertions.iter().map(|a| located(&a.mapping)));
+        for location in candidates {
+            if !out.iter().any(|o| o.cid == location.cid) {
+                out.push(location);
+            }
+        }
+        let refuted = self.lock_refuted();
+        out.sort_by_key(|l| refuted.contains(&(*nar_hash, l.cid.clone())));
+        Ok(out)
+    }
+
+    /// Records that `cid`'s bytes are not the NAR `nar_hash` names.
+    pub fn refute(&self, nar_hash: &NarHash, cid: &str) {
+        let mut refuted = self.lock_refuted();
+        if refuted.len() >= REFUTED_ENTRIES {
+            refuted.clear();
+        }
+        refuted.insert((*nar_hash, cid.to_owned()));
+    }
+
+    fn lock_refuted(&self) -> std::sync::MutexGuard<'_, HashSet<(NarHash, String)>> {
+        self.refuted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Rewrites a narinfo for serving: our URL, uncompressed, our signature
@@ -261,6 +329,16 @@ impl Catalog {
         narinfo.file_size = None;
         narinfo.sign(&self.key);
         narinfo
+    }
+}
+
+/// Where a mapping says its NAR's bytes are; unverified until hashed here.
+fn located(mapping: &Mapping) -> NarLocation {
+    let data = mapping.data();
+    NarLocation {
+        cid: data.cid.to_string(),
+        nar_size: data.nar_size,
+        verified: false,
     }
 }
 
@@ -428,5 +506,146 @@ mod tests {
             "the old key's signature replaced"
         );
         assert!(info.sigs.iter().any(|s| s.name() == "uploader-1"));
+    }
+
+    /// `signer`'s one-entry set of `kind` under `name`, indexed.
+    fn index_set(
+        index: &Index,
+        registry: &Registry,
+        kind: anchor_registry::SetKind,
+        signer: &SecretKey,
+        name: &str,
+        mapping: anchor_registry::Mapping,
+    ) {
+        use anchor_registry::{AnchorName, MappingSetBuilder};
+        let mut builder = MappingSetBuilder::first(kind, AnchorName::parse(name).unwrap());
+        builder.insert(mapping);
+        let mut set = Vec::new();
+        builder
+            .write(signer, 1, anchor_registry::testing::FAR_FUTURE, &mut set)
+            .unwrap();
+        crate::trust::sync::verify_and_index(index, registry, kind, name, &set[..]).unwrap();
+    }
+
+    /// `signer`'s mapping of `path` to the NAR `b"nar"`, located at a CID
+    /// made from `seed`.
+    fn located_at(signer: &SecretKey, path: &StorePath, seed: &[u8]) -> anchor_registry::Mapping {
+        let mut data = anchor_registry::testing::mapping(signer, path.clone(), b"nar").into_data();
+        let digest = anchor_registry::Sha256Hash::digest(seed);
+        let hash = cid::multihash::Multihash::<64>::wrap(0x12, digest.as_bytes()).unwrap();
+        data.cid =
+            anchor_registry::ContentId::parse(&cid::Cid::new_v1(0x55, hash).to_string()).unwrap();
+        data.sign(signer)
+    }
+
+    #[test]
+    fn nar_locations_try_counted_vouches_first_and_refuted_cids_last() {
+        use anchor_registry::testing::{self, FAR_FUTURE};
+        use anchor_registry::SetKind;
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let (alpha, beta, mallory) = (
+            testing::key("alpha-1"),
+            testing::key("beta-1"),
+            testing::key("mallory-1"),
+        );
+        let registry = testing::one_root_registry(
+            [
+                testing::anchor(&alpha, "alpha", &["/srv/alpha.jsonl"]),
+                testing::anchor(&beta, "beta", &["/srv/beta.jsonl"]),
+            ],
+            FAR_FUTURE,
+        );
+        let path = StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-pkg").unwrap();
+        let bogus = located_at(&alpha, &path, b"a CID nobody has");
+        let good = located_at(&beta, &path, b"the real DAG");
+        let claimed = located_at(&mallory, &path, b"a claimant's DAG");
+        index_set(
+            &index,
+            &registry,
+            SetKind::Anchor,
+            &alpha,
+            "alpha",
+            bogus.clone(),
+        );
+        index_set(
+            &index,
+            &registry,
+            SetKind::Anchor,
+            &beta,
+            "beta",
+            good.clone(),
+        );
+        index_set(
+            &index,
+            &registry,
+            SetKind::Claims,
+            &mallory,
+            "mallory",
+            claimed.clone(),
+        );
+        let catalog = catalog(&index, &Arc::new(SecretKey::generate("gw-1").unwrap()));
+        catalog.set_registry(registry);
+        let nar_hash = *good.nar_hash();
+        let cids = |catalog: &Catalog| -> Vec<String> {
+            catalog
+                .nar_locations(&nar_hash)
+                .unwrap()
+                .into_iter()
+                .map(|l| l.cid)
+                .collect()
+        };
+        let cid = |m: &anchor_registry::Mapping| m.data().cid.to_string();
+        assert_eq!(cids(&catalog), [cid(&bogus), cid(&good), cid(&claimed)]);
+
+        catalog.refute(&nar_hash, &cid(&bogus));
+        assert_eq!(cids(&catalog), [cid(&good), cid(&claimed), cid(&bogus)]);
+
+        let recorded = NarLocation {
+            cid: "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy".into(),
+            nar_size: 3,
+            verified: true,
+        };
+        index.put_nar_location(&nar_hash, &recorded).unwrap();
+        assert_eq!(cids(&catalog)[0], recorded.cid, "a verified location first");
+    }
+
+    #[test]
+    fn a_second_name_for_a_hash_part_blocks_the_path_as_a_conflict() {
+        use anchor_registry::testing::{self, FAR_FUTURE};
+        use anchor_registry::SetKind;
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let (alpha, beta) = (testing::key("alpha-1"), testing::key("beta-1"));
+        let registry = testing::one_root_registry(
+            [
+                testing::anchor(&alpha, "alpha", &["/srv/alpha.jsonl"]),
+                testing::anchor(&beta, "beta", &["/srv/beta.jsonl"]),
+            ],
+            FAR_FUTURE,
+        );
+        let honest = StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-pkg").unwrap();
+        let renamed =
+            StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-aaa-hide").unwrap();
+        index_set(
+            &index,
+            &registry,
+            SetKind::Anchor,
+            &alpha,
+            "alpha",
+            testing::mapping(&alpha, honest.clone(), b"nar"),
+        );
+        // `aaa-hide` sorts first: the first stored name must not decide.
+        index_set(
+            &index,
+            &registry,
+            SetKind::Anchor,
+            &beta,
+            "beta",
+            testing::mapping(&beta, renamed, b"nar"),
+        );
+        let catalog = catalog(&index, &Arc::new(SecretKey::generate("gw-1").unwrap()));
+        catalog.set_registry(registry);
+        assert_eq!(catalog.lookup(honest.hash()).unwrap(), Lookup::Conflict);
     }
 }

@@ -118,6 +118,7 @@ impl Syncer {
             Err(e) => return Err(e),
         };
         self.catalog.set_registry(registry.clone());
+        self.purge_unlisted(&registry)?;
         let mut report = SyncReport {
             registry_version: registry.version(),
             registry_error,
@@ -128,6 +129,28 @@ impl Syncer {
             report.anchors.push(outcome);
         }
         Ok(report)
+    }
+
+    /// Drops the sets of anchors the registry no longer lists under the key
+    /// that signed them: they count for nothing, and a re-added or re-keyed
+    /// anchor starts a new chain.
+    fn purge_unlisted(&self, registry: &Registry) -> Result<(), SyncError> {
+        let purged = self.index.purge_sets(|state| {
+            let h = state.header().header();
+            h.kind != SetKind::Anchor || registry.anchor(&h.anchor).is_some_and(|a| a.key == h.key)
+        })?;
+        for state in purged {
+            Metrics::inc(&self.metrics.sets_purged);
+            let h = state.header().header();
+            tracing::warn!(
+                anchor = %h.anchor,
+                key = %h.key,
+                version = h.version,
+                registry_version = registry.version(),
+                "purged a stored set: the registry no longer lists its anchor under that key"
+            );
+        }
+        Ok(())
     }
 
     async fn load_registry(&self) -> Result<Registry, SyncError> {
@@ -223,7 +246,7 @@ impl Syncer {
                     });
                 }
                 Err(SetRejected::Index(e)) => return Err(e.into()),
-                Err(SetRejected::Trust(e)) => {
+                Err(e) => {
                     Metrics::inc(&self.metrics.sync_rejected);
                     tracing::warn!(anchor = %anchor.name, %source, "refused mapping set: {e}");
                     errors.push(format!("{source}: {e}"));
@@ -275,15 +298,19 @@ pub enum Indexed {
 pub enum SetRejected {
     #[error(transparent)]
     Trust(#[from] TrustError),
+    #[error("this source is listed for {expected}, but the set it delivered is {found}'s: a source installs only its own publisher's set")]
+    OtherPublisher { expected: String, found: String },
     #[error(transparent)]
     Index(#[from] IndexError),
 }
 
-/// Verifies a set against the registry and the trusted state and, only when
-/// every check passed, replaces the publisher's mappings and state. The set
-/// is copied aside while it is read, so it is read once; the trusted version
-/// again costs one header line. A fork is recorded as evidence before it is
-/// refused.
+/// Verifies a set of publisher `name` (of `kind`) against the registry and
+/// the trusted state and, only when every check passed, replaces the
+/// publisher's mappings and state. A set naming another publisher or kind is
+/// refused before anything else, so a source listed for one anchor can
+/// never install another's set or claims. The set is copied aside while it
+/// is read, so it is read once; the trusted version again costs one header
+/// line. A fork is recorded as evidence before it is refused.
 pub fn verify_and_index(
     index: &Index,
     registry: &Registry,
@@ -291,13 +318,25 @@ pub fn verify_and_index(
     name: &str,
     reader: impl std::io::BufRead,
 ) -> Result<Indexed, SetRejected> {
-    let trusted = index.trusted_state(kind, name)?;
     let mut tee = index.tee_set(reader)?;
-    // Entry signatures are checked when policy counts a mapping (see
-    // `Policy::evaluate`); the header signature already binds every entry
-    // byte to the anchor, so deferring them is sound and ~20x faster.
-    let set = SetReader::open_with(&mut tee, EntryChecks::DeferNixSignatures)
-        .map_err(TrustError::from)?;
+    // Anchor entries' signatures are checked when policy counts a mapping
+    // (see `Policy::evaluate`); the header signature already binds every
+    // entry byte to the anchor, and the reader checks every entry names the
+    // set's key, so deferring them is sound and ~20x faster. Claims are
+    // checked whole here: `repro` shows claimants as evidence.
+    let checks = match kind {
+        SetKind::Anchor => EntryChecks::DeferNixSignatures,
+        SetKind::Claims => EntryChecks::All,
+    };
+    let set = SetReader::open_with(&mut tee, checks).map_err(TrustError::from)?;
+    let h = set.header().header();
+    if h.kind != kind || h.anchor.as_str() != name {
+        return Err(SetRejected::OtherPublisher {
+            expected: format!("{kind} set of {name}"),
+            found: format!("{} set of {}", h.kind, h.anchor),
+        });
+    }
+    let trusted = index.trusted_state(kind, name, &h.key)?;
     let state = match check_header(set.header(), registry, trusted.as_ref(), unix_now()) {
         Ok(state) => state,
         Err(TrustError::Fork {
@@ -413,32 +452,37 @@ fn http_get(url: &str) -> Result<Bytes, String> {
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use anchor_registry::testing::{anchor, key, mapping, one_root_registry, FAR_FUTURE};
+    use anchor_registry::testing::{anchor, key, mapping, FAR_FUTURE};
     use anchor_registry::{MappingSetBuilder, Policy, SecretKey, SignedHeader, StorePath};
 
     use super::*;
     use crate::trust::catalog::Trust;
 
     /// An index, an anchor `alpha` publishing at `<dir>/alpha.jsonl`, and a
-    /// syncer reading the registry from `<dir>/registry.json`.
+    /// syncer reading the registry (signed by `root`) from `<dir>/registry.json`.
     struct World {
         dir: tempfile::TempDir,
         alpha: SecretKey,
+        root: SecretKey,
+        registry: Registry,
         syncer: Syncer,
     }
 
     fn world() -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let alpha = key("alpha-1");
+        let root = key("root-1");
         let set_file = dir.path().join("alpha.jsonl");
-        let registry = one_root_registry(
-            [anchor(
+        let mut registry =
+            Registry::init(vec![root.public()], 1, FAR_FUTURE).expect("a valid registry");
+        registry
+            .add_anchor(anchor(
                 &alpha,
                 "alpha",
                 &[set_file.to_str().expect("utf-8")],
-            )],
-            FAR_FUTURE,
-        );
+            ))
+            .expect("add alpha");
+        registry.sign(&root);
         let registry_file = dir.path().join("registry.json");
         std::fs::write(&registry_file, registry.render()).expect("write registry");
         let index = Arc::new(Index::open(&dir.path().join("index.redb")).expect("index"));
@@ -458,7 +502,26 @@ mod tests {
             registry_source: registry_file.to_str().expect("utf-8").to_owned(),
             root: TrustRoot::of(&registry),
         };
-        World { dir, alpha, syncer }
+        World {
+            dir,
+            alpha,
+            root,
+            registry,
+            syncer,
+        }
+    }
+
+    /// Publishes the registry's next version, changed by `change`.
+    fn next_registry(w: &mut World, change: impl FnOnce(&mut Registry)) {
+        let mut next = w.registry.next_version().expect("next version");
+        change(&mut next);
+        next.sign(&w.root);
+        std::fs::write(&w.syncer.registry_source, next.render()).expect("write registry");
+        w.registry = next;
+    }
+
+    fn alpha_name() -> anchor_registry::AnchorName {
+        anchor_registry::AnchorName::parse("alpha").expect("name")
     }
 
     fn path(i: u8) -> StorePath {
@@ -480,10 +543,7 @@ mod tests {
     ) -> SignedHeader {
         let mut builder = match previous {
             Some(h) => MappingSetBuilder::next_after(h),
-            None => MappingSetBuilder::first(
-                SetKind::Anchor,
-                anchor_registry::AnchorName::parse("alpha").expect("name"),
-            ),
+            None => MappingSetBuilder::first(SetKind::Anchor, alpha_name()),
         };
         for &i in paths {
             builder.insert(mapping(&w.alpha, path(i), &[i]));
@@ -541,7 +601,7 @@ mod tests {
         assert_eq!(
             w.syncer
                 .index
-                .trusted_state(SetKind::Anchor, "alpha")
+                .trusted_state(SetKind::Anchor, "alpha", &w.alpha.public())
                 .expect("state")
                 .map(|s| s.version()),
             Some(2)
@@ -620,5 +680,134 @@ mod tests {
         let err = fresh.syncer.sync().await.expect_err("no registry");
         assert!(matches!(err, SyncError::RegistrySource { .. }), "{err}");
         assert!(err.to_string().contains("registry.json"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_source_listed_for_one_anchor_cannot_install_another_anchors_set() {
+        let mut w = world();
+        let beta = key("beta-1");
+        let beta_file = w.dir.path().join("beta.jsonl");
+        next_registry(&mut w, |r| {
+            r.add_anchor(anchor(&beta, "beta", &[beta_file.to_str().expect("utf-8")]))
+                .expect("add beta");
+        });
+        // alpha's source serves beta's real set.
+        let mut builder = MappingSetBuilder::first(
+            SetKind::Anchor,
+            anchor_registry::AnchorName::parse("beta").expect("name"),
+        );
+        builder.insert(mapping(&beta, path(1), &[1]));
+        let mut bytes = Vec::new();
+        builder
+            .write(&beta, 1, FAR_FUTURE, &mut bytes)
+            .expect("write set");
+        std::fs::write(set_file(&w), bytes).expect("write set file");
+
+        let report = w.syncer.sync().await.expect("sync");
+        let alpha = &report.anchors[0];
+        assert_eq!(alpha.outcome, Outcome::Rejected);
+        assert!(
+            alpha.errors[0].contains("installs only its own publisher's set"),
+            "{:?}",
+            alpha.errors
+        );
+        assert_eq!(w.syncer.metrics.snapshot().sync_rejected, 1);
+        assert!(
+            w.syncer.index.trusted_states().expect("states").is_empty(),
+            "nothing installed under either name"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removed_anchors_set_is_purged_and_counts_for_nothing() {
+        let mut w = world();
+        publish(&w, None, &[1], &set_file(&w));
+        w.syncer.sync().await.expect("first sync");
+        assert_eq!(
+            w.syncer
+                .index
+                .assertions(path(1).hash(), 0)
+                .expect("index")
+                .len(),
+            1
+        );
+
+        next_registry(&mut w, |r| {
+            r.remove_anchor(&alpha_name()).expect("remove alpha");
+        });
+        let report = w.syncer.sync().await.expect("sync");
+        assert_eq!(report.registry_version, 2);
+        assert!(report.anchors.is_empty());
+        assert_eq!(w.syncer.metrics.snapshot().sets_purged, 1);
+        assert!(w
+            .syncer
+            .index
+            .assertions(path(1).hash(), 0)
+            .expect("index")
+            .is_empty());
+        assert!(w.syncer.index.trusted_states().expect("states").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_new_key_starts_a_new_chain_after_a_stolen_keys_huge_version() {
+        let mut w = world();
+        // The thief publishes the largest version with alpha's old key.
+        let stolen = w.alpha.clone();
+        let mut bytes = Vec::new();
+        anchor_registry::write_set(
+            &anchor_registry::SetParams {
+                kind: SetKind::Anchor,
+                anchor: alpha_name(),
+                version: (1 << 53) - 1,
+                created: 1,
+                expires: FAR_FUTURE,
+                previous: Some(anchor_registry::Sha256Hash::digest(b"any")),
+            },
+            [mapping(&stolen, path(1), b"backdoor")].iter(),
+            &stolen,
+            &mut bytes,
+        )
+        .expect("write set");
+        std::fs::write(set_file(&w), bytes).expect("write set file");
+        let report = w.syncer.sync().await.expect("sync");
+        assert_eq!(report.anchors[0].version, Some((1 << 53) - 1));
+
+        // The registry re-keys alpha; its new key publishes version 1.
+        let fresh = key("alpha-2");
+        let sources = [set_file(&w).to_str().expect("utf-8").to_owned()];
+        next_registry(&mut w, |r| {
+            r.remove_anchor(&alpha_name()).expect("remove alpha");
+            r.add_anchor(anchor(&fresh, "alpha", &[sources[0].as_str()]))
+                .expect("re-add alpha");
+        });
+        w.alpha = fresh;
+        publish(&w, None, &[2], &set_file(&w));
+        let report = w.syncer.sync().await.expect("sync");
+        let alpha = &report.anchors[0];
+        assert_eq!(
+            (alpha.outcome, alpha.version),
+            (Outcome::Accepted, Some(1)),
+            "{:?}",
+            alpha.errors
+        );
+        assert_eq!(
+            w.syncer.metrics.snapshot().sets_purged,
+            1,
+            "the stolen chain is gone"
+        );
+        assert!(w
+            .syncer
+            .index
+            .assertions(path(1).hash(), 0)
+            .expect("index")
+            .is_empty());
+        assert_eq!(
+            w.syncer
+                .index
+                .assertions(path(2).hash(), 0)
+                .expect("index")
+                .len(),
+            1
+        );
     }
 }

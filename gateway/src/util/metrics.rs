@@ -63,6 +63,9 @@ counters! {
     /// Registries refused during sync (not by the trust root, rollback,
     /// fork, expired, unauthorised rotation…).
     registry_refused,
+    /// Stored anchor sets dropped because the registry no longer lists their
+    /// owner under the key that signed them (removed, renamed, re-keyed).
+    sets_purged,
 }
 
 impl Metrics {

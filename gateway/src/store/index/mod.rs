@@ -6,7 +6,8 @@
 //! - `local_paths`: store-path hash → the user's own pinned paths (narinfo + CID);
 //! - `nar_locations`: NarHash → CID, size and whether the bytes were verified;
 //! - `trusted_state`: the newest set each publisher had accepted (see `sync`),
-//!   whose entries are kept as files beside the index (see [`sets`]).
+//!   keyed by kind, name and key (a new key starts a new chain), whose
+//!   entries are kept as files beside the index (see [`sets`]).
 
 mod sets;
 
@@ -17,14 +18,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anchor_registry::{
-    Assertion, Mapping, NarHash, NarInfo, SetKind, SignedHeader, StorePathHash, TrustedState,
+    Assertion, Mapping, NarHash, NarInfo, PublicKey, SetKind, SignedHeader, StorePathHash,
+    TrustedState,
 };
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const LOCAL_PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_paths");
 const NAR_LOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nar_locations");
-/// set owner → the trusted state (newest accepted signed header).
+/// set owner ([`set_owner`]) → the trusted state (newest accepted signed header).
 const TRUSTED: TableDefinition<&str, &[u8]> = TableDefinition::new("trusted_state");
 /// name → small values: the trusted registry document.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -144,15 +146,28 @@ impl Index {
         txn.open_table(META)?;
         txn.commit()?;
         let states = {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(TRUSTED)?;
+            let txn = db.begin_write()?;
             let mut states = Vec::new();
-            for entry in table.iter()? {
-                let (owner, state) = entry?;
-                let owner = owner.value().to_owned();
-                let state: TrustedState = decode("trusted_state", &owner, state.value())?;
-                states.push((owner, state));
+            {
+                let mut table = txn.open_table(TRUSTED)?;
+                let mut renamed = Vec::new();
+                for entry in table.iter()? {
+                    let (key, state) = entry?;
+                    let key = key.value().to_owned();
+                    let state: TrustedState = decode("trusted_state", &key, state.value())?;
+                    let owner = state_owner(&state);
+                    if owner != key {
+                        // Written before states were keyed by key too.
+                        renamed.push((key, owner.clone(), state.clone()));
+                    }
+                    states.push((owner, state));
+                }
+                for (old, new, state) in renamed {
+                    table.remove(old.as_str())?;
+                    table.insert(new.as_str(), encode(&state).as_slice())?;
+                }
             }
+            txn.commit()?;
             states
         };
         let sets = sets::SetFiles::open(&path.with_extension("sets"), states)?;
@@ -284,31 +299,20 @@ impl Index {
         Ok(existing)
     }
 
-    /// Where the NAR with this hash lives, if known: recorded locations
-    /// first (own pins, NARs once verified), then any stored set's mapping.
+    /// Where the NAR with this hash was recorded to live (own pins, uploads,
+    /// NARs once verified), if anywhere. What sets map is asked of the
+    /// catalog, which knows whose word counts (`Catalog::nar_locations`).
     pub fn nar_location(&self, nar_hash: &NarHash) -> Result<Option<NarLocation>, IndexError> {
-        {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(NAR_LOCATIONS)?;
-            if let Some(v) = table.get(nar_hash.as_bytes().as_slice())? {
-                return Ok(Some(decode(
-                    "nar_locations",
-                    &nar_hash.to_string(),
-                    v.value(),
-                )?));
-            }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(NAR_LOCATIONS)?;
+        match table.get(nar_hash.as_bytes().as_slice())? {
+            Some(v) => Ok(Some(decode(
+                "nar_locations",
+                &nar_hash.to_string(),
+                v.value(),
+            )?)),
+            None => Ok(None),
         }
-        for set in self.sets.all() {
-            if let Some(mapping) = set.for_nar(nar_hash)? {
-                let data = mapping.data();
-                return Ok(Some(NarLocation {
-                    cid: data.cid.to_string(),
-                    nar_size: data.nar_size,
-                    verified: false,
-                }));
-            }
-        }
-        Ok(None)
     }
 
     /// Records where a NAR lives, keeping `verified` if it was already set.
@@ -339,9 +343,17 @@ impl Index {
 }
 
 /// Who published a set: anchors and contributors share names' namespace only
-/// within their kind, so the kind is part of the key.
-pub fn set_owner(kind: SetKind, name: &str) -> String {
-    format!("{kind}:{name}")
+/// within their kind, so the kind is part of the key; and a name under a new
+/// key is a new publisher, so a stolen old key's state (say, a huge version)
+/// never blocks the new key's chain.
+pub fn set_owner(kind: SetKind, name: &str, key: &PublicKey) -> String {
+    format!("{kind}:{name}:{key}")
+}
+
+/// The owner of the set `state` names.
+fn state_owner(state: &TrustedState) -> String {
+    let header = state.header().header();
+    set_owner(header.kind, header.anchor.as_str(), &header.key)
 }
 
 /// Two signed headers of the same version with different digests.
@@ -363,9 +375,7 @@ impl Index {
     /// Whether the set `state` names is the one stored for its publisher:
     /// then a sync of the same version has nothing to do.
     pub fn holds_set(&self, state: &TrustedState) -> bool {
-        let header = state.header().header();
-        self.sets
-            .holds(&set_owner(header.kind, header.anchor.as_str()), state)
+        self.sets.holds(&state_owner(state), state)
     }
 
     /// Replaces everything `state`'s publisher said with a newly verified
@@ -376,9 +386,11 @@ impl Index {
     /// staged copy is dropped and the trusted state is left alone.
     pub fn replace_set(&self, state: &TrustedState, staged: StagedSet) -> Result<(), IndexError> {
         let header = state.header().header();
-        let owner = set_owner(header.kind, header.anchor.as_str());
+        let owner = state_owner(state);
         let _one_at_a_time = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = self.trusted_state(header.kind, header.anchor.as_str())? {
+        if let Some(current) =
+            self.trusted_state(header.kind, header.anchor.as_str(), &header.key)?
+        {
             let newer = current.version() > state.version();
             let stored = current.version() == state.version() && self.holds_set(&current);
             if newer || stored {
@@ -394,13 +406,14 @@ impl Index {
         Ok(())
     }
 
-    /// The newest version accepted from this publisher.
+    /// The newest version accepted from this publisher (name under key).
     pub fn trusted_state(
         &self,
         kind: SetKind,
         name: &str,
+        key: &PublicKey,
     ) -> Result<Option<TrustedState>, IndexError> {
-        let owner = set_owner(kind, name);
+        let owner = set_owner(kind, name, key);
         let txn = self.db.begin_read()?;
         let table = txn.open_table(TRUSTED)?;
         match table.get(owner.as_str())? {
@@ -424,15 +437,35 @@ impl Index {
     /// What every publisher whose set has not expired at `now` says about
     /// the path with this hash, in publisher order.
     pub fn assertions(&self, hash: &StorePathHash, now: u64) -> Result<Vec<Assertion>, IndexError> {
+        self.unexpired_assertions(now, |set| set.for_path(hash))
+    }
+
+    /// What every unexpired set at `now` maps to the NAR with this hash:
+    /// where its bytes may be, with who said so.
+    pub fn nar_assertions(
+        &self,
+        nar_hash: &NarHash,
+        now: u64,
+    ) -> Result<Vec<Assertion>, IndexError> {
+        self.unexpired_assertions(now, |set| set.for_nar(nar_hash))
+    }
+
+    fn unexpired_assertions(
+        &self,
+        now: u64,
+        find: impl Fn(&sets::StoredSet) -> Result<Option<Mapping>, IndexError>,
+    ) -> Result<Vec<Assertion>, IndexError> {
         let mut out = Vec::new();
         for set in self.sets.all() {
             let header = set.state.header().header();
             if header.expires <= now {
                 continue;
             }
-            if let Some(mapping) = set.for_path(hash)? {
+            if let Some(mapping) = find(&set)? {
                 out.push(Assertion {
                     kind: header.kind,
+                    owner: header.anchor.clone(),
+                    key: header.key.clone(),
                     mapping,
                 });
             }
@@ -457,12 +490,42 @@ impl Index {
         Ok(())
     }
 
-    /// Every mapping a publisher's trusted set contains, in hash-part order.
-    pub fn owner_mappings(&self, kind: SetKind, name: &str) -> Result<Vec<Mapping>, IndexError> {
-        match self.sets.get(&set_owner(kind, name)) {
-            Some(set) => set.mappings(),
-            None => Ok(Vec::new()),
+    /// Every mapping of the set `state` names, if it is the one stored, in
+    /// hash-part order.
+    pub fn owner_mappings(&self, state: &TrustedState) -> Result<Vec<Mapping>, IndexError> {
+        match self.sets.get(&state_owner(state)) {
+            Some(set) if set.state.digest() == state.digest() => set.mappings(),
+            _ => Ok(Vec::new()),
         }
+    }
+
+    /// Removes every publisher's state and set that `keep` refuses (anchors
+    /// the registry no longer lists under that name and key); returns them.
+    pub fn purge_sets(
+        &self,
+        keep: impl Fn(&TrustedState) -> bool,
+    ) -> Result<Vec<TrustedState>, IndexError> {
+        let _one_at_a_time = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
+        let purged: Vec<TrustedState> = self
+            .trusted_states()?
+            .into_iter()
+            .filter(|s| !keep(s))
+            .collect();
+        if purged.is_empty() {
+            return Ok(purged);
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(TRUSTED)?;
+            for state in &purged {
+                table.remove(state_owner(state).as_str())?;
+            }
+        }
+        txn.commit()?;
+        for state in &purged {
+            self.sets.remove(&state_owner(state));
+        }
+        Ok(purged)
     }
 
     /// Hash parts that more than one publisher has a mapping for: the only

@@ -558,6 +558,21 @@ impl SetFiles {
         }
     }
 
+    /// Forgets `owner`'s set and deletes its files (after its trusted state
+    /// was removed, so a crash in between leaves only debris for `open`).
+    pub(crate) fn remove(&self, owner: &str) {
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(owner);
+        for path in old.iter().flat_map(|o| [&o.entries_path, &o.idx_path]) {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), "cannot remove a purged set file: {e}");
+            }
+        }
+    }
+
     /// Store-path hashes that more than one current set maps, in order: a
     /// merge of the sets' sorted sidecars, in constant memory per set.
     pub(crate) fn shared_paths(&self) -> Result<Vec<StorePathHash>, IndexError> {
@@ -706,16 +721,19 @@ mod tests {
             let found = index.assertions(m.path().hash(), 2).unwrap();
             assert_eq!(found.len(), 1);
             assert_eq!(found[0].mapping, *m);
-            let location = index.nar_location(m.nar_hash()).unwrap().unwrap();
-            assert_eq!(location.nar_size, m.data().nar_size);
-            assert!(!location.verified);
+            let by_nar = index.nar_assertions(m.nar_hash(), 2).unwrap();
+            assert_eq!(by_nar.len(), 1);
+            assert_eq!(by_nar[0].mapping.nar_hash(), m.nar_hash());
         }
         let absent = mapping(&alpha, 2 * n + 1, n + 1);
         assert!(index
             .assertions(absent.path().hash(), 2)
             .unwrap()
             .is_empty());
-        assert!(index.nar_location(absent.nar_hash()).unwrap().is_none());
+        assert!(index
+            .nar_assertions(absent.nar_hash(), 2)
+            .unwrap()
+            .is_empty());
         let before_first = mapping(&alpha, 1, 0);
         assert!(index
             .assertions(before_first.path().hash(), 2)
@@ -730,7 +748,11 @@ mod tests {
         );
         let mut in_order = mappings;
         in_order.sort_by(|a, b| a.path().cmp(b.path()));
-        let all = index.owner_mappings(SetKind::Anchor, "alpha").unwrap();
+        let state = index
+            .trusted_state(SetKind::Anchor, "alpha", &alpha.key.public())
+            .unwrap()
+            .unwrap();
+        let all = index.owner_mappings(&state).unwrap();
         assert!(all == in_order, "every mapping back, in hash-part order");
     }
 
@@ -881,7 +903,7 @@ mod tests {
         index.replace_set(&state, staged).unwrap();
         assert_eq!(
             index
-                .trusted_state(SetKind::Anchor, "alpha")
+                .trusted_state(SetKind::Anchor, "alpha", &alpha.key.public())
                 .unwrap()
                 .unwrap()
                 .version(),
