@@ -26,7 +26,8 @@ pub use mapping_set::{
 pub use narinfo::{CacheInfo, NarInfo, NarInfoError};
 pub use policy::{Assertion, Decision, Policy, PolicyError, Vouch};
 pub use registry::{
-    Anchor, AnchorName, Registry, RegistryError, RegistrySignature, Source, TrustRoot,
+    versioned_location, Anchor, AnchorName, Registry, RegistryError, RegistrySignature, Source,
+    TrustRoot,
 };
 pub use store_path::{StorePath, StorePathError, StorePathHash, STORE_DIR};
 pub use trust::{check_header, verify_set, verify_set_with, TrustError, TrustedState, VerifiedSet};

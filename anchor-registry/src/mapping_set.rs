@@ -148,7 +148,7 @@ pub enum SetError {
         expected: String,
         given: String,
     },
-    #[error("cannot write {path} into the set of `{anchor}`: it is signed by key `{signer}`, not the set key `{key}`")]
+    #[error("{path} in the set of `{anchor}` is signed by key `{signer}`, not the set's key `{key}`: a set carries only its own key's signatures")]
     ForeignEntry {
         anchor: AnchorName,
         path: String,

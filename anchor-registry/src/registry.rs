@@ -18,6 +18,15 @@
 //! needs N's threshold of N's root keys (so a stolen new key set cannot take
 //! over, and rotation is explicit); a lower version is a rollback, the same
 //! version with other content a fork, and skipping versions is refused.
+//!
+//! # Walking skipped versions
+//! A gateway that trusts N and fetches N+k (two or more versions published
+//! within one sync interval) walks N+1 … N+k−1 the way a TUF client walks
+//! root versions: each must follow the one before under the rules above,
+//! except that only the newest must be unexpired ([`Registry::verify_successor`]).
+//! Publishers therefore keep every version beside the newest, named by
+//! [`versioned_location`]: `registry.json` → `7.registry.json` in the same
+//! folder (or URL path), as TUF names `7.root.json`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -404,12 +413,6 @@ impl Registry {
             .map(|i| &self.body.anchors[i])
     }
 
-    /// The anchor whose key carries `key_name`: how a Nix signature (which
-    /// names its key) finds the one key that may have made it.
-    pub fn anchor_by_key_name(&self, key_name: &str) -> Option<&Anchor> {
-        self.body.anchors.iter().find(|a| a.key.name() == key_name)
-    }
-
     /// sha256 of the canonical signed part: equal digests, equal registries.
     pub fn digest(&self) -> Sha256Hash {
         Sha256Hash::digest(&self.body_bytes())
@@ -531,14 +534,32 @@ impl Registry {
     /// Decides whether to trust this version at `now` (unix seconds), given the
     /// newest version already trusted, if any (see the module docs).
     pub fn verify(&self, previous: Option<&Registry>, now: u64) -> Result<(), RegistryError> {
-        let version = self.body.version;
         if now >= self.body.expires {
             return Err(RegistryError::Expired {
-                version,
+                version: self.body.version,
                 expires: self.body.expires,
                 now,
             });
         }
+        self.verify_signed(previous)
+    }
+
+    /// Whether this version is the next after `previous` as a step of a walk
+    /// through skipped versions: signed by its own and `previous`'s root
+    /// thresholds, exactly one version later. Its expiry is not checked: an
+    /// intermediate version only carries the trust forward, as in TUF.
+    pub fn verify_successor(&self, previous: &Registry) -> Result<(), RegistryError> {
+        if self.body.version != previous.body.version.saturating_add(1) {
+            return Err(RegistryError::SkippedVersion {
+                trusted: previous.body.version,
+                found: self.body.version,
+            });
+        }
+        self.verify_signed(Some(previous))
+    }
+
+    fn verify_signed(&self, previous: Option<&Registry>) -> Result<(), RegistryError> {
+        let version = self.body.version;
         let message = self.signed_message();
         let have = self.count_signers(&message, &self.body.root_keys);
         if (have as u64) < self.body.threshold {
@@ -725,6 +746,31 @@ fn is_sorted_by_text(keys: &[PublicKey]) -> bool {
 fn first_duplicate_bytes(keys: &[PublicKey]) -> Option<&PublicKey> {
     let mut seen = BTreeSet::new();
     keys.iter().find(|k| !seen.insert(k.as_bytes()))
+}
+
+/// Where version `version` of the registry published at `location` (a file
+/// path or http(s) URL) is kept: the last path component gets the version as
+/// a prefix, `…/registry.json` → `…/7.registry.json`. `None` for a location
+/// without a file name (a bare host, a folder, an `ipfs://` CID).
+pub fn versioned_location(location: &str, version: u64) -> Option<String> {
+    let end = location.find(['?', '#']).unwrap_or(location.len());
+    let (path, suffix) = location.split_at(end);
+    let after_scheme = path.find("://").map_or(0, |i| {
+        // `scheme://host/…`: the file name starts after the host.
+        path[i + 3..].find('/').map_or(path.len(), |j| i + 3 + j)
+    });
+    if path.starts_with("ipfs://") || path.starts_with("ipns://") || after_scheme == path.len() {
+        return None;
+    }
+    let slash = path[after_scheme..]
+        .rfind('/')
+        .map(|i| after_scheme + i + 1);
+    let start = slash.unwrap_or(0);
+    let name = &path[start..];
+    if name.is_empty() || name == "." || name == ".." {
+        return None;
+    }
+    Some(format!("{}{version}.{name}{suffix}", &path[..start]))
 }
 
 #[cfg(test)]
@@ -1192,5 +1238,70 @@ mod tests {
             prop_assert_eq!(&back, &reg);
             prop_assert_eq!(back.render(), text);
         }
+    }
+
+    #[test]
+    fn versioned_locations_prefix_the_file_name() {
+        for (location, expected) in [
+            ("/srv/registry.json", Some("/srv/7.registry.json")),
+            ("registry.json", Some("7.registry.json")),
+            (
+                "https://example.org/nix/registry.json",
+                Some("https://example.org/nix/7.registry.json"),
+            ),
+            (
+                "https://example.org/registry.json?x=1",
+                Some("https://example.org/7.registry.json?x=1"),
+            ),
+            ("https://example.org", None),
+            ("https://example.org/", None),
+            ("/srv/", None),
+            (
+                "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+                None,
+            ),
+        ] {
+            assert_eq!(
+                versioned_location(location, 7).as_deref(),
+                expected,
+                "{location}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_walk_through_skipped_versions_checks_each_step_but_only_the_newest_expiry() {
+        let r = [key("root-a"), key("root-b")];
+        let mut v1 = Registry::init(vec![r[0].public()], 1, NOW + 10).expect("valid");
+        v1.sign(&r[0]);
+        // v2 rotates to root-b and expires before now; v3 is current.
+        let mut v2 = v1.next_version().expect("fits");
+        v2.set_root_keys(vec![r[1].public()], 1).expect("valid");
+        v2.set_expires(NOW - 1).expect("valid");
+        v2.sign(&r[0]);
+        v2.sign(&r[1]);
+        let mut v3 = v2.next_version().expect("fits");
+        v3.set_expires(NOW + 100).expect("valid");
+        v3.sign(&r[1]);
+        assert!(matches!(
+            v3.verify(Some(&v1), NOW),
+            Err(RegistryError::SkippedVersion { .. })
+        ));
+        assert_eq!(v2.verify_successor(&v1), Ok(()));
+        assert_eq!(v3.verify(Some(&v2), NOW), Ok(()));
+        // A step not signed by the previous roots breaks the walk.
+        let mut rogue_v2 = v1.next_version().expect("fits");
+        rogue_v2
+            .set_root_keys(vec![r[1].public()], 1)
+            .expect("valid");
+        rogue_v2.sign(&r[1]);
+        assert!(matches!(
+            rogue_v2.verify_successor(&v1),
+            Err(RegistryError::RotationNotAuthorised { .. })
+        ));
+        assert!(matches!(
+            v3.verify_successor(&v1),
+            Err(RegistryError::SkippedVersion { .. })
+        ));
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::{
     Anchor, AnchorName, ContentId, ImportProfile, Mapping, MappingData, NarHash, Registry,
-    SecretKey, Source, StorePath,
+    SecretKey, SetHeader, SetKind, Sha256Hash, SignedHeader, Source, StorePath,
 };
 
 /// An expiry no test outlives (2106).
@@ -71,4 +71,39 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A set of `kind` under `name`, its header signed by `key`, carrying
+/// `entries` exactly as given (sorted by the caller): unlike the writer it
+/// lets a test put another key's signatures in, as an attacker would.
+pub fn forged_set(
+    key: &SecretKey,
+    kind: SetKind,
+    name: &str,
+    version: u64,
+    previous: Option<Sha256Hash>,
+    entries: &[Mapping],
+) -> Vec<u8> {
+    let lines: Vec<String> = entries
+        .iter()
+        .map(|m| format!("{}\n", m.to_canonical_string()))
+        .collect();
+    let header = SignedHeader::sign(
+        SetHeader {
+            kind,
+            anchor: AnchorName::parse(name).expect("a valid name"),
+            key: key.public(),
+            version,
+            created: 1,
+            expires: FAR_FUTURE,
+            previous,
+            entries: Sha256Hash::digest(lines.concat().as_bytes()),
+            count: entries.len() as u64,
+        },
+        key,
+    )
+    .expect("a valid header");
+    let mut out = format!("{}\n", header.line());
+    out.push_str(&lines.concat());
+    out.into_bytes()
 }

@@ -5,7 +5,9 @@ use std::fs;
 use std::io::BufReader;
 use std::path::PathBuf;
 
-use anchor_registry::{read_set, verify_set, Anchor, AnchorName, PublicKey, Registry, Source};
+use anchor_registry::{
+    read_set, verify_set, versioned_location, Anchor, AnchorName, PublicKey, Registry, Source,
+};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
@@ -174,12 +176,24 @@ pub fn run_registry(cmd: RegistryCommand) -> Result<()> {
             let key = read_secret_key(&key)?;
             registry.sign(&key);
             save(&file, &registry)?;
+            // Gateways that skipped this version walk through this copy.
+            let kept = file
+                .to_str()
+                .and_then(|f| versioned_location(f, registry.version()))
+                .with_context(|| {
+                    format!(
+                        "{} has no file name to keep versions beside",
+                        file.display()
+                    )
+                })?;
+            save(std::path::Path::new(&kept), &registry)?;
             println!(
-                "signed version {} with {} ({} of {} signatures needed)",
+                "signed version {} with {} ({} of {} signatures needed); publish {} beside it too",
                 registry.version(),
                 key.name(),
                 registry.signatures().len(),
-                registry.threshold()
+                registry.threshold(),
+                kept
             );
             print!("{}", trust_root_lines(&registry));
         }

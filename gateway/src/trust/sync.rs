@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use anchor_registry::{
-    check_header, Anchor, EntryChecks, Registry, RegistryError, SetKind, SetReader, Source,
-    TrustError, TrustRoot,
+    check_header, versioned_location, Anchor, EntryChecks, Registry, RegistryError, SetKind,
+    SetReader, Source, TrustError, TrustRoot,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -21,6 +21,10 @@ use crate::util::time::unix_now;
 
 /// Largest registry or mapping set accepted from one source.
 const MAX_DOCUMENT: u64 = 1 << 30;
+
+/// Most registry versions one sync walks through: a gateway further behind
+/// than this is told so (its operator can re-sync from the trust root).
+const MAX_WALK: u64 = 1024;
 
 /// Why a sync could not even start (per-anchor failures are in the report).
 #[derive(Debug, thiserror::Error)]
@@ -153,40 +157,99 @@ impl Syncer {
         Ok(())
     }
 
+    /// Fetches the registry and verifies it against the stored one (or, with
+    /// none, the configured trust root), walking any versions in between.
+    /// Stores it once it verified.
     async fn load_registry(&self) -> Result<Registry, SyncError> {
         let source = &self.registry_source;
-        let bytes = fetch_location(source, self.node.as_ref())
-            .await
-            .map_err(|message| SyncError::RegistrySource {
-                source_name: source.clone(),
-                message,
-            })?;
-        let text = String::from_utf8(bytes.to_vec()).map_err(|_| SyncError::RegistrySource {
-            source_name: source.clone(),
-            message: "not UTF-8 text".to_owned(),
-        })?;
-        let refused = |error| SyncError::Registry {
-            source_name: source.clone(),
-            error,
-        };
+        let text = self.fetch_registry_text(source).await?;
         let previous = stored_registry(&self.index)?;
-        let verified = Registry::parse(&text).and_then(|registry| {
-            registry
-                .verify_from(&self.root, previous.as_ref(), unix_now())
-                .map(|()| registry)
-        });
+        let now = unix_now();
+        let verified = match Registry::parse(&text) {
+            Err(error) => Err((source.clone(), error)),
+            Ok(registry) => match (
+                registry.verify_from(&self.root, previous.as_ref(), now),
+                &previous,
+            ) {
+                (Ok(()), _) => Ok(registry),
+                (Err(RegistryError::SkippedVersion { .. }), Some(trusted)) => {
+                    self.walk(trusted, registry, now).await?
+                }
+                (Err(error), _) => Err((source.clone(), error)),
+            },
+        };
         let registry = match verified {
             Ok(registry) => registry,
-            Err(error) => {
+            Err((source_name, error)) => {
                 Metrics::inc(&self.metrics.registry_refused);
-                tracing::warn!(source = %source, "refused registry: {error}");
-                return Err(refused(error));
+                tracing::warn!(source = %source_name, "refused registry: {error}");
+                return Err(SyncError::Registry { source_name, error });
             }
         };
         if previous.as_ref().map(Registry::version) != Some(registry.version()) {
             self.index.put_registry_text(&text)?;
         }
         Ok(registry)
+    }
+
+    /// Walks from the trusted version to `newest` through each version in
+    /// between, fetched from [`versioned_location`]: each must follow the one
+    /// before (TUF-style, see `anchor_registry::registry`). The outer error
+    /// is a fetch failure (the stored registry may still serve); the inner
+    /// one a refusal, with the location that was refused.
+    async fn walk(
+        &self,
+        trusted: &Registry,
+        newest: Registry,
+        now: u64,
+    ) -> Result<Result<Registry, (String, RegistryError)>, SyncError> {
+        let source = &self.registry_source;
+        let (from, to) = (trusted.version(), newest.version());
+        if to - from > MAX_WALK {
+            return Ok(Err((
+                source.clone(),
+                RegistryError::SkippedVersion {
+                    trusted: from,
+                    found: to,
+                },
+            )));
+        }
+        tracing::info!(from, to, "walking skipped registry versions");
+        let mut current = trusted.clone();
+        for version in from + 1..to {
+            let location =
+                versioned_location(source, version).ok_or_else(|| SyncError::RegistrySource {
+                    source_name: source.clone(),
+                    message: format!(
+                        "version {version} is needed to walk from trusted version {from} to {to}, and a location without a file name has no versioned copies"
+                    ),
+                })?;
+            let text = self.fetch_registry_text(&location).await?;
+            let step = match Registry::parse(&text)
+                .and_then(|step| step.verify_successor(&current).map(|()| step))
+            {
+                Ok(step) => step,
+                Err(error) => return Ok(Err((location, error))),
+            };
+            current = step;
+        }
+        Ok(newest
+            .verify_from(&self.root, Some(&current), now)
+            .map(|()| newest)
+            .map_err(|error| (source.clone(), error)))
+    }
+
+    async fn fetch_registry_text(&self, location: &str) -> Result<String, SyncError> {
+        let bytes = fetch_location(location, self.node.as_ref())
+            .await
+            .map_err(|message| SyncError::RegistrySource {
+                source_name: location.to_owned(),
+                message,
+            })?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| SyncError::RegistrySource {
+            source_name: location.to_owned(),
+            message: "not UTF-8 text".to_owned(),
+        })
     }
 
     async fn sync_anchor(
@@ -517,6 +580,8 @@ mod tests {
         change(&mut next);
         next.sign(&w.root);
         std::fs::write(&w.syncer.registry_source, next.render()).expect("write registry");
+        let kept = versioned_location(&w.syncer.registry_source, next.version()).expect("a file");
+        std::fs::write(kept, next.render()).expect("write the versioned copy");
         w.registry = next;
     }
 
@@ -809,5 +874,61 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn skipped_registry_versions_are_walked_through_their_versioned_copies() {
+        let mut w = world();
+        w.syncer.sync().await.expect("first sync");
+        let beta = key("beta-1");
+        next_registry(&mut w, |r| {
+            r.add_anchor(anchor(&beta, "beta", &["/srv/beta.jsonl"]))
+                .expect("add beta");
+        });
+        next_registry(&mut w, |r| {
+            r.remove_anchor(&anchor_registry::AnchorName::parse("beta").expect("name"))
+                .expect("remove beta");
+        });
+        let report = w.syncer.sync().await.expect("v1 to v3 through v2");
+        assert_eq!((report.registry_version, report.registry_error), (3, None));
+
+        // A missing intermediate copy is a fetch failure: the stored (v3)
+        // registry keeps serving, and the error names what is missing.
+        next_registry(&mut w, |_| {});
+        next_registry(&mut w, |_| {});
+        let missing = versioned_location(&w.syncer.registry_source, 4).expect("a file");
+        std::fs::remove_file(&missing).expect("remove v4's copy");
+        let report = w.syncer.sync().await.expect("falls back");
+        assert_eq!(report.registry_version, 3);
+        assert!(
+            report
+                .registry_error
+                .as_deref()
+                .is_some_and(|e| e.contains("4.registry.json")),
+            "{:?}",
+            report.registry_error
+        );
+
+        // An intermediate version the trusted roots did not sign is refused.
+        let thief = key("thief-1");
+        let mut forged =
+            Registry::init(vec![thief.public()], 1, FAR_FUTURE).expect("a valid registry");
+        for _ in 1..4 {
+            forged = forged.next_version().expect("fits");
+        }
+        forged.sign(&thief);
+        std::fs::write(&missing, forged.render()).expect("plant a rogue v4");
+        let err = w.syncer.sync().await.expect_err("refused");
+        assert!(
+            matches!(
+                &err,
+                SyncError::Registry {
+                    error: RegistryError::RotationNotAuthorised { .. },
+                    source_name,
+                } if source_name.ends_with("4.registry.json")
+            ),
+            "{err}"
+        );
+        assert_eq!(w.syncer.metrics.snapshot().registry_refused, 1);
     }
 }
