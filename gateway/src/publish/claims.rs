@@ -328,6 +328,26 @@ mod tests {
     }
 
     #[test]
+    fn a_claims_entry_not_signed_by_the_claimant_is_refused_at_import() {
+        let (_dir, index, registry) = world();
+        let alice = key("alice-1");
+        // Another key under alice's key name: only the signature check tells.
+        let impostor = SecretKey::from_seed("alice-1", [99; 32]).unwrap();
+        let forged = anchor_registry::testing::mapping(&impostor, path(), b"nar");
+        let set = anchor_registry::testing::forged_set(
+            &alice,
+            SetKind::Claims,
+            "alice",
+            1,
+            None,
+            &[forged],
+        );
+        let err = import_verified(&index, &registry, "f".to_owned(), &set).unwrap_err();
+        assert!(err.to_string().contains("signature"), "{err}");
+        assert!(claims_by_path(&index, unix_now()).unwrap().is_empty());
+    }
+
+    #[test]
     fn claims_files_are_named_after_the_key() {
         let file = default_claims_file(Path::new("/data"), "alice-1").unwrap();
         assert_eq!(file, Path::new("/data/claims/alice-1.jsonl"));
