@@ -275,6 +275,18 @@ fn sockpuppets_rollbacks_and_expired_sets_are_refused_with_a_logged_reason() {
         .unwrap();
     assert_eq!(a["version"], 2, "trusted state did not move back: {status}");
     assert_eq!(a["last_sync"], "rejected", "{status}");
+    assert!(
+        a["reason"].as_str().is_some_and(|r| r.contains("rollback")),
+        "the reason travels with the outcome: {status}"
+    );
+    let text = run_ok_str(gw.cli().arg("status"));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("anchor anchor-a: version 2")
+                && l.contains("last sync rejected: ")
+                && l.contains("rollback")),
+        "{text}"
+    );
     assert!(status["last_sync"].as_u64().is_some(), "{status}");
     assert!(
         status["counters"]["sync_rejected"].as_u64().unwrap() >= 2,

@@ -11,7 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anchor_registry::{AnchorName, Decision, Policy, SecretKey, TrustRoot, Vouch};
+use anchor_registry::{
+    AnchorName, Decision, Policy, SecretKey, SetKind, TrustRoot, TrustedState, Vouch,
+};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -22,7 +24,7 @@ use crate::publish::{Publisher, ReproCounts};
 use crate::store::index::Index;
 use crate::store::ipfs::{Multiaddr, Node, NodeConfig};
 use crate::trust::catalog::{Catalog, Trust};
-use crate::trust::sync::{Outcome, SyncReport, Syncer};
+use crate::trust::sync::{AnchorSync, Outcome, SyncReport, Syncer};
 use crate::util::metrics::{Metrics, MetricsSnapshot};
 
 /// Everything the gateway keeps under its data directory.
@@ -78,16 +80,21 @@ pub struct Status {
     pub counters: MetricsSnapshot,
 }
 
-/// Per publisher: the newest set version trusted.
+/// Per publisher: the newest set version trusted, and what the last sync
+/// made of it. An anchor the last sync rejected appears even if none of its
+/// sets was ever trusted (version, expiry and entries are then absent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnchorStatus {
     pub name: String,
     pub kind: String,
-    pub version: u64,
-    pub expires: u64,
-    pub entries: u64,
+    pub version: Option<u64>,
+    pub expires: Option<u64>,
+    pub entries: Option<u64>,
     /// The last sync's outcome for this publisher, if one ran since start.
     pub last_sync: Option<Outcome>,
+    /// Why the last sync rejected it: each source's error, in order.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// The file holding the gateway's own narinfo signing key, by default.
@@ -264,15 +271,10 @@ impl App {
         })
         .await??;
         let last_sync = self.last_sync.lock().ok().and_then(|l| l.clone());
-        let outcome = |name: &str| {
-            last_sync.as_ref().and_then(|(_, report)| {
-                report
-                    .anchors
-                    .iter()
-                    .find(|a| a.anchor == name)
-                    .map(|a| a.outcome)
-            })
-        };
+        let synced = last_sync
+            .as_ref()
+            .map_or(&[][..], |(_, report)| &report.anchors[..]);
+        let anchors = anchor_statuses(&states, synced);
         let registry = self.catalog.trust().and_then(|t| t.registry);
         Ok(Status {
             peer_id: self.node.peer_id().to_string(),
@@ -287,26 +289,52 @@ impl App {
             registry_error: last_sync
                 .as_ref()
                 .and_then(|(_, report)| report.registry_error.clone()),
-            anchors: states
-                .iter()
-                .map(|s| {
-                    let h = s.header().header();
-                    AnchorStatus {
-                        name: h.anchor.to_string(),
-                        kind: h.kind.to_string(),
-                        version: h.version,
-                        expires: h.expires,
-                        entries: h.count,
-                        last_sync: outcome(h.anchor.as_str()),
-                    }
-                })
-                .collect(),
+            anchors,
             forks,
             conflicts,
             repro: crate::publish::stored_repro_counts(&self.publisher).await?,
             counters: self.metrics.snapshot(),
         })
     }
+}
+
+/// Every trusted set's publisher with the last sync's word on it, then the
+/// anchors that sync rejected without any trusted set.
+fn anchor_statuses(states: &[TrustedState], synced: &[AnchorSync]) -> Vec<AnchorStatus> {
+    let reason = |a: &AnchorSync| (a.outcome == Outcome::Rejected).then(|| a.errors.join("; "));
+    let mut out: Vec<AnchorStatus> = states
+        .iter()
+        .map(|s| {
+            let h = s.header().header();
+            let sync = synced
+                .iter()
+                .find(|a| h.kind == SetKind::Anchor && a.anchor == h.anchor.as_str());
+            AnchorStatus {
+                name: h.anchor.to_string(),
+                kind: h.kind.to_string(),
+                version: Some(h.version),
+                expires: Some(h.expires),
+                entries: Some(h.count),
+                last_sync: sync.map(|a| a.outcome),
+                reason: sync.and_then(reason),
+            }
+        })
+        .collect();
+    for a in synced {
+        let known = out.iter().any(|s| s.kind == "anchor" && s.name == a.anchor);
+        if !known {
+            out.push(AnchorStatus {
+                name: a.anchor.clone(),
+                kind: SetKind::Anchor.to_string(),
+                version: None,
+                expires: None,
+                entries: None,
+                last_sync: Some(a.outcome),
+                reason: reason(a),
+            });
+        }
+    }
+    out
 }
 
 /// The serve policy the configuration asks for.

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use gateway::store::nar;
 use gateway::util::fs::write_secret_file;
 use gateway::util::keys::read_secret_key;
+use gateway::util::when::human;
 
 mod car;
 mod community;
@@ -452,22 +453,29 @@ fn or_null(n: Option<u64>) -> String {
 }
 
 fn render_status(s: Status) -> String {
+    render_status_at(s, gateway::util::time::unix_now())
+}
+
+/// [`render_status`] as of `now` (unix seconds), times in a human form.
+fn render_status_at(s: Status, now: u64) -> String {
+    let when = |t: Option<u64>| t.map_or_else(|| "never".to_owned(), |t| human(t, now));
     let mut out = format!(
-        "peer {}\nconnected peers: {}\npins: {} ({} bytes), own store paths: {}\nregistry version: {} (last sync at {})\nforks seen: {}, conflicts: {}\n",
+        "peer {}\nconnected peers: {}\npins: {} ({} bytes), own store paths: {}\nregistry version: {} (last sync {})\nforks seen: {}, conflicts: {}\n",
         s.peer_id,
         s.connected_peers,
         s.pins,
         s.pinned_bytes,
         s.local_paths,
         or_null(s.registry_version),
-        or_null(s.last_sync),
+        when(s.last_sync),
         s.forks,
         s.conflicts,
     );
     if let Some(expires) = s.registry_expires {
-        if expires <= gateway::util::time::unix_now() {
+        if expires <= now {
             out.push_str(&format!(
-                "registry expired at {expires}: no path is served on anchor policy until a fresh one syncs (last fetch: {})\n",
+                "registry expired at {}: no path is served on anchor policy until a fresh one syncs (last fetch: {})\n",
+                human(expires, now),
                 s.registry_error.as_deref().unwrap_or("ok")
             ));
         } else if let Some(error) = &s.registry_error {
@@ -482,12 +490,21 @@ fn render_status(s: Status) -> String {
         repro.paths, repro.reproduced, repro.differs, repro.not_checked
     ));
     for a in &s.anchors {
-        let last_sync = a
-            .last_sync
-            .map_or_else(|| "-".to_owned(), |o| o.to_string());
+        let trusted = match (a.version, a.entries, a.expires) {
+            (Some(version), Some(entries), Some(expires)) => format!(
+                "version {version}, {entries} entries, expires {}",
+                human(expires, now)
+            ),
+            _ => "no trusted set".to_owned(),
+        };
+        let last_sync = match (a.last_sync, &a.reason) {
+            (None, _) => "-".to_owned(),
+            (Some(outcome), Some(reason)) => format!("{outcome}: {reason}"),
+            (Some(outcome), None) => outcome.to_string(),
+        };
         out.push_str(&format!(
-            "{} {}: version {}, {} entries, expires {}, last sync {last_sync}\n",
-            a.kind, a.name, a.version, a.entries, a.expires,
+            "{} {}: {trusted}, last sync {last_sync}\n",
+            a.kind, a.name
         ));
     }
     // The counters are a name → count table; serde names them as the JSON does.
@@ -651,14 +668,29 @@ mod tests {
             registry_expires: None,
             registry_error: None,
             last_sync: None,
-            anchors: vec![AnchorStatus {
-                name: "anchor-a".to_owned(),
-                kind: "anchor".to_owned(),
-                version: 6,
-                expires: 7,
-                entries: 8,
-                last_sync: Some(Outcome::Accepted),
-            }],
+            anchors: vec![
+                AnchorStatus {
+                    name: "anchor-a".to_owned(),
+                    kind: "anchor".to_owned(),
+                    version: Some(6),
+                    expires: Some(7),
+                    entries: Some(8),
+                    last_sync: Some(Outcome::Accepted),
+                    reason: None,
+                },
+                AnchorStatus {
+                    name: "anchor-b".to_owned(),
+                    kind: "anchor".to_owned(),
+                    version: None,
+                    expires: None,
+                    entries: None,
+                    last_sync: Some(Outcome::Rejected),
+                    reason: Some(
+                        "b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback"
+                            .to_owned(),
+                    ),
+                },
+            ],
             forks: 0,
             conflicts: 1,
             repro: ReproCounts {
@@ -675,11 +707,12 @@ mod tests {
         let typed: Status = reply(serde_json::to_value(&status).unwrap())
             .typed()
             .unwrap();
-        let text = render_status(typed);
+        let text = render_status_at(typed, 60);
         let head = "peer 12D3Koo\nconnected peers: 1\npins: 2 (300 bytes), own store paths: 4\n\
-            registry version: 5 (last sync at null)\nforks seen: 0, conflicts: 1\n\
+            registry version: 5 (last sync never)\nforks seen: 0, conflicts: 1\n\
             repro: 3 paths, 1 reproduced, 1 differ, 1 not checked\n\
-            anchor anchor-a: version 6, 8 entries, expires 7, last sync accepted\n\
+            anchor anchor-a: version 6, 8 entries, expires 1970-01-01 00:00:07 UTC (53 s ago), last sync accepted\n\
+            anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
             auth_failures: 0\n";
         assert!(text.starts_with(head), "{text}");
         assert!(text.contains("\nnar_bytes: 42\n"), "{text}");
