@@ -121,6 +121,7 @@ pub fn gateway_key(data_dir: &Path, config: &Config) -> Result<SecretKey> {
 impl App {
     /// Opens (creating on first use) the data directory and starts the node.
     pub async fn open(data_dir: &Path, config: Config) -> Result<Self> {
+        crate::util::time::check_clock()?;
         let trust_root = config.validate()?;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("while creating the data directory {}", data_dir.display()))?;
