@@ -1,6 +1,8 @@
 //! Small helpers every layer shares: files written atomically or privately,
-//! Nix-format key files, the wall clock, and the gateway's counters.
+//! Nix-format key files, the wall clock, the gateway's counters, and remote
+//! text made safe for a terminal.
 pub mod fs;
 pub mod keys;
 pub mod metrics;
+pub mod text;
 pub mod time;
