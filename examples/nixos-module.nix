@@ -25,6 +25,9 @@ let cfg = config.services.nixpfs; in {
         ] ++ lib.concatMap (k: [ "--registry-root-key" k ]) cfg.registryRootKeys
           ++ lib.concatMap (p: [ "--peer" p ]) cfg.peers);
         StateDirectory = "nixpfs";
+        # The admin socket (/var/lib/nixpfs/admin.sock) is guarded by the
+        # directory's permissions: run CLI commands as the service user.
+        StateDirectoryMode = "0700";
         DynamicUser = true;
         Restart = "on-failure";
       };

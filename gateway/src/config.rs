@@ -14,7 +14,8 @@ pub const DEFAULT_PORT: u16 = 8480;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// HTTP address for Nix (and the admin API). Loopback by default.
+    /// HTTP address for Nix. Loopback by default. The admin API is never
+    /// served here, only on the data directory's Unix socket.
     pub listen: SocketAddr,
     /// libp2p listen multiaddrs of the embedded IPFS node.
     pub ipfs_listen: Vec<String>,

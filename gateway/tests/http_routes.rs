@@ -31,9 +31,9 @@ const OWN_HASH: &str = "0123456789abcdfghijklmnpqrsvwxyz";
 /// Valid, and known to nobody.
 const UNKNOWN_HASH: &str = "00000000000000000000000000000000";
 const UPLOAD_TOKEN: &str = "upload-s3cret";
-const ADMIN_PATH: &str = "/api/v1/admin";
+const ADMIN_PATH: &str = admin::PATH;
 
-/// An admin service that only counts the requests that got past the token.
+/// An admin service that only counts the requests that reached it.
 #[derive(Debug, Default)]
 struct CountingAdmin {
     calls: AtomicUsize,
@@ -52,7 +52,6 @@ struct Gateway {
     _dir: tempfile::TempDir,
     node: Node,
     admin_service: Arc<CountingAdmin>,
-    admin_token: String,
     nar: Vec<u8>,
     nar_hash: NarHash,
     cid: Cid,
@@ -116,7 +115,6 @@ impl Gateway {
         let upload_token_file = dir.path().join("upload.token");
         std::fs::write(&upload_token_file, format!("{UPLOAD_TOKEN}\n"))
             .expect("the upload token is written");
-        let admin_token = admin::ensure_token(dir.path()).expect("an admin token");
         let admin_service = Arc::new(CountingAdmin::default());
 
         // As app/serve.rs builds them.
@@ -142,12 +140,12 @@ impl Gateway {
         )
         .expect("uploads are configured");
         let cache = cache::router(state);
-        let admin = admin::router(admin_service.clone(), metrics.clone(), admin_token.clone());
+        // The admin router is served on the Unix socket only, never merged.
+        let admin = admin::router(admin_service.clone());
         let trustless = trustless::router(node.clone());
         let upload = upload::router(uploads);
         let served = cache
             .clone()
-            .merge(admin.clone())
             .merge(trustless.clone())
             .merge(upload.clone())
             .layer(tower_http::trace::TraceLayer::new_for_http());
@@ -155,7 +153,6 @@ impl Gateway {
             _dir: dir,
             node,
             admin_service,
-            admin_token,
             nar,
             nar_hash: summary.nar_hash,
             cid: pin.cid,
@@ -261,8 +258,9 @@ fn basic(login: &str, password: &str) -> String {
 }
 
 /// (method, path, status from: cache, trustless, upload, admin, served).
-/// PUTs carry the upload token and POSTs the admin token, so that a refusal
-/// comes from parsing the path, not from a missing credential.
+/// PUTs carry the upload token, so that a refusal comes from parsing the
+/// path, not from a missing credential (the admin router has none: its
+/// socket's permissions are its authorisation).
 #[rustfmt::skip]
 const TRAVERSALS: &[(&str, &str, [u16; 5])] = &[
     ("GET",  "/../etc/passwd",                  [404, 404, 404, 404, 404]),
@@ -291,8 +289,6 @@ async fn traversal_attempts_are_4xx_on_every_router() {
             let mut req = request(method.parse().expect("a method"), path);
             if *method == "PUT" {
                 req = req.header(header::AUTHORIZATION, bearer(UPLOAD_TOKEN));
-            } else if *method == "POST" {
-                req = req.header(header::AUTHORIZATION, bearer(&gw.admin_token));
             }
             let reply = send(router, req.body(Body::empty()).expect("a valid request")).await;
             expect_status(
@@ -486,63 +482,50 @@ async fn uploads_refuse_missing_wrong_and_foreign_scheme_tokens() {
 }
 
 #[tokio::test]
-async fn admin_api_refuses_missing_wrong_and_foreign_scheme_tokens() {
+async fn the_admin_api_is_not_on_the_tcp_router() {
     let gw = Gateway::start().await;
-    let token = gw.admin_token.clone();
-    let refused: [(&str, Option<String>); 7] = [
-        ("no Authorization", None),
-        ("a wrong bearer token", Some(bearer("0000"))),
-        ("an empty bearer token", Some("Bearer ".to_owned())),
-        (
-            "the token with a suffix",
-            Some(bearer(&format!("{token}x"))),
-        ),
-        ("the token as basic auth", Some(basic("admin", &token))),
-        (
-            "the token under another scheme",
-            Some(format!("Token {token}")),
-        ),
-        ("the bare token, no scheme", Some(token.clone())),
-    ];
-    for (name, router) in [("admin", &gw.admin), ("served", &gw.served)] {
-        for (what, auth) in &refused {
-            let mut req =
-                request(Method::POST, ADMIN_PATH).header(header::CONTENT_TYPE, "application/json");
-            if let Some(auth) = auth {
-                req = req.header(header::AUTHORIZATION, auth);
-            }
-            let req = req
-                .body(Body::from(r#"{"op":"status"}"#))
-                .expect("a valid request");
-            expect_status(
-                &send(router, req).await,
-                401,
-                &format!("POST {ADMIN_PATH} with {what} on the {name} router"),
-            );
+    let status = || Body::from(r#"{"op":"status"}"#);
+    for auth in [None, Some(bearer("anything"))] {
+        let mut req =
+            request(Method::POST, ADMIN_PATH).header(header::CONTENT_TYPE, "application/json");
+        if let Some(auth) = &auth {
+            req = req.header(header::AUTHORIZATION, auth);
         }
+        let reply = send(&gw.served, req.body(status()).expect("a valid request")).await;
+        expect_status(
+            &reply,
+            404,
+            &format!("POST {ADMIN_PATH} over TCP ({auth:?})"),
+        );
     }
+    expect_status(
+        &send(&gw.served, get(ADMIN_PATH)).await,
+        404,
+        "GET of the admin endpoint over TCP",
+    );
     assert_eq!(
         gw.admin_service.calls.load(Ordering::SeqCst),
         0,
-        "no refused request reached the admin service"
+        "nothing over TCP reached the admin service"
     );
 
-    // The right token with a body that is no request: the caller's mistake.
+    // The admin router itself (as the socket serves it): a body that is no
+    // request is the caller's mistake, GET is no method of it, and a
+    // request runs with no credential at all.
     let req = request(Method::POST, ADMIN_PATH)
-        .header(header::AUTHORIZATION, bearer(&token))
         .body(Body::from(r#"{"op":"no-such-op"}"#))
         .expect("a valid request");
-    expect_status(&send(&gw.served, req).await, 400, "POST of an unknown op");
-    let reply = send(&gw.served, get(ADMIN_PATH)).await;
-    expect_status(&reply, 405, "GET of the admin endpoint");
-
-    // Control: the right token runs the request.
+    expect_status(&send(&gw.admin, req).await, 400, "POST of an unknown op");
+    expect_status(
+        &send(&gw.admin, get(ADMIN_PATH)).await,
+        405,
+        "GET of the admin endpoint",
+    );
     let req = request(Method::POST, ADMIN_PATH)
-        .header(header::AUTHORIZATION, bearer(&token))
-        .body(Body::from(r#"{"op":"status"}"#))
+        .body(status())
         .expect("a valid request");
-    let reply = send(&gw.served, req).await;
-    expect_status(&reply, 200, "POST with the right token");
+    let reply = send(&gw.admin, req).await;
+    expect_status(&reply, 200, "POST of status on the admin router");
     assert_eq!(reply.body.as_ref(), b"{}");
     assert_eq!(gw.admin_service.calls.load(Ordering::SeqCst), 1);
     gw.stop().await;

@@ -54,7 +54,7 @@ impl Gateway {
             if ureq::get(&format!("{}/nix-cache-info", gateway.url))
                 .call()
                 .is_ok()
-                && data_dir.join("api.json").exists()
+                && data_dir.join("admin.sock").exists()
             {
                 return gateway;
             }

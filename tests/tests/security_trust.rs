@@ -514,3 +514,38 @@ fn a_new_key_starts_a_new_chain_after_a_stolen_keys_huge_version() {
     );
     assert_eq!(metric(&gw, "sets_purged"), 1);
 }
+
+#[test]
+fn the_admin_api_is_a_private_socket_never_the_tcp_port() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("gw");
+    let gw = Gateway::start(&data, &[]);
+    let mode = |p: &std::path::Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&data.join("admin.sock")), 0o600);
+    assert_eq!(mode(&data), 0o700);
+    assert!(!data.join("admin.token").exists() && !data.join("api.json").exists());
+
+    // Over TCP the admin path does not exist, whatever credential comes with it.
+    let tcp = ureq::post(&format!("{}/api/v1/admin", gw.url))
+        .set("Authorization", "Bearer anything")
+        .send_string(r#"{"op":"status"}"#);
+    assert!(matches!(tcp, Err(ureq::Error::Status(404, _))), "{tcp:?}");
+    // The CLI reaches the gateway on the socket.
+    let out = run_ok_str(gw.cli().arg("status"));
+    assert!(out.starts_with("peer "), "{out}");
+
+    // A second gateway on the same data directory stops with one line.
+    let second = nixpfs()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run a second serve");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains("already serving"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // And the first one still answers on its socket.
+    run_ok_str(gw.cli().arg("status"));
+}

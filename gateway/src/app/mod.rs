@@ -126,11 +126,13 @@ pub fn gateway_key(data_dir: &Path, config: &Config) -> Result<SecretKey> {
 }
 
 impl App {
-    /// Opens (creating on first use) the data directory and starts the node.
+    /// Opens (creating on first use) the data directory, private to its
+    /// owner (0700), and starts the node.
     pub async fn open(data_dir: &Path, config: Config) -> Result<Self> {
+        crate::util::time::check_clock()?;
         let trust_root = config.validate()?;
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("while creating the data directory {}", data_dir.display()))?;
+        crate::util::fs::ensure_private_dir(data_dir)
+            .context("while opening the data directory")?;
         let key = Arc::new(gateway_key(data_dir, &config)?);
         let index =
             Arc::new(Index::open(&data_dir.join("index.redb")).context(

@@ -1,25 +1,41 @@
-//! `nixpfs serve`: binds the HTTP cache and the admin API on one loopback
-//! port, keeps anchors synced in the background, and shuts down cleanly on
-//! SIGINT/SIGTERM.
+//! `nixpfs serve`: binds the HTTP cache on the configured TCP port and the
+//! admin API on the data directory's Unix socket, keeps anchors synced in
+//! the background, and shuts down cleanly on SIGINT/SIGTERM.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anchor_registry::CacheInfo;
 use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::config::Config;
+use crate::http::admin::AdminSocket;
 use crate::http::cache::{self, AppState};
+use crate::http::trustless;
 use crate::http::upload::{self, Uploads};
-use crate::http::{admin, trustless};
 
-/// Serves until a shutdown signal arrives.
-pub async fn serve(app: App) -> Result<()> {
+/// Files older versions kept in the data directory: the admin token and
+/// the announcement of the TCP port it was sent to. Removed at start so an
+/// old CLI finds no address to send a token to.
+const LEGACY_FILES: [&str; 2] = ["api.json", "admin.token"];
+
+/// Opens `data_dir` and serves until a shutdown signal arrives. The admin
+/// socket is bound first, so a second gateway on the same directory stops
+/// with a one-line reason before it touches the index.
+pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
+    crate::util::time::check_clock()?;
+    let admin_socket = AdminSocket::bind(data_dir)?;
+    for legacy in LEGACY_FILES {
+        let _ = std::fs::remove_file(data_dir.join(legacy));
+    }
+    let app = App::open(data_dir, config).await?;
     let listener = tokio::net::TcpListener::bind(app.config.listen)
         .await
         .with_context(|| format!("while binding {}", app.config.listen))?;
     let local = listener.local_addr()?;
-    let token = admin::ensure_token(&app.data_dir)?;
 
     let cache_info = CacheInfo {
         store_dir: anchor_registry::STORE_DIR.to_owned(),
@@ -42,18 +58,24 @@ pub async fn serve(app: App) -> Result<()> {
         app.config.upload_token_file.as_deref(),
         &app.config.upload_require_sig,
     )?;
+    // No admin routes here: they are on the socket only, so nothing that
+    // authorises them ever travels over TCP.
     let router = cache::router(state)
-        .merge(admin::router(
-            Arc::new(app.clone()),
-            app.metrics.clone(),
-            token,
-        ))
         .merge(trustless::router(app.node.clone()))
         .merge(upload::router(uploads))
         .layer(tower_http::trace::TraceLayer::new_for_http());
 
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    let admin =
+        tokio::spawn(admin_socket.serve(Arc::new(app.clone()), shutdown.clone().cancelled_owned()));
     let syncing = spawn_sync_loop(&app);
-    admin::announce(&app.data_dir, local)?;
     tracing::info!(
         "serving http://{local} (gateway key {}, IPFS peer {})",
         app.key.public(),
@@ -69,14 +91,18 @@ pub async fn serve(app: App) -> Result<()> {
         let _ = tcp.set_nodelay(true);
     });
     let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
-    admin::withdraw(&app.data_dir);
+    shutdown.cancel();
+    let admin_served = admin.await;
     if let Some(task) = syncing {
         task.abort();
     }
     app.node.shutdown().await;
-    served.context("while serving HTTP")
+    served.context("while serving HTTP")?;
+    admin_served
+        .context("the admin socket's server failed")?
+        .context("while serving the admin socket")
 }
 
 fn spawn_sync_loop(app: &App) -> Option<tokio::task::JoinHandle<()>> {

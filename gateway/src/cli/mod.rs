@@ -242,7 +242,10 @@ pub fn run(cli: Cli) -> Result<()> {
             false,
             |peers: Vec<PeerReply>| {
                 lines(&peers, |p| {
-                    let agent = p.agent_version.as_deref().unwrap_or("(unknown agent)");
+                    let agent = p
+                        .agent_version
+                        .as_deref()
+                        .map_or_else(|| "(unknown agent)".to_owned(), remote);
                     format!("{} {agent}", p.peer_id)
                 })
             },
@@ -332,7 +335,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 let mut out = format!("registry version {}\n", sync.registry_version);
                 if let Some(error) = &sync.registry_error {
                     out.push_str(&format!(
-                        "registry not fetched, synced with the stored one: {error}\n"
+                        "registry not fetched, synced with the stored one: {}\n",
+                        remote_error(error)
                     ));
                 }
                 out.push_str(&lines(&sync.anchors, |a| {
@@ -341,7 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         line.push_str(&format!(" version {version}"));
                     }
                     for e in &a.errors {
-                        line.push_str(&format!("\n  {e}"));
+                        line.push_str(&format!("\n  {}", remote_error(e)));
                     }
                     line
                 }));
@@ -447,6 +451,17 @@ fn render_pins(pins: Vec<PinEntry>) -> String {
     })
 }
 
+/// A string a remote party chose (a peer's agent version), safe to print.
+fn remote(text: &str) -> String {
+    gateway::util::text::for_terminal(text, gateway::util::text::REMOTE_MAX_CHARS)
+}
+
+/// An error message that may quote a remote party (a server's reply, a
+/// URL), safe to print.
+fn remote_error(text: &str) -> String {
+    gateway::util::text::for_terminal(text, gateway::util::text::REMOTE_ERROR_MAX_CHARS)
+}
+
 /// A number as the JSON reply carries it: `null` when there is none.
 fn or_null(n: Option<u64>) -> String {
     n.map_or_else(|| "null".to_owned(), |n| n.to_string())
@@ -476,11 +491,12 @@ fn render_status_at(s: Status, now: u64) -> String {
             out.push_str(&format!(
                 "registry expired at {}: no path is served on anchor policy until a fresh one syncs (last fetch: {})\n",
                 human(expires, now),
-                s.registry_error.as_deref().unwrap_or("ok")
+                s.registry_error.as_deref().map_or_else(|| "ok".to_owned(), remote_error)
             ));
         } else if let Some(error) = &s.registry_error {
             out.push_str(&format!(
-                "registry fetch failed, using the stored one: {error}\n"
+                "registry fetch failed, using the stored one: {}\n",
+                remote_error(error)
             ));
         }
     }

@@ -15,7 +15,7 @@ use gateway::http::admin::{AdminRequest, Client};
 /// `nixpfs serve` options; each also a config key.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// HTTP address for Nix and the admin API (config `listen`).
+    /// HTTP address for Nix (config `listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// libp2p listen multiaddr; repeat for more (config `ipfs_listen`).
@@ -127,17 +127,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn serve(global: &GlobalArgs, args: ServeArgs) -> Result<()> {
     let (data_dir, mut config) = resolve(global)?;
     args.apply(&mut config);
-    runtime()?.block_on(async {
-        let app = App::open(&data_dir, config).await?;
-        gateway::app::serve::serve(app).await
-    })
+    runtime()?.block_on(gateway::app::serve::serve(&data_dir, config))
 }
 
 /// Runs a node command through the running gateway, or directly.
 pub fn dispatch(global: &GlobalArgs, request: AdminRequest) -> Result<Reply> {
     let op = Reply::op_name(&request);
     let (data_dir, mut config) = resolve(global)?;
-    if let Some(client) = Client::discover(&data_dir) {
+    if let Some(client) = Client::discover(&data_dir)? {
         return Ok(Reply::new(op, client.call(&request)?));
     }
     // Direct mode: no need to listen for peers on a port of our own.

@@ -14,7 +14,7 @@ use clap::Subcommand;
 use super::parse_duration;
 use gateway::util::fs::write_atomically;
 use gateway::util::keys::read_secret_key;
-use gateway::util::time::unix_now;
+use gateway::util::time::now;
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
@@ -130,7 +130,7 @@ pub fn run_registry(cmd: RegistryCommand) -> Result<()> {
                 .iter()
                 .map(|k| PublicKey::parse(k).with_context(|| format!("invalid --root-key {k:?}")))
                 .collect::<Result<Vec<_>>>()?;
-            let registry = Registry::init(keys, threshold, unix_now().saturating_add(expires))?;
+            let registry = Registry::init(keys, threshold, now()?.saturating_add(expires))?;
             save(&out, &registry)?;
             println!(
                 "created registry version 1 at {} (sign it with `nixpfs registry sign`)",
@@ -201,7 +201,7 @@ pub fn run_registry(cmd: RegistryCommand) -> Result<()> {
             let registry = load(&file)?;
             let previous = previous.as_ref().map(load).transpose()?;
             registry
-                .verify(previous.as_ref(), unix_now())
+                .verify(previous.as_ref(), now()?)
                 .with_context(|| format!("registry {} is not trustworthy", file.display()))?;
             println!(
                 "registry version {} OK: {} anchors, {} of {} root signatures, expires at {}",
@@ -228,10 +228,10 @@ pub fn run_set(cmd: SetCommand) -> Result<()> {
     match registry {
         Some(registry_file) => {
             let registry = load(&registry_file)?;
-            registry.verify(None, unix_now()).with_context(|| {
+            registry.verify(None, now()?).with_context(|| {
                 format!("registry {} is not trustworthy", registry_file.display())
             })?;
-            let (set, _) = verify_set(open()?, &registry, None, unix_now(), |_| entries += 1)
+            let (set, _) = verify_set(open()?, &registry, None, now()?, |_| entries += 1)
                 .with_context(|| format!("set {} refused", file.display()))?;
             let h = set.header.header();
             println!(

@@ -1,16 +1,22 @@
 //! The local admin API: how CLI commands act on a running gateway, as Kubo's
 //! CLI does with its daemon (redb and the block store allow one process per
 //! data directory). One endpoint takes an [`AdminRequest`] as JSON and runs
-//! it on an [`AdminService`]; a bearer token in the data directory authorises it.
+//! it on an [`AdminService`]. It is served only on a Unix socket in the data
+//! directory ([`AdminSocket`], mode 0600 in a 0700 directory), never on the
+//! TCP port: the socket's file permissions are the authorisation, so there
+//! is no token to leak and no address a stale announcement could misdirect.
 
-use std::net::SocketAddr;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anchor_registry::PublicKey;
 use anyhow::{anyhow, Context, Result};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -18,13 +24,12 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::util::metrics::Metrics;
+use crate::util::fs::WriteError;
 
-/// Where a serving gateway announces its admin API inside the data dir.
-pub const API_FILE: &str = "api.json";
-/// The admin token's file inside the data dir (mode 0600).
-pub const TOKEN_FILE: &str = "admin.token";
-const PATH: &str = "/api/v1/admin";
+/// The admin socket's file inside the data dir (mode 0600).
+pub const SOCKET_FILE: &str = "admin.sock";
+/// The admin endpoint's path on the socket.
+pub const PATH: &str = "/api/v1/admin";
 
 /// One operation on the gateway's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,48 +216,21 @@ pub trait AdminService: Send + Sync + 'static {
     fn execute(&self, request: AdminRequest) -> BoxFuture<'_, Result<Value, AdminError>>;
 }
 
-struct AdminState {
-    service: Arc<dyn AdminService>,
-    metrics: Arc<Metrics>,
-    token: String,
+/// The admin route, served on the [`AdminSocket`] only: whoever can open
+/// the socket may run every request, so it must never be merged into the
+/// TCP router.
+pub fn router(service: Arc<dyn AdminService>) -> Router {
+    Router::new().route(PATH, post(handle)).with_state(service)
 }
 
-/// The admin route, to merge into the gateway's router.
-pub fn router(service: Arc<dyn AdminService>, metrics: Arc<Metrics>, token: String) -> Router {
-    Router::new()
-        .route(PATH, post(handle))
-        .with_state(Arc::new(AdminState {
-            service,
-            metrics,
-            token,
-        }))
-}
-
-async fn handle(
-    State(state): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|t| constant_time_eq(t.as_bytes(), state.token.as_bytes())) {
-        Metrics::inc(&state.metrics.auth_failures);
-        tracing::warn!("admin request with a missing or wrong token refused");
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong admin token (see <data-dir>/admin.token)\n",
-        )
-            .into_response();
-    }
+async fn handle(State(service): State<Arc<dyn AdminService>>, body: Bytes) -> Response {
     let request: AdminRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return (StatusCode::BAD_REQUEST, format!("bad admin request: {e}\n")).into_response()
         }
     };
-    match state.service.execute(request).await {
+    match service.execute(request).await {
         Ok(value) => Json(value).into_response(),
         Err(e) => {
             if e.kind == ErrorKind::Internal {
@@ -263,104 +241,460 @@ async fn handle(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Why the admin socket could not be served or used.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another process answers on the socket: a second gateway on one data
+    /// directory would fight over its index and blocks.
+    #[error("another gateway is already serving {} (its admin socket {} answers)", .data_dir.display(), .path.display())]
+    AlreadyServing { data_dir: PathBuf, path: PathBuf },
+    /// The socket could have been made by someone else: the client will not
+    /// send requests (paths, key files) to it.
+    #[error("refusing the admin socket {}: {reason}", .path.display())]
+    Untrusted { path: PathBuf, reason: &'static str },
+    #[error("while {action} the admin socket {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    DataDir(#[from] WriteError),
 }
 
-/// What a serving gateway writes so CLI commands can find it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiAnnouncement {
-    pub url: String,
-    pub pid: u32,
-}
-
-/// Creates (or reads) the admin token of a data directory.
-pub fn ensure_token(data_dir: &Path) -> Result<String> {
-    let path = data_dir.join(TOKEN_FILE);
-    if let Ok(token) = std::fs::read_to_string(&path) {
-        let token = token.trim().to_owned();
-        if !token.is_empty() {
-            return Ok(token);
+impl SocketError {
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Self + 'a {
+        move |source| Self::Io {
+            action,
+            path: path.to_owned(),
+            source,
         }
     }
-    let mut bytes = [0u8; 32];
-    getrandom(&mut bytes)?;
-    let token = hex::encode(bytes);
-    crate::util::fs::write_secret_file(&path, &token)
-        .with_context(|| format!("while writing {}", path.display()))?;
-    Ok(token)
 }
 
-fn getrandom(buf: &mut [u8]) -> Result<()> {
-    use rand_core::{OsRng, RngCore};
-    OsRng
-        .try_fill_bytes(buf)
-        .map_err(|e| anyhow!("no OS randomness: {e}"))
+/// The bound admin socket of a serving gateway; its file is removed when
+/// this (or the server made of it) is dropped.
+#[derive(Debug)]
+pub struct AdminSocket {
+    listener: tokio::net::UnixListener,
+    file: SocketFile,
 }
 
-/// Announces the admin API of a gateway listening on `addr`.
-pub fn announce(data_dir: &Path, addr: SocketAddr) -> Result<()> {
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        addr.ip().to_string()
-    };
-    let announcement = ApiAnnouncement {
-        url: format!("http://{host}:{}", addr.port()),
-        pid: std::process::id(),
-    };
-    crate::util::fs::write_atomically(
-        &data_dir.join(API_FILE),
-        serde_json::to_string(&announcement)?.as_bytes(),
-    )?;
-    Ok(())
+/// The socket file we bound, removed on drop so the next start finds none.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
-/// Removes the announcement when the gateway stops.
-pub fn withdraw(data_dir: &Path) {
-    let _ = std::fs::remove_file(data_dir.join(API_FILE));
+impl AdminSocket {
+    /// Binds `<data_dir>/admin.sock` (within a Tokio runtime), after making
+    /// the data directory 0700. A socket left by a crash (nobody answers)
+    /// is replaced; one a live gateway answers on is
+    /// [`SocketError::AlreadyServing`]. The socket is chmod 0600 before
+    /// anything is accepted; until then the 0700 directory keeps others out.
+    pub fn bind(data_dir: &Path) -> Result<Self, SocketError> {
+        use std::os::unix::fs::PermissionsExt;
+        crate::util::fs::ensure_private_dir(data_dir)?;
+        let path = data_dir.join(SOCKET_FILE);
+        match UnixStream::connect(&path) {
+            Ok(_) => {
+                return Err(SocketError::AlreadyServing {
+                    data_dir: data_dir.to_owned(),
+                    path,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(&path)
+                    .map_err(SocketError::io("removing the stale", &path))?;
+                tracing::info!("removed the stale admin socket {}", path.display());
+            }
+            Err(e) => return Err(SocketError::io("probing", &path)(e)),
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(SocketError::io("binding", &path))?;
+        let file = SocketFile(path);
+        let path = &file.0;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(SocketError::io("restricting", path))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(SocketError::io("configuring", path))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(SocketError::io("registering", path))?;
+        Ok(Self { listener, file })
+    }
+
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.file.0
+    }
+
+    /// Serves the admin API on the socket until `shutdown` completes (and
+    /// the requests running then are answered), then removes the socket.
+    pub async fn serve(
+        self,
+        service: Arc<dyn AdminService>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let Self { listener, file } = self;
+        let router = router(service).layer(tower_http::trace::TraceLayer::new_for_http());
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        drop(file);
+        served
+    }
 }
 
-/// A client for a running gateway's admin API.
+/// Admin requests may run for hours (a closure pin, a rebuild).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The largest reply the client reads (a big node's `pins` is a few MB).
+const MAX_REPLY_BYTES: u64 = 1 << 30;
+/// The longest status or header line the client reads.
+const MAX_LINE_BYTES: u64 = 64 * 1024;
+/// The most header lines the client reads.
+const MAX_HEADERS: usize = 100;
+
+/// A client for a running gateway's admin API: blocking HTTP/1.1 over its
+/// Unix socket, one connection per request (the CLI makes one or two).
 #[derive(Debug, Clone)]
 pub struct Client {
-    url: String,
-    token: String,
+    socket: PathBuf,
 }
 
 impl Client {
-    /// The running gateway of `data_dir`, if one announced itself and answers.
-    pub fn discover(data_dir: &Path) -> Option<Self> {
-        let text = std::fs::read_to_string(data_dir.join(API_FILE)).ok()?;
-        let announcement: ApiAnnouncement = serde_json::from_str(&text).ok()?;
-        let token = std::fs::read_to_string(data_dir.join(TOKEN_FILE)).ok()?;
-        let alive = std::path::Path::new(&format!("/proc/{}", announcement.pid)).exists();
-        alive.then(|| Self {
-            url: format!("{}{PATH}", announcement.url),
-            token: token.trim().to_owned(),
-        })
+    /// The gateway serving `data_dir`, if one is: `None` when no socket
+    /// answers (there is none, or a crash left it). A socket in a directory
+    /// others may write to, or owned by someone other than the directory's
+    /// owner, is refused: someone may have planted it to collect requests.
+    pub fn discover(data_dir: &Path) -> Result<Option<Self>, SocketError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let path = data_dir.join(SOCKET_FILE);
+        let socket = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SocketError::io("inspecting", &path)(e)),
+        };
+        let dir = std::fs::metadata(data_dir).map_err(SocketError::io("inspecting", &path))?;
+        let untrusted = |reason| SocketError::Untrusted {
+            path: path.clone(),
+            reason,
+        };
+        if dir.permissions().mode() & 0o022 != 0 {
+            return Err(untrusted(
+                "its directory is writable by other users (chmod 700 the data directory)",
+            ));
+        }
+        if socket.uid() != dir.uid() {
+            return Err(untrusted(
+                "it belongs to another user than the data directory",
+            ));
+        }
+        match UnixStream::connect(&path) {
+            Ok(_) => Ok(Some(Self { socket: path })),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(SocketError::io("connecting to", &path)(e)),
+        }
     }
 
     /// Sends one request; the gateway's error message becomes ours.
     pub fn call(&self, request: &AdminRequest) -> Result<Value> {
-        let response = ureq::post(&self.url)
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .timeout(std::time::Duration::from_secs(24 * 3600))
-            .send_json(serde_json::to_value(request)?);
-        match response {
-            Ok(r) => Ok(r.into_json()?),
-            Err(ureq::Error::Status(_, r)) => {
-                let text = r.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
-                    .unwrap_or(text);
-                Err(anyhow!("{}", message.trim()))
+        let body = serde_json::to_vec(request)?;
+        let (status, reply) = exchange(&self.socket, &body).with_context(|| {
+            format!(
+                "cannot reach the running gateway at {}",
+                self.socket.display()
+            )
+        })?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&reply)
+                .context("the running gateway answered with something not JSON");
+        }
+        let text = String::from_utf8_lossy(&reply);
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| text.into_owned());
+        Err(anyhow!("{}", message.trim()))
+    }
+}
+
+/// One POST of `body` to [`PATH`] on the socket: the reply's status and body.
+fn exchange(socket: &Path, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let head = format!(
+        "POST {PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()?;
+    read_response(BufReader::new(stream))
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed HTTP reply: {what}"),
+    )
+}
+
+/// Reads an HTTP/1.1 response: status line, headers, then a body framed by
+/// `Content-Length`, chunked, or (with neither) by the connection's end.
+fn read_response(mut reader: impl BufRead) -> io::Result<(u16, Vec<u8>)> {
+    let status_line = read_line(&mut reader)?;
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| invalid("no status line"))?;
+    let mut length = None;
+    let mut chunked = false;
+    for _ in 0..=MAX_HEADERS {
+        let line = read_line(&mut reader)?;
+        if line.is_empty() {
+            let body = if chunked {
+                read_chunked(&mut reader)?
+            } else if let Some(length) = length {
+                read_exactly(&mut reader, length)?
+            } else {
+                read_exactly_or_eof(&mut reader)?
+            };
+            return Ok((status, body));
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| invalid("a header without a colon"))?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<u64>()
+                    .map_err(|_| invalid("a bad Content-Length"))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.eq_ignore_ascii_case("chunked");
+        }
+    }
+    Err(invalid("too many headers"))
+}
+
+/// One CRLF- (or LF-) terminated line without its terminator.
+fn read_line(reader: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    reader
+        .by_ref()
+        .take(MAX_LINE_BYTES)
+        .read_until(b'\n', &mut line)?;
+    if line.pop() != Some(b'\n') {
+        return Err(invalid("a line too long or cut short"));
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line).map_err(|_| invalid("a line that is not UTF-8"))
+}
+
+fn read_exactly(reader: &mut impl BufRead, length: u64) -> io::Result<Vec<u8>> {
+    if length > MAX_REPLY_BYTES {
+        return Err(invalid("a reply too large"));
+    }
+    let mut body = Vec::new();
+    reader.by_ref().take(length).read_to_end(&mut body)?;
+    if body.len() as u64 != length {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the gateway closed the connection mid-reply",
+        ));
+    }
+    Ok(body)
+}
+
+fn read_exactly_or_eof(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    reader
+        .by_ref()
+        .take(MAX_REPLY_BYTES + 1)
+        .read_to_end(&mut body)?;
+    if body.len() as u64 > MAX_REPLY_BYTES {
+        return Err(invalid("a reply too large"));
+    }
+    Ok(body)
+}
+
+fn read_chunked(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(reader)?;
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size = u64::from_str_radix(size, 16).map_err(|_| invalid("a bad chunk size"))?;
+        if size == 0 {
+            // Trailers, if any, up to the closing empty line.
+            for _ in 0..=MAX_HEADERS {
+                if read_line(reader)?.is_empty() {
+                    return Ok(body);
+                }
             }
-            Err(e) => Err(anyhow!(
-                "cannot reach the running gateway at {}: {e}",
-                self.url
-            )),
+            return Err(invalid("too many trailers"));
+        }
+        if size > MAX_REPLY_BYTES.saturating_sub(body.len() as u64) {
+            return Err(invalid("a reply too large"));
+        }
+        body.extend(read_exactly(reader, size)?);
+        if !read_line(reader)?.is_empty() {
+            return Err(invalid("a chunk longer than its size"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Answers `status` with the request's op; `gc` fails as a conflict.
+    struct Echo;
+
+    impl AdminService for Echo {
+        fn execute(&self, request: AdminRequest) -> BoxFuture<'_, Result<Value, AdminError>> {
+            Box::pin(async move {
+                match request {
+                    AdminRequest::Gc => Err(AdminError {
+                        kind: ErrorKind::Conflict,
+                        message: "not now".to_owned(),
+                    }),
+                    other => Ok(json!({ "echo": other })),
+                }
+            })
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_socket_is_private_and_the_client_reaches_the_gateway_on_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir(&data_dir).expect("mkdir");
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let socket = AdminSocket::bind(&data_dir).expect("bind");
+        assert_eq!(socket.path(), data_dir.join(SOCKET_FILE));
+        assert_eq!(mode(socket.path()), 0o600, "the socket is the owner's only");
+        assert_eq!(mode(&data_dir), 0o700, "so is its directory");
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(socket.serve(Arc::new(Echo), async {
+            let _ = stopped.await;
+        }));
+        let calls = data_dir.clone();
+        let (status, gc) = tokio::task::spawn_blocking(move || {
+            let client = Client::discover(&calls)
+                .expect("a trustworthy socket")
+                .expect("a serving gateway");
+            (
+                client.call(&AdminRequest::Status),
+                client.call(&AdminRequest::Gc),
+            )
+        })
+        .await
+        .expect("the client ran");
+        assert_eq!(
+            status.expect("status"),
+            json!({ "echo": { "op": "status" } })
+        );
+        assert_eq!(gc.expect_err("gc fails").to_string(), "not now");
+
+        // A second gateway on the same directory is refused while this one runs.
+        let second = AdminSocket::bind(&data_dir).expect_err("a live gateway answers");
+        assert!(
+            matches!(second, SocketError::AlreadyServing { .. }),
+            "{second}"
+        );
+        assert!(second.to_string().contains("already serving"), "{second}");
+
+        stop.send(()).expect("the server waits");
+        server.await.expect("joined").expect("served");
+        assert!(
+            !data_dir.join(SOCKET_FILE).exists(),
+            "the socket is removed at shutdown"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_not_discovered_and_is_replaced_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(SOCKET_FILE);
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists(), "a crash leaves the socket file behind");
+        assert!(Client::discover(dir.path()).expect("trusted").is_none());
+        let socket = AdminSocket::bind(dir.path()).expect("the stale socket is replaced");
+        assert_eq!(mode(socket.path()), 0o600);
+    }
+
+    #[test]
+    fn the_client_refuses_a_socket_others_could_have_planted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(SOCKET_FILE), b"").expect("plant");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let err = Client::discover(dir.path()).expect_err("a world-writable directory");
+        assert!(matches!(err, SocketError::Untrusted { .. }), "{err}");
+    }
+
+    #[test]
+    fn replies_are_read_by_length_by_chunks_or_to_the_end() {
+        let read = |raw: &str| read_response(raw.as_bytes());
+        assert_eq!(
+            read("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").expect("sized"),
+            (200, b"{}".to_vec())
+        );
+        assert_eq!(
+            read("HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
+                .expect("chunked"),
+            (409, b"abcde".to_vec())
+        );
+        assert_eq!(
+            read("HTTP/1.0 500 Oops\n\nall of it").expect("to the end"),
+            (500, b"all of it".to_vec())
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        for raw in [
+            "",
+            "garbage\r\n\r\n",
+            "HTTP/1.1 2x0 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabc",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2",
+        ] {
+            assert!(
+                read_response(raw.as_bytes()).is_err(),
+                "{raw:?} was accepted"
+            );
         }
     }
 }

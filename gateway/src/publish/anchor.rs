@@ -42,7 +42,6 @@ use anyhow::{bail, Context, Result};
 
 use crate::publish::pin::Pinner;
 use crate::util::fs::{remove_durably, write_durably};
-use crate::util::time::unix_now;
 
 /// A key whose name cannot be used as a file or directory name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -226,7 +225,7 @@ fn publish_with(
         None => MappingSetBuilder::first(kind, anchor),
     };
     builder.extend(mappings);
-    let now = unix_now();
+    let now = crate::util::time::now()?;
     if let Some(pending) = pending {
         persist(&dir, &pending.bytes, &pending.header, out, after)?;
         let current = builder.iter().eq(pending.entries.iter());

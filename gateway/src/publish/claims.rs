@@ -160,7 +160,7 @@ fn registry_for_claims(p: &Publisher) -> Result<Registry> {
     Ok(Registry::init(
         vec![p.catalog.public_key()],
         1,
-        unix_now().saturating_add(86_400),
+        crate::util::time::now()?.saturating_add(86_400),
     )?)
 }
 

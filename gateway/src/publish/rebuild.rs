@@ -19,7 +19,7 @@ use crate::nix::refs::{RefScan, ScanReader};
 use crate::publish::Publisher;
 use crate::store::index::NarLocation;
 use crate::store::nar::{NarReader, NarSummary, Sha256Tee};
-use crate::util::time::unix_now;
+use crate::util::time::{now, unix_now};
 
 /// What one `anchor rebuild` did, with where the time went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +137,7 @@ async fn record_output(
         store_path: store_path.clone(),
         derivation: drv.path.clone(),
         key: key.public(),
-        at: unix_now(),
+        at: now()?,
         mode: output.mode,
         result: None,
         agreeing: Vec::new(),

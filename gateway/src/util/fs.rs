@@ -86,6 +86,33 @@ pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), WriteError> 
         .map_err(WriteError::at(path))
 }
 
+/// Creates `dir` (and its parents) private to its owner, or tightens an
+/// existing one to mode 0700: the data directory holds keys and the admin
+/// socket, whose safety rests on nobody else being able to enter it or
+/// create files in it.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), WriteError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(WriteError::at(dir))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(WriteError::at(dir))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(WriteError::at(dir))?;
+        tracing::warn!(
+            "made {} private (mode {:o} -> 700)",
+            dir.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -126,6 +153,20 @@ mod tests {
         remove_durably(&path).expect("remove");
         remove_durably(&path).expect("already gone");
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn private_dirs_are_created_0700_and_loose_ones_tightened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        let fresh = dir.path().join("a").join("data");
+        ensure_private_dir(&fresh).expect("create");
+        assert_eq!(mode(&fresh), 0o700);
+        let loose = dir.path().join("loose");
+        std::fs::create_dir(&loose).expect("mkdir");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        ensure_private_dir(&loose).expect("tighten");
+        assert_eq!(mode(&loose), 0o700);
     }
 
     #[test]
