@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anchor_registry::{PublicKey, RegistryError, TrustRoot};
 use serde::Deserialize;
 
+use crate::store::ipfs::dht::{DhtMode, DEFAULT_PROTOCOL};
+
 /// Port the gateway listens on when nothing else is configured.
 pub const DEFAULT_PORT: u16 = 8480;
 
@@ -48,6 +50,17 @@ pub struct Config {
     pub seed_fetched: bool,
     /// Seconds to wait for a block nobody has before giving up.
     pub fetch_timeout_secs: u64,
+    /// The Kademlia DHT: `off` (only `peers` are asked), `client` (ask the
+    /// DHT for providers, provide what we seed) or `server` (also store
+    /// records and answer queries: for reachable hosts). Off by default, so
+    /// nothing is dialled that the user did not name.
+    pub dht: DhtMode,
+    /// The DHT's protocol: `/ipfs/kad/1.0.0` (the public IPFS DHT) or
+    /// Kubo's LAN DHT `/ipfs/lan/kad/1.0.0` (which keeps private addresses).
+    pub dht_protocol: String,
+    /// DHT bootstrap peers (multiaddrs ending in `/p2p/<id>`), dialled at
+    /// start and kept connected; none by default.
+    pub bootstrap: Vec<String>,
     /// The gateway's own narinfo signing key (generated on first start).
     pub signing_key_file: Option<PathBuf>,
 }
@@ -70,6 +83,9 @@ impl Default for Config {
             sync_interval_secs: 600,
             seed_fetched: false,
             fetch_timeout_secs: 60,
+            dht: DhtMode::Off,
+            dht_protocol: DEFAULT_PROTOCOL.to_owned(),
+            bootstrap: Vec::new(),
             signing_key_file: None,
         }
     }
@@ -91,6 +107,8 @@ pub enum ConfigError {
     NoTrustRoot,
     #[error("invalid trust root (`registry_root_keys`, `registry_threshold`): {0}")]
     TrustRoot(RegistryError),
+    #[error("invalid `dht_protocol` {0:?}: a protocol name starts with `/`, e.g. \"/ipfs/kad/1.0.0\" or \"/ipfs/lan/kad/1.0.0\"")]
+    DhtProtocol(String),
 }
 
 impl Config {
@@ -122,7 +140,14 @@ impl Config {
         if self.require == 0 {
             return Err(ConfigError::RequireZero(self.require));
         }
+        self.dht_protocol()?;
         self.trust_root()
+    }
+
+    /// The DHT protocol name, checked.
+    pub fn dht_protocol(&self) -> Result<rust_ipfs::StreamProtocol, ConfigError> {
+        rust_ipfs::StreamProtocol::try_from_owned(self.dht_protocol.clone())
+            .map_err(|_| ConfigError::DhtProtocol(self.dht_protocol.clone()))
     }
 
     fn trust_root(&self) -> Result<Option<TrustRoot>, ConfigError> {
@@ -232,5 +257,29 @@ mod tests {
             err.contains("registry_root_keys") || err.contains("public key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dht_keys_parse_and_a_bad_protocol_is_refused() {
+        let config: Config = toml::from_str(
+            "dht = \"server\"\ndht_protocol = \"/ipfs/lan/kad/1.0.0\"\nbootstrap = [\"/ip4/127.0.0.1/tcp/4001/p2p/x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.dht, DhtMode::Server);
+        assert_eq!(
+            config.dht_protocol().unwrap().as_ref(),
+            "/ipfs/lan/kad/1.0.0"
+        );
+        assert_eq!(
+            Config::default().dht,
+            DhtMode::Off,
+            "nothing dialled by default"
+        );
+        assert!(toml::from_str::<Config>("dht = \"on\"\n").is_err());
+        let bad = Config {
+            dht_protocol: "ipfs/kad".into(),
+            ..Config::default()
+        };
+        assert!(matches!(bad.validate(), Err(ConfigError::DhtProtocol(_))));
     }
 }

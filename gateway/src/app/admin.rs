@@ -6,9 +6,14 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
 use super::App;
-use crate::http::admin::{AdminError, AdminRequest, AdminService, FetchReply, IdReply, PeerReply};
+use crate::http::admin::{
+    AdminError, AdminRequest, AdminService, FetchReply, IdReply, PeerReply, ProviderReply,
+};
 use crate::publish::pin::parse_cid;
 use crate::util::keys::read_secret_key;
+
+/// How long `routing findprovs` looks (Kubo's default is about a minute).
+const FIND_PROVIDERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl App {
     /// Runs one request; the reply is JSON for both the CLI's `--json` and
@@ -58,6 +63,24 @@ impl App {
                         agent_version: p.agent_version,
                     })
                     .collect::<Vec<_>>())
+            }
+            AdminRequest::FindProviders { cid, limit } => {
+                let found = self
+                    .node
+                    .find_providers(parse_cid(&cid)?, limit, FIND_PROVIDERS_TIMEOUT)
+                    .await?;
+                json!(found
+                    .into_iter()
+                    .map(|p| ProviderReply {
+                        peer_id: p.peer.to_string(),
+                        addrs: p.addrs.iter().map(ToString::to_string).collect(),
+                    })
+                    .collect::<Vec<_>>())
+            }
+            AdminRequest::Provide { cid } => {
+                let cid = parse_cid(&cid)?;
+                self.node.provide(cid).await?;
+                json!({ "provided": cid.to_string() })
             }
             AdminRequest::Seed { anchors, max_size } => json!(
                 crate::publish::seed::seed(&self.node, self.index.clone(), &anchors, max_size)

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::publish::pin::parse_cid;
 use crate::publish::{Publisher, ReproCounts};
 use crate::store::index::Index;
+use crate::store::ipfs::dht::DhtConfig;
 use crate::store::ipfs::{Multiaddr, Node, NodeConfig};
 use crate::trust::catalog::{Catalog, Trust};
 use crate::trust::sync::{AnchorSync, Outcome, SyncReport, Syncer};
@@ -142,6 +143,11 @@ impl App {
         node_config.listen = parse_addrs(&config.ipfs_listen, "ipfs_listen")?;
         node_config.peers = parse_addrs(&config.peers, "peers")?;
         node_config.fetch_timeout = std::time::Duration::from_secs(config.fetch_timeout_secs);
+        node_config.dht = Some(DhtConfig {
+            mode: config.dht,
+            protocol: config.dht_protocol()?,
+            bootstrap: parse_addrs(&config.bootstrap, "bootstrap")?,
+        });
         let node = Node::start(node_config)
             .await
             .context("while starting the IPFS node")?;

@@ -21,12 +21,26 @@ mod node;
 mod registry;
 
 use gateway::app::{Conflict, Status};
-use gateway::http::admin::{AdminRequest, FetchReply, IdReply, PeerReply};
+use gateway::http::admin::{AdminRequest, FetchReply, IdReply, PeerReply, ProviderReply};
 use gateway::publish::pin::PinEntry;
 use gateway::store::ipfs::GcReport;
 use gateway::trust::sync::SyncReport;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+/// The `routing` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum RoutingCommand {
+    /// Peers that provide CID, with their addresses, from the DHT.
+    Findprovs {
+        cid: String,
+        /// Stop after this many providers.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        num_providers: usize,
+    },
+    /// Announce on the DHT that this node has CID.
+    Provide { cid: String },
+}
 
 /// nixpfs: a Nix binary cache whose bytes live on IPFS and whose truth comes
 /// from well-known trust anchors.
@@ -80,6 +94,9 @@ pub enum Command {
     Id,
     /// Connected IPFS peers and their agent versions.
     Peers,
+    /// Content routing on the DHT, as Kubo's `ipfs routing`.
+    #[command(subcommand)]
+    Routing(RoutingCommand),
     /// Import any file into the IPFS node (pinned) and print its CID.
     Add { file: PathBuf },
     /// CAR files: export a DAG by CID, import one (verified, roots pinned).
@@ -250,6 +267,33 @@ pub fn run(cli: Cli) -> Result<()> {
                 })
             },
         ),
+        Command::Routing(RoutingCommand::Findprovs { cid, num_providers }) => node::dispatch(
+            &cli.global,
+            AdminRequest::FindProviders {
+                cid,
+                limit: num_providers,
+            },
+        )?
+        .print(false, |providers: Vec<ProviderReply>| {
+            lines(&providers, |p| {
+                let mut line = p.peer_id.clone();
+                for addr in &p.addrs {
+                    line.push(' ');
+                    line.push_str(&remote(addr));
+                }
+                line
+            })
+        }),
+        Command::Routing(RoutingCommand::Provide { cid }) => node::dispatch(
+            &cli.global,
+            AdminRequest::Provide { cid },
+        )?
+        .print(false, |reply: Value| {
+            format!(
+                "provided {}",
+                reply["provided"].as_str().unwrap_or_default()
+            )
+        }),
         Command::Add { file } => {
             let path = node::absolute(&file)?;
             node::dispatch(&cli.global, AdminRequest::Add { path })?

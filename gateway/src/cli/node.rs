@@ -11,6 +11,7 @@ use clap::Args;
 use gateway::app::App;
 use gateway::config::{default_data_dir, Config};
 use gateway::http::admin::{AdminRequest, Client};
+use gateway::store::ipfs::dht::DhtMode;
 
 /// `nixpfs serve` options; each also a config key.
 #[derive(Debug, Args)]
@@ -55,6 +56,15 @@ pub struct ServeArgs {
     /// Priority in nix-cache-info (config `priority`).
     #[arg(long)]
     pub priority: Option<u32>,
+    /// Kademlia DHT: off, client or server (config `dht`).
+    #[arg(long)]
+    pub dht: Option<DhtMode>,
+    /// DHT protocol, e.g. /ipfs/lan/kad/1.0.0 (config `dht_protocol`).
+    #[arg(long)]
+    pub dht_protocol: Option<String>,
+    /// DHT bootstrap peer ending in /p2p/<id>; repeat (config `bootstrap`).
+    #[arg(long = "bootstrap")]
+    pub bootstrap: Vec<String>,
 }
 
 impl ServeArgs {
@@ -67,6 +77,15 @@ impl ServeArgs {
         }
         if !self.peers.is_empty() {
             config.peers = self.peers;
+        }
+        if let Some(dht) = self.dht {
+            config.dht = dht;
+        }
+        if let Some(protocol) = self.dht_protocol {
+            config.dht_protocol = protocol;
+        }
+        if !self.bootstrap.is_empty() {
+            config.bootstrap = self.bootstrap;
         }
         if self.registry.is_some() {
             config.registry = self.registry;

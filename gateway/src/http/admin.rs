@@ -65,6 +65,15 @@ pub enum AdminRequest {
     Conflicts,
     Peers,
     Id,
+    /// Providers of a CID from the DHT (`routing findprovs`).
+    FindProviders {
+        cid: String,
+        limit: usize,
+    },
+    /// Announce a CID on the DHT (`routing provide`).
+    Provide {
+        cid: String,
+    },
     Seed {
         anchors: Vec<String>,
         max_size: Option<u64>,
@@ -118,6 +127,14 @@ pub struct PeerReply {
     pub peer_id: String,
     /// From identify, once the peer has told us.
     pub agent_version: Option<String>,
+}
+
+/// One provider in the reply to [`AdminRequest::FindProviders`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderReply {
+    pub peer_id: String,
+    /// Where the lookup said the provider listens.
+    pub addrs: Vec<String>,
 }
 
 /// How a failed request is answered: the caller's mistake, something that

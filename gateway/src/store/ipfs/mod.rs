@@ -1,12 +1,14 @@
 //! The embedded IPFS node. rust-ipfs is only the libp2p host (identity,
 //! TCP+noise+yamux, identify, ping, streams); we own the NAR data path:
 //! UnixFS import and reads ([`dag`]), the block store ([`blockstore`]),
-//! bitswap 1.2.0 ([`bitswap`]) and recursive pins with GC ([`pins`]).
+//! bitswap 1.2.0 ([`bitswap`]), recursive pins with GC ([`pins`]) and
+//! Kademlia content routing ([`dht`]).
 
 pub mod bitswap;
 pub mod block;
 pub mod blockstore;
 pub mod dag;
+pub mod dht;
 pub mod identify;
 pub mod node;
 pub mod pb;
@@ -63,4 +65,8 @@ pub enum IpfsError {
     Host { reason: String },
     #[error("background task failed: {reason}")]
     Task { reason: String },
+    #[error("the DHT is off: set `dht = \"client\"` or `\"server\"` (or `serve --dht`) to use content routing")]
+    NoDht,
+    #[error(transparent)]
+    Dht(#[from] dht::DhtError),
 }

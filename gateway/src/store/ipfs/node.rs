@@ -1,7 +1,8 @@
 //! The node: one process owns a data directory (`blocks/`, `pins.redb`,
 //! `identity.key`) and a libp2p host (rust-ipfs: TCP+noise+yamux, identify,
-//! ping, streams; no bootstrap, mDNS or DHT). It ties the block store, DAG
-//! import/reads, bitswap and pins together behind one cheap-to-clone handle.
+//! ping, streams, and the Kademlia DHT when configured; no mDNS). It ties the
+//! block store, DAG import/reads, bitswap, pins and content routing together
+//! behind one cheap-to-clone handle.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,9 @@ use bytes::Bytes;
 use cid::Cid;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt, TryStreamExt};
-use rust_ipfs::builder::DefaultIpfsBuilder;
+use rust_ipfs::builder::IpfsBuilder;
 use rust_ipfs::p2p::IdentifyConfiguration;
+use rust_ipfs::swarm::behaviour::toggle::Toggle;
 use rust_ipfs::{Ipfs, Keypair, Multiaddr, PeerId, Protocol};
 use tokio::io::AsyncRead;
 use tokio::sync::RwLock;
@@ -23,6 +25,7 @@ use super::bitswap::{self, Bitswap, Stats};
 use super::block::{self, Block};
 use super::blockstore::{BlockStore, WriteBatch};
 use super::dag::{self, BlockSource, Imported};
+use super::dht::{self, Dht, DhtConfig, DhtMode};
 use super::identify;
 use super::pins::{Pin, Pins};
 use super::IpfsError;
@@ -41,7 +44,13 @@ pub struct NodeConfig {
     pub fetch_timeout: Duration,
     /// Blocks fetched ahead of the reader (memory: up to this many MiB).
     pub fetch_window: usize,
+    /// Content routing; `None` or mode off: only connected peers are asked.
+    pub dht: Option<DhtConfig>,
 }
+
+/// How long a block may be missing from every connected peer before the
+/// DHT is asked who has it (Kubo waits about as long).
+const FIND_DELAY: Duration = Duration::from_secs(1);
 
 impl NodeConfig {
     /// Defaults: loopback listener, no peers, 60 s fetch timeout, 32 blocks ahead.
@@ -54,6 +63,7 @@ impl NodeConfig {
             peers: Vec::new(),
             fetch_timeout: Duration::from_secs(60),
             fetch_window: 32,
+            dht: None,
         }
     }
 }
@@ -88,6 +98,7 @@ struct Inner {
     listen_addrs: Vec<Multiaddr>,
     fetch_timeout: Duration,
     fetch_window: usize,
+    dht: Option<Dht>,
     /// Imports and pins hold it shared; GC holds it exclusively, so it never
     /// deletes blocks of an import that is not pinned yet.
     gc_lock: RwLock<()>,
@@ -157,7 +168,15 @@ impl Node {
         .await
         .map_err(join_err)??;
         let peer_id = keypair.public().to_peer_id();
-        let ipfs: Ipfs = DefaultIpfsBuilder::with_keypair(&keypair)
+        let dht_config = cfg.dht.clone().filter(|d| d.mode != DhtMode::Off);
+        let (behaviour, dht) = match &dht_config {
+            Some(config) => {
+                let (behaviour, handle) = dht::new(peer_id, config);
+                (Some(behaviour), Some(handle))
+            }
+            None => (None, None),
+        };
+        let ipfs: Ipfs = IpfsBuilder::<Toggle<dht::Behaviour>>::with_keypair(&keypair)
             .map_err(host_err)?
             .with_identify(IdentifyConfiguration {
                 agent_version: format!("nixpfs/{}", env!("CARGO_PKG_VERSION")),
@@ -165,6 +184,7 @@ impl Node {
             })
             .with_ping(Default::default())
             .with_streams()
+            .with_custom_behaviour(move |_| Ok(Toggle::from(behaviour)))
             .enable_tcp()
             .set_idle_connection_timeout(120)
             .start()
@@ -187,6 +207,18 @@ impl Node {
                 listen_addrs.push(a.with(Protocol::P2p(peer_id)));
             }
         }
+        if dht.is_some() {
+            // libp2p-kad sends only confirmed external addresses in provider
+            // records, and Kubo and Helia drop records without any: what we
+            // listen on is what others can dial.
+            for addr in &listen_addrs {
+                let bare: Multiaddr = addr
+                    .iter()
+                    .filter(|p| !matches!(p, Protocol::P2p(_)))
+                    .collect();
+                ipfs.add_external_address(bare).await.map_err(host_err)?;
+            }
+        }
         tasks.push(tokio::spawn(track_peers(ipfs.clone(), bitswap.clone())));
         let node = Node {
             inner: Arc::new(Inner {
@@ -198,12 +230,31 @@ impl Node {
                 listen_addrs,
                 fetch_timeout: cfg.fetch_timeout,
                 fetch_window: cfg.fetch_window.max(1),
+                dht,
                 gc_lock: RwLock::new(()),
                 tasks: Mutex::new(tasks),
             }),
         };
         for addr in cfg.peers {
             let task = tokio::spawn(keep_connected(node.clone(), addr));
+            node.lock_tasks().push(task);
+        }
+        if let (Some(dht), Some(config)) = (&node.inner.dht, dht_config) {
+            for addr in config.bootstrap {
+                if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                    let bare: Multiaddr = addr
+                        .iter()
+                        .filter(|p| !matches!(p, Protocol::P2p(_)))
+                        .collect();
+                    dht.add_address(peer, bare)?;
+                }
+                let task = tokio::spawn(keep_connected(node.clone(), addr));
+                node.lock_tasks().push(task);
+            }
+            dht.bootstrap()?;
+        }
+        if node.inner.dht.is_some() {
+            let task = tokio::spawn(provide_pins(node.clone()));
             node.lock_tasks().push(task);
         }
         Ok(node)
@@ -330,13 +381,56 @@ impl Node {
         tokio::task::spawn_blocking(move || pins.insert(&pin))
             .await
             .map_err(join_err)??;
+        self.announce(pin.cid);
         Ok(pin)
+    }
+
+    /// Provides `cid` on the DHT in the background, if it runs.
+    fn announce(&self, cid: Cid) {
+        if let Some(dht) = self.inner.dht.clone() {
+            tokio::spawn(async move {
+                match dht.provide(&cid).await {
+                    Ok(()) => tracing::debug!(%cid, "provided on the DHT"),
+                    Err(e) => tracing::warn!(%cid, "{e}"),
+                }
+            });
+        }
+    }
+
+    /// Announces on the DHT that this node has `cid` (`routing provide`).
+    pub async fn provide(&self, cid: Cid) -> Result<(), IpfsError> {
+        let dht = self.inner.dht.as_ref().ok_or(IpfsError::NoDht)?;
+        Ok(dht.provide(&cid).await?)
+    }
+
+    /// Providers of `cid` from the DHT (`routing findprovs`), at most
+    /// `limit`, found within `timeout`.
+    pub async fn find_providers(
+        &self,
+        cid: Cid,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Vec<dht::Provider>, IpfsError> {
+        let dht = self.inner.dht.as_ref().ok_or(IpfsError::NoDht)?;
+        let mut found = Vec::new();
+        let mut lookup = Box::pin(dht.find_providers(&cid).take(limit));
+        let deadline = tokio::time::Instant::now() + timeout;
+        while let Ok(Some(provider)) = tokio::time::timeout_at(deadline, lookup.next()).await {
+            found.push(provider);
+        }
+        Ok(found)
+    }
+
+    /// The DHT's routing table and store sizes, if it runs.
+    pub async fn dht_stats(&self) -> Option<dht::DhtStats> {
+        self.inner.dht.as_ref()?.stats().await.ok()
     }
 
     fn source(&self, batch: Option<WriteBatch>) -> Arc<NodeSource> {
         Arc::new(NodeSource(Arc::new(SourceInner {
             store: self.inner.store.clone(),
             bitswap: self.inner.bitswap.clone(),
+            dht: self.inner.dht.clone(),
             timeout: self.inner.fetch_timeout,
             batch: batch.map(Mutex::new),
         })))
@@ -427,6 +521,7 @@ impl Node {
         })
         .await
         .map_err(join_err)??;
+        self.announce(cid);
         Ok(pin)
     }
 
@@ -566,6 +661,29 @@ async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap, agents: &mut Agents) {
 }
 
 /// Keeps bitswap's peer set in step with the swarm's connections.
+/// Provides every pin's root at start: provider records live in memory
+/// (libp2p-kad republishes them while the node runs).
+async fn provide_pins(node: Node) {
+    let pins = match node.pins().await {
+        Ok(pins) => pins,
+        Err(e) => {
+            tracing::warn!("cannot list pins to provide them: {e}");
+            return;
+        }
+    };
+    let Some(dht) = node.inner.dht.clone() else {
+        return;
+    };
+    let mut provided = 0usize;
+    for pin in pins {
+        match dht.provide(&pin.cid).await {
+            Ok(()) => provided += 1,
+            Err(e) => tracing::debug!(cid = %pin.cid, "{e}"),
+        }
+    }
+    tracing::info!(provided, "pins provided on the DHT");
+}
+
 async fn track_peers(ipfs: Ipfs, bitswap: Bitswap) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut agents = Agents::new();
@@ -582,6 +700,7 @@ struct NodeSource(Arc<SourceInner>);
 struct SourceInner {
     store: BlockStore,
     bitswap: Bitswap,
+    dht: Option<Dht>,
     timeout: Duration,
     batch: Option<Mutex<WriteBatch>>,
 }
@@ -597,7 +716,29 @@ impl NodeSource {
             if let Some(b) = local {
                 return Ok(b.into_data());
             }
-            let data = this.bitswap.get(cid, this.timeout).await?;
+            let get = this.bitswap.get(cid, this.timeout);
+            let data = match &this.dht {
+                None => get.await?,
+                Some(dht) => {
+                    tokio::pin!(get);
+                    tokio::select! {
+                        got = &mut get => got?,
+                        () = tokio::time::sleep(FIND_DELAY) => {
+                            // Nobody connected had it: ask the DHT. The
+                            // behaviour dials each provider it finds, and
+                            // bitswap asks every newly connected peer.
+                            let lookup = tokio::spawn(
+                                dht.find_providers(&cid).for_each(move |p| async move {
+                                    tracing::debug!(%cid, peer = %p.peer, "found a provider");
+                                }),
+                            );
+                            let got = get.await;
+                            lookup.abort();
+                            got?
+                        }
+                    }
+                }
+            };
             if this.batch.is_some() {
                 let store = this.store.clone();
                 let block = Block::from_store(cid, data.clone());

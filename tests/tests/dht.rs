@@ -1,0 +1,113 @@
+//! Content routing over the Kademlia DHT between real gateways on loopback
+//! (LAN protocol, as Kubo's LAN DHT): a gateway finds bytes held by a peer
+//! it was never told about, through a bootstrap node that holds none.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use e2e::gateway::Gateway;
+use e2e::run_ok_str;
+
+const LAN: &str = "/ipfs/lan/kad/1.0.0";
+
+fn dht_gateway(dir: &std::path::Path, name: &str, mode: &str, bootstrap: Option<&str>) -> Gateway {
+    let mut args = vec!["--dht", mode, "--dht-protocol", LAN];
+    if let Some(addr) = bootstrap {
+        args.extend(["--bootstrap", addr]);
+    }
+    Gateway::start(&dir.join(name), &args)
+}
+
+fn peer_id(gw: &Gateway) -> String {
+    gw.id().0
+}
+
+#[test]
+fn a_gateway_finds_and_fetches_bytes_through_the_dht_from_a_peer_it_was_never_told_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = dht_gateway(dir.path(), "hub", "server", None);
+    let hub_addr = hub.multiaddr();
+    let holder = dht_gateway(dir.path(), "holder", "server", Some(&hub_addr));
+    // The probe waits until the holder's record is findable.
+    let probe = dht_gateway(dir.path(), "probe", "client", Some(&hub_addr));
+    let finder = dht_gateway(dir.path(), "finder", "client", Some(&hub_addr));
+
+    let bytes = anchor_registry::testing::noise(11, 3 << 20);
+    let file = dir.path().join("payload.bin");
+    fs::write(&file, &bytes).expect("write payload");
+    let cid = run_ok_str(holder.cli().arg("add").arg(&file));
+    let cid = cid.trim().to_owned();
+
+    // The holder provides what it pins; once its record reached the hub,
+    // the finder's lookup names the holder.
+    let holder_id = peer_id(&holder);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let providers = loop {
+        run_ok_str(holder.cli().args(["routing", "provide", &cid]));
+        let found = run_ok_str(probe.cli().args(["routing", "findprovs", &cid, "-n", "1"]));
+        if found.contains(&holder_id) {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the probe never learnt of the holder:\n{found}\nholder log:\n{}\nprobe log:\n{}",
+            holder.log_text(),
+            probe.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        providers.contains("/ip4/127.0.0.1/tcp/"),
+        "with addresses: {providers}"
+    );
+    // The finder's only configured peer is the hub, which holds nothing:
+    // whatever connects it to the holder (its routing-table walk or the
+    // provider lookup) came from the DHT.
+
+    let out = dir.path().join("fetched.bin");
+    run_ok_str(finder.cli().arg("fetch").arg(&cid).arg("--out").arg(&out));
+    assert!(fs::read(&out).expect("fetched") == bytes, "bytes equal");
+    let peers = run_ok_str(finder.cli().arg("peers"));
+    assert!(peers.contains(&holder_id), "dialled the provider: {peers}");
+}
+
+#[test]
+fn routing_commands_say_what_to_set_when_the_dht_is_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = Gateway::start(&dir.path().join("gw"), &[]);
+    let out = gw
+        .cli()
+        .args([
+            "routing",
+            "findprovs",
+            "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the DHT is off"), "{stderr}");
+}
+
+#[test]
+fn a_cid_nobody_provides_fails_within_the_fetch_timeout_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = dht_gateway(dir.path(), "hub", "server", None);
+    let data = dir.path().join("lonely");
+    fs::create_dir_all(&data).expect("data dir");
+    fs::write(data.join("config.toml"), "fetch_timeout_secs = 3\n").expect("config");
+    let lonely = dht_gateway(dir.path(), "lonely", "client", Some(&hub.multiaddr()));
+    let cid = "bafkreie7ohywtosou76tasm7j63yigtzxe7d5zqus4zu3j6oltvgtibeom";
+    let started = Instant::now();
+    let out = lonely
+        .cli()
+        .args(["fetch", cid, "--out"])
+        .arg(dir.path().join("never.bin"))
+        .output()
+        .expect("run fetch");
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(cid), "{stderr}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
