@@ -111,3 +111,80 @@ fn a_cid_nobody_provides_fails_within_the_fetch_timeout_naming_it() {
     assert!(stderr.contains(cid), "{stderr}");
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+/// Polls `finder`'s `routing findprovs CID` until `provider` is listed,
+/// running `nudge` before each try; the listing.
+fn await_provider(finder: &Gateway, cid: &str, provider: &str, mut nudge: impl FnMut()) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        nudge();
+        let found = run_ok_str(finder.cli().args(["routing", "findprovs", cid, "-n", "5"]));
+        if found.contains(provider) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{provider} never became a provider of {cid}:\n{found}\nlog:\n{}",
+            finder.log_text()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+#[cfg_attr(
+    missing_peers,
+    ignore = "needs the foreign IPFS peers: run scripts/install-peers DIR and export NIXPFS_PEERS_DIR=DIR"
+)]
+fn nixpfs_finds_nixpfs_through_kubos_lan_dht() {
+    let peers = e2e::peers::peers_dir();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubo = e2e::peers::KuboPeer::start(&peers, e2e::peers::KuboKey::Ed25519).expect("kubo");
+    println!("bootstrap: Kubo {} ({})", kubo.version, kubo.peer_id);
+    let holder = dht_gateway(dir.path(), "holder", "server", Some(&kubo.addrs[0]));
+    let finder = dht_gateway(dir.path(), "finder", "client", Some(&kubo.addrs[0]));
+    let bytes = anchor_registry::testing::noise(12, 2 << 20);
+    let file = dir.path().join("payload.bin");
+    fs::write(&file, &bytes).expect("write payload");
+    let cid = run_ok_str(holder.cli().arg("add").arg(&file)).trim().to_owned();
+    let holder_id = peer_id(&holder);
+    let listing = await_provider(&finder, &cid, &holder_id, || {
+        run_ok_str(holder.cli().args(["routing", "provide", &cid]));
+    });
+    assert!(listing.contains("/ip4/127.0.0.1/tcp/"), "{listing}");
+    let out = dir.path().join("fetched.bin");
+    run_ok_str(finder.cli().args(["fetch", &cid, "--out"]).arg(&out));
+    assert!(fs::read(&out).expect("fetched") == bytes, "bytes equal");
+}
+
+#[test]
+#[cfg_attr(
+    missing_peers,
+    ignore = "needs the foreign IPFS peers: run scripts/install-peers DIR and export NIXPFS_PEERS_DIR=DIR"
+)]
+fn nixpfs_fetches_what_a_second_kubo_provides_on_the_lan_dht() {
+    let peers = e2e::peers::peers_dir();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = e2e::peers::KuboPeer::start(&peers, e2e::peers::KuboKey::Ed25519).expect("kubo");
+    let mut holder =
+        e2e::peers::KuboPeer::start(&peers, e2e::peers::KuboKey::Ed25519).expect("second kubo");
+    holder
+        .request(&format!("connect {}", hub.addrs[0]))
+        .expect("connect the kubos");
+    let bytes = anchor_registry::testing::noise(13, 2 << 20);
+    let file = dir.path().join("payload.bin");
+    fs::write(&file, &bytes).expect("write payload");
+    let cid = holder
+        .request(&format!("add {}", file.display()))
+        .expect("kubo add")["cid"]
+        .as_str()
+        .expect("cid")
+        .to_owned();
+    // Only the hub is configured: the holder must be found on the DHT.
+    let finder = dht_gateway(dir.path(), "finder", "client", Some(&hub.addrs[0]));
+    let listing = await_provider(&finder, &cid, &holder.peer_id, || {});
+    println!("providers of {cid}: {listing}");
+    let out = dir.path().join("fetched.bin");
+    run_ok_str(finder.cli().args(["fetch", &cid, "--out"]).arg(&out));
+    assert!(fs::read(&out).expect("fetched") == bytes, "bytes equal");
+}
