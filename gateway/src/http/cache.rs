@@ -74,7 +74,19 @@ async fn cache_info(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    text(StatusCode::OK, state.metrics.snapshot().to_prometheus())
+    let mut out = state.metrics.snapshot().to_prometheus();
+    let bitswap = state.node.bitswap_stats();
+    for (name, counter) in [
+        ("blocks_received", &bitswap.blocks_received),
+        ("blocks_sent", &bitswap.blocks_sent),
+        ("duplicate_blocks", &bitswap.duplicates),
+        ("unmatched_blocks", &bitswap.unmatched),
+        ("rewants", &bitswap.rewants),
+    ] {
+        let n = counter.load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str(&format!("nixpfs_bitswap_{name} {n}\n"));
+    }
+    text(StatusCode::OK, out)
 }
 
 async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -> Response {

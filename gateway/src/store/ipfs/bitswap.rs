@@ -3,12 +3,19 @@
 //! Server: every inbound stream is read until EOF (Kubo opens one stream per
 //! message, and rust-ipfs's own bitswap loses all but the last); want-have is
 //! answered with HAVE/DONT_HAVE, want-block with the block, in messages of
-//! about 1 MiB of blocks. Client: want-block goes straight to every connected
-//! peer (a few per peer at a time), many wants stay in flight, and a want is
-//! re-sent when later blocks overtook it or it stayed unanswered
-//! (libp2p-stream silently drops an inbound stream when its one-slot channel
-//! is full). Received blocks are
-//! hashed on the blocking pool; only bytes that hash to a wanted CID count.
+//! about 1 MiB of blocks. Client: while no connected peer is known to have
+//! what we fetch, want-block goes to every connected peer (a few per peer at
+//! a time); once peers have delivered blocks (proven providers), each want
+//! goes to one of them only, the one with the most free slots, so a DAG's
+//! blocks spread over its providers by how fast each answers and no block
+//! is downloaded twice. A provider that says DONT_HAVE, or delivers nothing
+//! while holding wants for [`STALLED`], loses its proven status and its wants
+//! go to the others. Many wants stay in flight, and a want is re-sent when
+//! later blocks overtook it or it stayed unanswered (libp2p-stream silently
+//! drops an inbound stream when its one-slot channel is full). Received
+//! blocks are hashed on the blocking pool; only bytes that hash to a wanted
+//! CID count; verified blocks nobody waits for any more are counted as
+//! duplicates.
 //!
 //! # Goals
 //! - Speak `/ipfs/bitswap/1.2.0` as Kubo and Helia do, in both roles, so any
@@ -53,6 +60,11 @@ const TICK: Duration = Duration::from_millis(50);
 const REWANT_OVERTAKEN: Duration = Duration::from_millis(250);
 /// Any want unanswered this long is re-sent.
 const REWANT_IDLE: Duration = Duration::from_secs(1);
+/// A peer that delivered a block this recently is a proven provider.
+const PROVEN_FOR: Duration = Duration::from_secs(10);
+/// A proven provider holding wants that delivered nothing for this long is
+/// dropped: its wants go to the other providers.
+pub const STALLED: Duration = Duration::from_secs(2);
 /// Received blocks hashed at once (bounds memory held by unverified blocks).
 const HASHERS: usize = 8;
 /// Messages queued per peer before senders wait.
@@ -390,6 +402,10 @@ pub struct Stats {
     /// nobody asked for, and corrupted bytes (which hash to no wanted CID).
     pub unmatched: AtomicU64,
     pub rewants: AtomicU64,
+    /// Blocks that arrived when nobody waited for them any more: the same
+    /// block from a second peer (a timed-out retry, or a broadcast before
+    /// any provider was proven). Not hashed when no want at all is open.
+    pub duplicates: AtomicU64,
     /// Inbound messages cut short by the sender (seen from Helia 7 when it
     /// has to send several MiB at once).
     pub truncated: AtomicU64,
@@ -408,6 +424,12 @@ struct Want {
     sent_at: Instant,
     /// Peers asked since the last re-send.
     asked: HashSet<PeerId>,
+    /// Peers that said they do not have it.
+    refused: HashSet<PeerId>,
+    /// Peers sent a want-have for it.
+    probed: HashSet<PeerId>,
+    /// When it was first wanted.
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -417,6 +439,33 @@ struct PeerState {
     policy: PeerPolicy,
     /// Wants sent to this peer and not answered yet.
     in_flight: HashSet<Vec<u8>>,
+    /// When it last sent us a block that verified, or said HAVE.
+    delivered_at: Option<Instant>,
+    /// Highest seq of a want this peer answered: a want it holds with a
+    /// lower seq was probably lost (peers answer in priority order, so
+    /// another peer answering later wants says nothing about this one).
+    answered_seq: u64,
+}
+
+impl PeerState {
+    fn new(tx: mpsc::Sender<Message>, policy: PeerPolicy) -> Self {
+        Self {
+            tx,
+            policy,
+            in_flight: HashSet::new(),
+            delivered_at: None,
+            answered_seq: 0,
+        }
+    }
+
+    fn proven(&self, now: Instant) -> bool {
+        self.delivered_at
+            .is_some_and(|at| now.duration_since(at) < PROVEN_FOR)
+    }
+
+    fn free(&self) -> usize {
+        self.policy.wants.saturating_sub(self.in_flight.len())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -424,11 +473,29 @@ struct State {
     wants: HashMap<Vec<u8>, Want>,
     peers: HashMap<PeerId, PeerState>,
     next_seq: u64,
-    /// Highest seq of a want answered so far.
-    answered_seq: u64,
 }
 
 type Outbox = Vec<(mpsc::Sender<Message>, Message)>;
+
+/// Puts `w` (stored under `key`) in flight with `peer`.
+fn ask(
+    w: &mut Want,
+    key: &[u8],
+    peer: PeerId,
+    ps: &mut PeerState,
+    batches: &mut HashMap<PeerId, Vec<WantEntry>>,
+    now: Instant,
+) {
+    if w.asked.is_empty() {
+        w.sent_at = now;
+    }
+    w.asked.insert(peer);
+    ps.in_flight.insert(key.to_vec());
+    batches
+        .entry(peer)
+        .or_default()
+        .push(want_block(w.cid, w.seq));
+}
 
 impl State {
     fn next_seq(&mut self) -> u64 {
@@ -436,8 +503,10 @@ impl State {
         self.next_seq
     }
 
-    /// Sends every peer the oldest wants it was not asked for yet, keeping
-    /// at most its policy's number of wants in flight.
+    /// Hands out wants, oldest first, within each peer's limit of wants in
+    /// flight: a want nobody works on goes to the proven provider (that did
+    /// not refuse it) with the most free slots; with no such provider, to
+    /// every peer not asked yet.
     fn pump(&mut self) -> Outbox {
         let mut order: Vec<(u64, Vec<u8>)> = self
             .wants
@@ -446,36 +515,108 @@ impl State {
             .collect();
         order.sort_unstable();
         let now = Instant::now();
-        let mut out = Vec::new();
-        for (peer, ps) in self.peers.iter_mut() {
-            let mut entries = Vec::new();
-            for (_, key) in &order {
-                if ps.in_flight.len() >= ps.policy.wants {
-                    break;
+        let proven: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, ps)| ps.proven(now))
+            .map(|(p, _)| *p)
+            .collect();
+        let mut batches: HashMap<PeerId, Vec<WantEntry>> = HashMap::new();
+        for (_, key) in &order {
+            let Some(w) = self.wants.get_mut(key) else {
+                continue;
+            };
+            let candidates: Vec<PeerId> = proven
+                .iter()
+                .filter(|p| !w.refused.contains(p))
+                .copied()
+                .collect();
+            let working_with = |proven_only: bool| {
+                w.asked.iter().any(|p| {
+                    self.peers.get(p).is_some_and(|ps| {
+                        ps.in_flight.contains(key) && (!proven_only || ps.proven(now))
+                    })
+                })
+            };
+            // One peer at a time works on a want: a proven one, or, while
+            // it is young, whichever peer was asked first.
+            let young = now.duration_since(w.since) < REWANT_IDLE;
+            let working = working_with(true) || (young && working_with(false));
+            if candidates.is_empty() {
+                // Nobody is known to have it: want-block to one peer,
+                // want-have to the others (a HAVE makes them providers).
+                if !working_with(false) {
+                    let best = self
+                        .peers
+                        .iter()
+                        .filter(|(p, ps)| {
+                            ps.free() > 0 && !w.refused.contains(p) && !w.asked.contains(p)
+                        })
+                        .max_by_key(|(_, ps)| ps.free())
+                        .map(|(p, _)| *p);
+                    if let Some(peer) = best {
+                        if let Some(ps) = self.peers.get_mut(&peer) {
+                            ask(w, key, peer, ps, &mut batches, now);
+                        }
+                    }
                 }
-                let Some(w) = self.wants.get_mut(key) else {
-                    continue;
-                };
-                if !w.asked.insert(*peer) {
-                    continue;
+                for peer in self.peers.keys() {
+                    if !w.refused.contains(peer)
+                        && !w.asked.contains(peer)
+                        && w.probed.insert(*peer)
+                    {
+                        batches
+                            .entry(*peer)
+                            .or_default()
+                            .push(want_have(w.cid, w.seq));
+                    }
                 }
-                if w.asked.len() == 1 {
-                    w.sent_at = now;
-                }
-                ps.in_flight.insert(key.clone());
-                entries.push(want_block(w.cid, w.seq));
+                continue;
             }
-            if !entries.is_empty() {
-                out.push((
-                    ps.tx.clone(),
-                    Message {
-                        wantlist: entries,
-                        ..Message::default()
-                    },
-                ));
+            if working {
+                continue;
+            }
+            let best = candidates
+                .iter()
+                .filter(|p| !w.asked.contains(p) || !working_with(false))
+                .filter_map(|p| self.peers.get(p).map(|ps| (*p, ps.free())))
+                .filter(|(_, free)| *free > 0)
+                .max_by_key(|(_, free)| *free);
+            if let Some((peer, _)) = best {
+                if let Some(ps) = self.peers.get_mut(&peer) {
+                    ask(w, key, peer, ps, &mut batches, now);
+                }
             }
         }
-        out
+        batches
+            .into_iter()
+            .filter_map(|(peer, wantlist)| {
+                self.peers.get(&peer).map(|ps| {
+                    (
+                        ps.tx.clone(),
+                        Message {
+                            wantlist,
+                            ..Message::default()
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Drops the proven status of providers that hold wants but delivered
+    /// nothing for [`STALLED`]; their wants are free for the others.
+    fn drop_stalled(&mut self, now: Instant) {
+        for ps in self.peers.values_mut() {
+            let stalled = !ps.in_flight.is_empty()
+                && ps
+                    .delivered_at
+                    .is_some_and(|at| now.duration_since(at) >= STALLED);
+            if stalled {
+                ps.delivered_at = None;
+                ps.in_flight.clear();
+            }
+        }
     }
 
     /// Forgets a want everywhere; returns cancels for the peers asked.
@@ -579,15 +720,7 @@ impl Bitswap {
                     Some(ps) => ps.policy = policy,
                     None => {
                         let tx = spawn_writer(self.shared.clone(), *p);
-                        let in_flight = HashSet::new();
-                        st.peers.insert(
-                            *p,
-                            PeerState {
-                                tx,
-                                policy,
-                                in_flight,
-                            },
-                        );
+                        st.peers.insert(*p, PeerState::new(tx, policy));
                     }
                 }
             }
@@ -621,6 +754,9 @@ impl Bitswap {
                         seq,
                         sent_at: Instant::now(),
                         asked: HashSet::new(),
+                        refused: HashSet::new(),
+                        probed: HashSet::new(),
+                        since: Instant::now(),
                     },
                 );
                 st.pump()
@@ -661,6 +797,16 @@ fn want_block(cid: Cid, seq: u64) -> WantEntry {
         priority: priority(seq),
         cancel: false,
         want_type: WantType::Block,
+        send_dont_have: true,
+    }
+}
+
+fn want_have(cid: Cid, seq: u64) -> WantEntry {
+    WantEntry {
+        cid,
+        priority: priority(seq),
+        cancel: false,
+        want_type: WantType::Have,
         send_dont_have: true,
     }
 }
@@ -771,7 +917,9 @@ async fn read_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
 async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
     for (prefix, data) in msg.blocks {
         if shared.lock().wants.is_empty() {
+            // Not even hashed: nobody waits for anything.
             shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+            shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let Ok(permit) = shared.hashers.clone().acquire_owned().await else {
@@ -785,12 +933,22 @@ async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
             .await;
             drop(permit);
             match hashed {
-                Ok(Some((cid, data))) => deliver(&shared, cid, data).await,
+                Ok(Some((cid, data))) => deliver(&shared, peer, cid, data).await,
                 _ => {
                     shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
+    }
+    if msg.presences.iter().any(|(_, p)| *p == Presence::Have) {
+        let out = {
+            let mut st = shared.lock();
+            if let Some(ps) = st.peers.get_mut(&peer) {
+                ps.delivered_at = Some(Instant::now());
+            }
+            st.pump()
+        };
+        send_all(out).await;
     }
     let dont_have: Vec<Vec<u8>> = msg
         .presences
@@ -805,6 +963,14 @@ async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
                 for k in &dont_have {
                     ps.in_flight.remove(k);
                 }
+                // It may have other DAGs, not this one: ask it again only
+                // once it delivers something.
+                ps.delivered_at = None;
+            }
+            for k in &dont_have {
+                if let Some(w) = st.wants.get_mut(k) {
+                    w.refused.insert(peer);
+                }
             }
             st.pump()
         };
@@ -815,14 +981,20 @@ async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
     }
 }
 
-/// Hands a verified block to its waiters and frees its slots.
-async fn deliver(shared: &Shared, cid: Cid, data: Bytes) {
+/// Hands a verified block from `peer` to its waiters and frees its slots;
+/// the peer is a proven provider from now on.
+async fn deliver(shared: &Shared, peer: PeerId, cid: Cid, data: Bytes) {
     let out = {
         let mut st = shared.lock();
+        if let Some(ps) = st.peers.get_mut(&peer) {
+            ps.delivered_at = Some(Instant::now());
+        }
         match st.remove_want(&cid.hash().to_bytes()) {
             Some((w, mut out)) => {
                 shared.stats.blocks_received.fetch_add(1, Ordering::Relaxed);
-                st.answered_seq = st.answered_seq.max(w.seq);
+                if let Some(ps) = st.peers.get_mut(&peer) {
+                    ps.answered_seq = ps.answered_seq.max(w.seq);
+                }
                 for t in w.waiters {
                     let _ = t.send(data.clone());
                 }
@@ -833,7 +1005,8 @@ async fn deliver(shared: &Shared, cid: Cid, data: Bytes) {
             }
             None => {
                 shared.stats.unmatched.fetch_add(1, Ordering::Relaxed);
-                Vec::new()
+                shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                st.pump()
             }
         }
     };
@@ -891,14 +1064,8 @@ fn peer_sender(shared: &Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
         return ps.tx.clone();
     }
     let tx = spawn_writer(shared.clone(), peer);
-    st.peers.insert(
-        peer,
-        PeerState {
-            tx: tx.clone(),
-            policy: PeerPolicy::for_agent(""),
-            in_flight: HashSet::new(),
-        },
-    );
+    st.peers
+        .insert(peer, PeerState::new(tx.clone(), PeerPolicy::for_agent("")));
     tx
 }
 
@@ -912,12 +1079,17 @@ async fn tick_loop(shared: Arc<Shared>) {
             let mut guard = shared.lock();
             let st = &mut *guard;
             let now = Instant::now();
-            let answered = st.answered_seq;
+            st.drop_stalled(now);
             let mut next_seq = st.next_seq;
             let mut out: HashMap<PeerId, Vec<WantEntry>> = HashMap::new();
             for (key, w) in st.wants.iter_mut() {
                 let age = now.duration_since(w.sent_at);
-                if !((answered > w.seq && age >= REWANT_OVERTAKEN) || age >= REWANT_IDLE) {
+                let overtaken = w.asked.iter().any(|p| {
+                    st.peers
+                        .get(p)
+                        .is_some_and(|ps| ps.in_flight.contains(key) && ps.answered_seq > w.seq)
+                });
+                if !((overtaken && age >= REWANT_OVERTAKEN) || age >= REWANT_IDLE) {
                     continue;
                 }
                 next_seq += 1;
@@ -972,6 +1144,103 @@ mod tests {
 
     fn cid(i: u64) -> Cid {
         Cid::new_v1(RAW, sha256_multihash(&i.to_le_bytes()))
+    }
+
+    /// A state with `n` peers (nixpfs policy), the first `proven` of them
+    /// proven providers, and wants for `cid(0..wants)`.
+    fn state(n: usize, proven: usize, wants: u64) -> (State, Vec<PeerId>) {
+        let mut st = State::default();
+        let peers: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
+        for (i, p) in peers.iter().enumerate() {
+            let (tx, rx) = mpsc::channel(1);
+            std::mem::forget(rx);
+            let mut ps = PeerState::new(tx, PeerPolicy::for_agent("nixpfs/0.1.0"));
+            if i < proven {
+                ps.delivered_at = Some(Instant::now());
+            }
+            st.peers.insert(*p, ps);
+        }
+        for i in 0..wants {
+            let seq = st.next_seq();
+            st.wants.insert(
+                cid(i).hash().to_bytes(),
+                Want {
+                    cid: cid(i),
+                    waiters: Vec::new(),
+                    order: seq,
+                    seq,
+                    sent_at: Instant::now(),
+                    asked: HashSet::new(),
+                    refused: HashSet::new(),
+                    probed: HashSet::new(),
+                    since: Instant::now(),
+                },
+            );
+        }
+        (st, peers)
+    }
+
+    fn entries(out: &Outbox, kind: WantType) -> usize {
+        out.iter()
+            .flat_map(|(_, m)| &m.wantlist)
+            .filter(|e| e.want_type == kind && !e.cancel)
+            .count()
+    }
+
+    #[test]
+    fn with_proven_providers_each_block_is_asked_of_one_peer_and_spread() {
+        let (mut st, peers) = state(3, 2, 40);
+        let out = st.pump();
+        assert_eq!(entries(&out, WantType::Block), 40, "each want once");
+        assert_eq!(entries(&out, WantType::Have), 0);
+        assert!(st.wants.values().all(|w| w.asked.len() == 1));
+        let load: Vec<usize> = peers.iter().map(|p| st.peers[p].in_flight.len()).collect();
+        assert_eq!(
+            load,
+            [20, 20, 0],
+            "spread over the providers, none to the other"
+        );
+        assert!(st.pump().is_empty(), "nothing asked twice");
+    }
+
+    #[test]
+    fn with_no_known_provider_one_peer_gets_the_block_and_the_others_a_have() {
+        let (mut st, peers) = state(3, 0, 1);
+        let out = st.pump();
+        assert_eq!(entries(&out, WantType::Block), 1);
+        assert_eq!(entries(&out, WantType::Have), 2);
+        // A DONT_HAVE from the one asked, and a HAVE from another, move the
+        // want to the peer that has it.
+        let key = cid(0).hash().to_bytes();
+        let asked = *st.wants[&key].asked.iter().next().expect("asked");
+        let have = *peers.iter().find(|p| **p != asked).expect("another peer");
+        st.peers
+            .get_mut(&asked)
+            .expect("peer")
+            .in_flight
+            .remove(&key);
+        st.wants.get_mut(&key).expect("want").refused.insert(asked);
+        st.peers.get_mut(&have).expect("peer").delivered_at = Some(Instant::now());
+        let out = st.pump();
+        assert_eq!(entries(&out, WantType::Block), 1);
+        assert!(st.peers[&have].in_flight.contains(&key));
+    }
+
+    #[test]
+    fn a_stalled_provider_loses_its_wants_to_the_others() {
+        let (mut st, peers) = state(2, 2, 10);
+        st.pump();
+        let stalled = peers[0];
+        st.peers.get_mut(&stalled).expect("peer").delivered_at =
+            Instant::now().checked_sub(STALLED);
+        st.drop_stalled(Instant::now());
+        assert!(st.peers[&stalled].in_flight.is_empty());
+        st.pump();
+        assert_eq!(
+            st.peers[&peers[1]].in_flight.len(),
+            10,
+            "all with the live one"
+        );
     }
 
     #[test]
