@@ -146,7 +146,9 @@ fn nixpfs_finds_nixpfs_through_kubos_lan_dht() {
     let bytes = anchor_registry::testing::noise(12, 2 << 20);
     let file = dir.path().join("payload.bin");
     fs::write(&file, &bytes).expect("write payload");
-    let cid = run_ok_str(holder.cli().arg("add").arg(&file)).trim().to_owned();
+    let cid = run_ok_str(holder.cli().arg("add").arg(&file))
+        .trim()
+        .to_owned();
     let holder_id = peer_id(&holder);
     let listing = await_provider(&finder, &cid, &holder_id, || {
         run_ok_str(holder.cli().args(["routing", "provide", &cid]));
