@@ -190,3 +190,87 @@ fn nixpfs_fetches_what_a_second_kubo_provides_on_the_lan_dht() {
     run_ok_str(finder.cli().args(["fetch", &cid, "--out"]).arg(&out));
     assert!(fs::read(&out).expect("fetched") == bytes, "bytes equal");
 }
+
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_peers),
+    ignore = "needs the real Nix client and the foreign IPFS peers (.ci/run installs both)"
+)]
+fn real_nix_substitutes_a_closure_through_a_gateway_that_found_the_seeder_on_kubos_dht() {
+    use e2e::anchors::{keygen, registry};
+    use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
+    use e2e::{nixpfs, run_ok};
+
+    let env = NixEnv::new();
+    let top = env.build("fixture.nix", FIXTURE_CLOSURE);
+    let dir = env.path();
+    let (ka, ka_pub) = keygen(dir, "anchor-a");
+    // Anchor A pins and signs the closure, then publishes its set.
+    let seeder = dir.join("seeder");
+    run_ok(
+        nixpfs()
+            .arg("--data-dir")
+            .arg(&seeder)
+            .args(["anchor", "sign", "--closure", &top, "--key"])
+            .arg(&ka),
+    );
+    let set_a = dir.join("set-a.jsonl");
+    run_ok(
+        nixpfs()
+            .arg("--data-dir")
+            .arg(&seeder)
+            .args(["anchor", "publish", "--key"])
+            .arg(&ka)
+            .arg("--out")
+            .arg(&set_a),
+    );
+    let mut mappings = Vec::new();
+    anchor_registry::read_set(
+        std::io::BufReader::new(fs::File::open(&set_a).expect("set")),
+        |m| mappings.push(m),
+    )
+    .expect("a valid set");
+    let top_cid = mappings
+        .iter()
+        .find(|m| m.path().to_string() == top)
+        .expect("top is mapped")
+        .data()
+        .cid
+        .to_string();
+    let reg = registry(&dir.join("reg"), &[("anchor-a", &ka_pub, &[&set_a])]);
+
+    // Kubo is the only peer either gateway is told about.
+    let kubo = e2e::peers::KuboPeer::start(&e2e::peers::peers_dir(), e2e::peers::KuboKey::Ed25519)
+        .expect("kubo");
+    let dht = ["--dht-protocol", LAN, "--bootstrap", kubo.addrs[0].as_str()];
+    let seeder_gw = Gateway::start(&seeder, &[&["--dht", "server"][..], &dht[..]].concat());
+    let client = Gateway::start(
+        &dir.join("client"),
+        &[&reg.serve_args()[..], &["--dht", "client"], &dht[..]].concat(),
+    );
+    let sync = run_ok_str(client.cli().args(["anchors", "sync"]));
+    assert!(sync.contains("anchor-a: "), "{sync}");
+    // The seeder provides its pins at start; wait until the DHT has them.
+    let seeder_id = peer_id(&seeder_gw);
+    await_provider(&client, &top_cid, &seeder_id, || {});
+
+    let (_, _, client_key) = client.id();
+    let store = env.empty_store("client-store");
+    let out = env
+        .cmd("nix")
+        .args(["copy", "--from", &client.url, "--to", &store])
+        .args(["--option", "trusted-public-keys", &client_key, &top])
+        .output()
+        .expect("spawn nix copy");
+    assert!(
+        out.status.success(),
+        "nix copy through the DHT-found seeder failed:\n{}\nclient log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        client.log_text()
+    );
+    for path in env.closure(&top) {
+        let name = path.trim_start_matches("/nix/store/");
+        let stored = dir.join("client-store/nix/store").join(name);
+        assert!(stored.exists(), "{path} substituted into the empty store");
+    }
+}
