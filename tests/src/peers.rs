@@ -179,8 +179,21 @@ pub struct HeliaPeer {
 impl HeliaPeer {
     /// Starts a loopback-only Helia node and waits for its addresses.
     pub fn start(peers: &Path) -> anyhow::Result<Self> {
+        Self::start_with(peers, false)
+    }
+
+    /// [`HeliaPeer::start`] with the Kademlia DHT on Kubo's LAN protocol in
+    /// server mode (commands `provide CID`, `findprovs CID SECS`).
+    pub fn start_with_lan_dht(peers: &Path) -> anyhow::Result<Self> {
+        Self::start_with(peers, true)
+    }
+
+    fn start_with(peers: &Path, lan_dht: bool) -> anyhow::Result<Self> {
         let mut cmd = Command::new("node");
         cmd.arg("peer.mjs").current_dir(peers.join("helia"));
+        if lan_dht {
+            cmd.env("HELIA_DHT", "lan");
+        }
         let (driven, hello) = Driven::start("helia", cmd)?;
         let addrs = addrs_of(&hello);
         if addrs.is_empty() {

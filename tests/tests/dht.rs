@@ -274,3 +274,86 @@ fn real_nix_substitutes_a_closure_through_a_gateway_that_found_the_seeder_on_kub
         assert!(stored.exists(), "{path} substituted into the empty store");
     }
 }
+
+#[test]
+#[cfg_attr(
+    missing_peers,
+    ignore = "needs the foreign IPFS peers: run scripts/install-peers DIR and export NIXPFS_PEERS_DIR=DIR"
+)]
+fn helia_and_nixpfs_find_each_other_on_kubos_lan_dht() {
+    let peers = e2e::peers::peers_dir();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubo = e2e::peers::KuboPeer::start(&peers, e2e::peers::KuboKey::Ed25519).expect("kubo");
+    let holder = dht_gateway(dir.path(), "holder", "server", Some(&kubo.addrs[0]));
+    let mut helia = e2e::peers::HeliaPeer::start_with_lan_dht(&peers).expect("helia");
+    helia
+        .request(&format!("dial {}", kubo.addrs[0]))
+        .expect("helia dials kubo");
+    println!(
+        "Helia {} ({}) on Kubo {}'s LAN DHT",
+        helia.version, helia.peer_id, kubo.version
+    );
+
+    // Helia finds the nixpfs holder as a provider and fetches from it.
+    let bytes = anchor_registry::testing::noise(14, 2 << 20);
+    let file = dir.path().join("ours.bin");
+    fs::write(&file, &bytes).expect("write");
+    let cid = run_ok_str(holder.cli().arg("add").arg(&file))
+        .trim()
+        .to_owned();
+    let holder_id = peer_id(&holder);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        run_ok_str(holder.cli().args(["routing", "provide", &cid]));
+        let found = helia
+            .request(&format!("findprovs {cid} 10"))
+            .expect("findprovs");
+        if found["providers"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["id"] == holder_id.as_str()))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Helia never found the holder: {found}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let got = dir.path().join("helia-got.bin");
+    let r = helia
+        .request(&format!("cat {cid} {} 60", got.display()))
+        .expect("helia cat");
+    assert_eq!(r["bytes"].as_u64(), Some(bytes.len() as u64), "{r}");
+    assert!(fs::read(&got).expect("fetched") == bytes, "bytes equal");
+
+    // nixpfs finds what Helia provided.
+    let theirs = dir.path().join("theirs.bin");
+    fs::write(&theirs, anchor_registry::testing::noise(15, 1 << 20)).expect("write");
+    let hcid = helia
+        .request(&format!("add {}", theirs.display()))
+        .expect("helia add")["cid"]
+        .as_str()
+        .expect("cid")
+        .to_owned();
+    let helia_id = helia.peer_id.clone();
+    let listing = await_provider(&holder, &hcid, &helia_id, || {
+        let _ = helia.request(&format!("provide {hcid}"));
+    });
+    println!("nixpfs routing findprovs {hcid}: {listing}");
+}
+
+#[test]
+fn an_unreachable_bootstrap_peer_is_retried_and_logged_while_the_gateway_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gone = Gateway::start(&dir.path().join("gone"), &[]).multiaddr();
+    // `gone` stopped when its handle was dropped: nobody listens there now.
+    let gw = dht_gateway(dir.path(), "gw", "client", Some(&gone));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gw.log_text().contains("configured peer unreachable") {
+        assert!(Instant::now() < deadline, "not logged:\n{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(gw.get("/nix-cache-info").0, 200, "still serving");
+    assert!(run_ok_str(gw.cli().arg("status")).starts_with("peer "));
+}
