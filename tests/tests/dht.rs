@@ -67,6 +67,13 @@ fn a_gateway_finds_and_fetches_bytes_through_the_dht_from_a_peer_it_was_never_to
     let out = dir.path().join("fetched.bin");
     run_ok_str(finder.cli().arg("fetch").arg(&cid).arg("--out").arg(&out));
     assert!(fs::read(&out).expect("fetched") == bytes, "bytes equal");
+    let status = run_ok_str(holder.cli().arg("status"));
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("dht: ") && !l.contains(" 0 keys")),
+        "{status}"
+    );
     let peers = run_ok_str(finder.cli().arg("peers"));
     assert!(peers.contains(&holder_id), "dialled the provider: {peers}");
 }

@@ -75,6 +75,9 @@ pub struct Status {
     pub anchors: Vec<AnchorStatus>,
     pub forks: usize,
     pub conflicts: usize,
+    /// The DHT's routing table and provided keys; absent when it is off.
+    #[serde(default)]
+    pub dht: Option<crate::store::ipfs::dht::DhtStats>,
     /// Reproducibility verdicts over claimed, rebuilt and multiply signed paths.
     #[serde(default)]
     pub repro: ReproCounts,
@@ -300,6 +303,7 @@ impl App {
             anchors,
             forks,
             conflicts,
+            dht: self.node.dht_stats().await,
             repro: crate::publish::stored_repro_counts(&self.publisher).await?,
             counters: self.metrics.snapshot(),
         })

@@ -544,6 +544,13 @@ fn render_status_at(s: Status, now: u64) -> String {
             ));
         }
     }
+    match &s.dht {
+        Some(dht) => out.push_str(&format!(
+            "dht: {} peers in the routing table, {} keys provided\n",
+            dht.routing_peers, dht.provided_keys
+        )),
+        None => out.push_str("dht: off\n"),
+    }
     let repro = &s.repro;
     out.push_str(&format!(
         "repro: {} paths, {} reproduced, {} differ, {} not checked\n",
@@ -753,6 +760,7 @@ mod tests {
             ],
             forks: 0,
             conflicts: 1,
+            dht: None,
             repro: ReproCounts {
                 paths: 3,
                 reproduced: 1,
@@ -770,6 +778,7 @@ mod tests {
         let text = render_status_at(typed, 60);
         let head = "peer 12D3Koo\nconnected peers: 1\npins: 2 (300 bytes), own store paths: 4\n\
             registry version: 5 (last sync never)\nforks seen: 0, conflicts: 1\n\
+            dht: off\n\
             repro: 3 paths, 1 reproduced, 1 differ, 1 not checked\n\
             anchor anchor-a: version 6, 8 entries, expires 1970-01-01 00:00:07 UTC (53 s ago), last sync accepted\n\
             anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
