@@ -213,7 +213,11 @@ pub enum NarCommand {
 }
 
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the verbosity flag.
+/// Colour codes only when stderr is a terminal (and `NO_COLOR` is unset):
+/// log files and journald get plain text.
 pub fn init_tracing(verbose: u8) {
+    use std::io::IsTerminal;
+    let ansi = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let default = match verbose {
         0 => "warn,gateway=info",
         1 => "info,gateway=debug",
@@ -224,6 +228,7 @@ pub fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
