@@ -10,7 +10,8 @@
 //! blocks spread over its providers by how fast each answers and no block
 //! is downloaded twice. A provider that says DONT_HAVE, or delivers nothing
 //! while holding wants for [`STALLED`], loses its proven status and its wants
-//! go to the others. Many wants stay in flight, and a want is re-sent when
+//! go to the others; a want nobody claimed within [`REWANT_IDLE`] goes to
+//! every peer, as before providers were told apart. Many wants stay in flight, and a want is re-sent when
 //! later blocks overtook it or it stayed unanswered (libp2p-stream silently
 //! drops an inbound stream when its one-slot channel is full). Received
 //! blocks are hashed on the blocking pool; only bytes that hash to a wanted
@@ -542,6 +543,16 @@ impl State {
             // it is young, whichever peer was asked first.
             let young = now.duration_since(w.since) < REWANT_IDLE;
             let working = working_with(true) || (young && working_with(false));
+            if candidates.is_empty() && !young {
+                // Still nobody after a while (a peer that ignores want-have
+                // or stays silent): want-block to every peer not asked yet.
+                for (peer, ps) in self.peers.iter_mut() {
+                    if ps.free() > 0 && !w.refused.contains(peer) && !w.asked.contains(peer) {
+                        ask(w, key, *peer, ps, &mut batches, now);
+                    }
+                }
+                continue;
+            }
             if candidates.is_empty() {
                 // Nobody is known to have it: want-block to one peer,
                 // want-have to the others (a HAVE makes them providers).
@@ -1224,6 +1235,20 @@ mod tests {
         let out = st.pump();
         assert_eq!(entries(&out, WantType::Block), 1);
         assert!(st.peers[&have].in_flight.contains(&key));
+    }
+
+    #[test]
+    fn a_want_nobody_claims_goes_to_every_peer_after_a_while() {
+        let (mut st, _) = state(3, 0, 1);
+        st.pump();
+        let key = cid(0).hash().to_bytes();
+        let w = st.wants.get_mut(&key).expect("want");
+        w.since = Instant::now()
+            .checked_sub(REWANT_IDLE)
+            .expect("a past instant");
+        let out = st.pump();
+        assert_eq!(entries(&out, WantType::Block), 2, "the two not asked yet");
+        assert_eq!(st.wants[&key].asked.len(), 3);
     }
 
     #[test]
