@@ -433,6 +433,24 @@ struct Want {
     since: Instant,
 }
 
+impl Want {
+    /// A new want, wanted from now on, `seq` its first place in line.
+    fn new(cid: Cid, seq: u64, waiters: Vec<oneshot::Sender<Bytes>>) -> Self {
+        let now = Instant::now();
+        Self {
+            cid,
+            waiters,
+            order: seq,
+            seq,
+            sent_at: now,
+            asked: HashSet::new(),
+            refused: HashSet::new(),
+            probed: HashSet::new(),
+            since: now,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct PeerState {
     tx: mpsc::Sender<Message>,
@@ -599,6 +617,11 @@ impl State {
                 }
             }
         }
+        self.messages(batches)
+    }
+
+    /// One message per peer with its wantlist entries.
+    fn messages(&self, batches: HashMap<PeerId, Vec<WantEntry>>) -> Outbox {
         batches
             .into_iter()
             .filter_map(|(peer, wantlist)| {
@@ -756,20 +779,7 @@ impl Bitswap {
                 Vec::new()
             } else {
                 let seq = st.next_seq();
-                st.wants.insert(
-                    key.clone(),
-                    Want {
-                        cid,
-                        waiters: vec![tx],
-                        order: seq,
-                        seq,
-                        sent_at: Instant::now(),
-                        asked: HashSet::new(),
-                        refused: HashSet::new(),
-                        probed: HashSet::new(),
-                        since: Instant::now(),
-                    },
-                );
+                st.wants.insert(key.clone(), Want::new(cid, seq, vec![tx]));
                 st.pump()
             }
         };
@@ -951,32 +961,28 @@ async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
             }
         });
     }
-    if msg.presences.iter().any(|(_, p)| *p == Presence::Have) {
-        let out = {
-            let mut st = shared.lock();
-            if let Some(ps) = st.peers.get_mut(&peer) {
-                ps.delivered_at = Some(Instant::now());
-            }
-            st.pump()
-        };
-        send_all(out).await;
-    }
+    let have = msg.presences.iter().any(|(_, p)| *p == Presence::Have);
     let dont_have: Vec<Vec<u8>> = msg
         .presences
         .iter()
         .filter(|(_, p)| *p == Presence::DontHave)
         .map(|(c, _)| c.hash().to_bytes())
         .collect();
-    if !dont_have.is_empty() {
+    if have || !dont_have.is_empty() {
         let out = {
             let mut st = shared.lock();
             if let Some(ps) = st.peers.get_mut(&peer) {
+                if have {
+                    ps.delivered_at = Some(Instant::now());
+                }
                 for k in &dont_have {
                     ps.in_flight.remove(k);
                 }
                 // It may have other DAGs, not this one: ask it again only
                 // once it delivers something.
-                ps.delivered_at = None;
+                if !dont_have.is_empty() {
+                    ps.delivered_at = None;
+                }
             }
             for k in &dont_have {
                 if let Some(w) = st.wants.get_mut(k) {
@@ -1124,20 +1130,7 @@ async fn tick_loop(shared: Arc<Shared>) {
                 }
             }
             st.next_seq = next_seq;
-            let mut msgs: Outbox = out
-                .into_iter()
-                .filter_map(|(p, wantlist)| {
-                    st.peers.get(&p).map(|ps| {
-                        (
-                            ps.tx.clone(),
-                            Message {
-                                wantlist,
-                                ..Message::default()
-                            },
-                        )
-                    })
-                })
-                .collect();
+            let mut msgs = st.messages(out);
             msgs.extend(st.pump());
             msgs
         };
@@ -1173,20 +1166,8 @@ mod tests {
         }
         for i in 0..wants {
             let seq = st.next_seq();
-            st.wants.insert(
-                cid(i).hash().to_bytes(),
-                Want {
-                    cid: cid(i),
-                    waiters: Vec::new(),
-                    order: seq,
-                    seq,
-                    sent_at: Instant::now(),
-                    asked: HashSet::new(),
-                    refused: HashSet::new(),
-                    probed: HashSet::new(),
-                    since: Instant::now(),
-                },
-            );
+            st.wants
+                .insert(cid(i).hash().to_bytes(), Want::new(cid(i), seq, Vec::new()));
         }
         (st, peers)
     }

@@ -212,11 +212,9 @@ impl Node {
             // records, and Kubo and Helia drop records without any: what we
             // listen on is what others can dial.
             for addr in &listen_addrs {
-                let bare: Multiaddr = addr
-                    .iter()
-                    .filter(|p| !matches!(p, Protocol::P2p(_)))
-                    .collect();
-                ipfs.add_external_address(bare).await.map_err(host_err)?;
+                ipfs.add_external_address(without_peer_id(addr))
+                    .await
+                    .map_err(host_err)?;
             }
         }
         tasks.push(tokio::spawn(track_peers(ipfs.clone(), bitswap.clone())));
@@ -242,11 +240,7 @@ impl Node {
         if let (Some(dht), Some(config)) = (&node.inner.dht, dht_config) {
             for addr in config.bootstrap {
                 if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-                    let bare: Multiaddr = addr
-                        .iter()
-                        .filter(|p| !matches!(p, Protocol::P2p(_)))
-                        .collect();
-                    dht.add_address(peer, bare)?;
+                    dht.add_address(peer, without_peer_id(&addr))?;
                 }
                 let task = tokio::spawn(keep_connected(node.clone(), addr));
                 node.lock_tasks().push(task);
@@ -661,6 +655,13 @@ async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap, agents: &mut Agents) {
 }
 
 /// Keeps bitswap's peer set in step with the swarm's connections.
+/// `addr` without its `/p2p/<id>` part: how the DHT stores an address.
+fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
 /// Provides every pin's root at start: provider records live in memory
 /// (libp2p-kad republishes them while the node runs).
 async fn provide_pins(node: Node) {
