@@ -1,8 +1,11 @@
-//! Keys and anchor registries for end-to-end tests, made through the CLI as a
-//! registry's root-key holder would make them.
+//! Keys, anchor registries and published anchor sets for end-to-end tests,
+//! made through the CLI as a registry's root-key holder and an anchor would
+//! make them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use anchor_registry::Mapping;
 
 use crate::{nixpfs, run_ok, run_ok_str};
 
@@ -76,4 +79,35 @@ pub fn registry(dir: &Path, anchors: &[(&str, &str, &[&Path])]) -> TestRegistry 
         file: reg,
         root_key: root_pub,
     }
+}
+
+/// As an anchor with `key` and data directory `data_dir`: pins and signs the
+/// closures of `paths` (`anchor sign --closure`), publishes the set to `out`
+/// (`anchor publish`) and returns its mappings as read back from the file.
+pub fn sign_and_publish(data_dir: &Path, key: &Path, paths: &[&str], out: &Path) -> Vec<Mapping> {
+    run_ok(
+        nixpfs()
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["anchor", "sign", "--closure"])
+            .args(paths)
+            .arg("--key")
+            .arg(key),
+    );
+    run_ok(
+        nixpfs()
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["anchor", "publish", "--key"])
+            .arg(key)
+            .arg("--out")
+            .arg(out),
+    );
+    let mut mappings = Vec::new();
+    anchor_registry::read_set(
+        std::io::BufReader::new(fs::File::open(out).expect("the published set")),
+        |m| mappings.push(m),
+    )
+    .expect("a valid set");
+    mappings
 }

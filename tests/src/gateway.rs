@@ -105,6 +105,17 @@ impl Gateway {
         }
     }
 
+    /// The counter `nixpfs_<name>` from `/metrics`; panics if absent.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("nixpfs_{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
     /// GET a path: (status, body).
     pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
         self.get_with(path, &[])

@@ -204,9 +204,8 @@ fn nixpfs_fetches_what_a_second_kubo_provides_on_the_lan_dht() {
     ignore = "needs the real Nix client and the foreign IPFS peers (.ci/run installs both)"
 )]
 fn real_nix_substitutes_a_closure_through_a_gateway_that_found_the_seeder_on_kubos_dht() {
-    use e2e::anchors::{keygen, registry};
+    use e2e::anchors::{keygen, registry, sign_and_publish};
     use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
-    use e2e::{nixpfs, run_ok};
 
     let env = NixEnv::new();
     let top = env.build("fixture.nix", FIXTURE_CLOSURE);
@@ -214,29 +213,8 @@ fn real_nix_substitutes_a_closure_through_a_gateway_that_found_the_seeder_on_kub
     let (ka, ka_pub) = keygen(dir, "anchor-a");
     // Anchor A pins and signs the closure, then publishes its set.
     let seeder = dir.join("seeder");
-    run_ok(
-        nixpfs()
-            .arg("--data-dir")
-            .arg(&seeder)
-            .args(["anchor", "sign", "--closure", &top, "--key"])
-            .arg(&ka),
-    );
     let set_a = dir.join("set-a.jsonl");
-    run_ok(
-        nixpfs()
-            .arg("--data-dir")
-            .arg(&seeder)
-            .args(["anchor", "publish", "--key"])
-            .arg(&ka)
-            .arg("--out")
-            .arg(&set_a),
-    );
-    let mut mappings = Vec::new();
-    anchor_registry::read_set(
-        std::io::BufReader::new(fs::File::open(&set_a).expect("set")),
-        |m| mappings.push(m),
-    )
-    .expect("a valid set");
+    let mappings = sign_and_publish(&seeder, &ka, &[&top], &set_a);
     let top_cid = mappings
         .iter()
         .find(|m| m.path().to_string() == top)

@@ -9,7 +9,7 @@ use std::path::Path;
 use anchor_registry::{
     Mapping, MappingData, MappingSetBuilder, NarHash, SecretKey, SetKind, StorePath,
 };
-use e2e::anchors::{keygen, registry};
+use e2e::anchors::{keygen, registry, sign_and_publish};
 use e2e::gateway::Gateway;
 use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
 use e2e::{nixpfs, run_ok, run_ok_str};
@@ -127,16 +127,6 @@ fn write_set(key: &SecretKey, mappings: &[Mapping], extra: Vec<Mapping>, out: &P
     fs::write(out, bytes).unwrap();
 }
 
-fn read_set(path: &Path) -> Vec<Mapping> {
-    let mut out = Vec::new();
-    anchor_registry::read_set(
-        std::io::BufReader::new(fs::File::open(path).unwrap()),
-        |m| out.push(m),
-    )
-    .unwrap();
-    out
-}
-
 #[test]
 #[cfg_attr(
     missing_nix,
@@ -157,24 +147,8 @@ fn anchors_policy_decides_what_a_client_gateway_serves_from_a_peer() {
 
     // Anchor A pins and signs the closure and `lonely`, then publishes.
     let seeder = dir.join("seeder");
-    run_ok(
-        nixpfs()
-            .arg("--data-dir")
-            .arg(&seeder)
-            .args(["anchor", "sign", "--closure", &top, &lonely, "--key"])
-            .arg(&ka),
-    );
     let set_a = dir.join("set-a.jsonl");
-    run_ok(
-        nixpfs()
-            .arg("--data-dir")
-            .arg(&seeder)
-            .args(["anchor", "publish", "--key"])
-            .arg(&ka)
-            .arg("--out")
-            .arg(&set_a),
-    );
-    let a_mappings = read_set(&set_a);
+    let a_mappings = sign_and_publish(&seeder, &ka, &[&top, &lonely], &set_a);
     assert_eq!(a_mappings.len(), 3);
 
     // Anchor B independently agrees on the closure, not on `lonely`, and signs

@@ -11,16 +11,6 @@ use e2e::run_ok_str;
 
 const MIB: usize = 1 << 20;
 
-fn counter(gw: &Gateway, name: &str) -> u64 {
-    let (status, body) = gw.get("/metrics");
-    assert_eq!(status, 200);
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("nixpfs_{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 /// Three gateways seeding the same file and a fourth configured with all
 /// three as peers: (seeders, fetcher, CID, bytes).
 fn swarm(dir: &std::path::Path, mib: usize) -> (Vec<Gateway>, Gateway, String, Vec<u8>) {
@@ -62,12 +52,12 @@ fn a_dag_from_three_seeders_spreads_over_them_with_almost_no_duplicate_blocks() 
     let took = started.elapsed();
     assert!(fs::read(&out).expect("fetched") == bytes, "bytes equal");
 
-    let received = counter(&fetcher, "bitswap_blocks_received");
-    let duplicates = counter(&fetcher, "bitswap_duplicate_blocks");
-    let rewants = counter(&fetcher, "bitswap_rewants");
+    let received = fetcher.metric("bitswap_blocks_received");
+    let duplicates = fetcher.metric("bitswap_duplicate_blocks");
+    let rewants = fetcher.metric("bitswap_rewants");
     let sent: Vec<u64> = seeders
         .iter()
-        .map(|s| counter(s, "bitswap_blocks_sent"))
+        .map(|s| s.metric("bitswap_blocks_sent"))
         .collect();
     println!(
         "64 MiB from 3 seeders in {took:?}: {received} blocks, {duplicates} duplicates, {rewants} re-wants, sent per seeder {sent:?}"
@@ -96,7 +86,7 @@ fn a_seeder_killed_mid_fetch_leaves_the_rest_to_finish_it() {
     // Kill the busiest seeder once the fetch is under way.
     let deadline = Instant::now() + Duration::from_secs(30);
     let at_kill = loop {
-        let got = counter(&fetcher, "bitswap_blocks_received");
+        let got = fetcher.metric("bitswap_blocks_received");
         if got >= 6 {
             break got;
         }
@@ -104,7 +94,7 @@ fn a_seeder_killed_mid_fetch_leaves_the_rest_to_finish_it() {
         std::thread::sleep(Duration::from_millis(5));
     };
     let busiest = (0..seeders.len())
-        .max_by_key(|&i| counter(&seeders[i], "bitswap_blocks_sent"))
+        .max_by_key(|&i| seeders[i].metric("bitswap_blocks_sent"))
         .expect("three seeders");
     drop(seeders.remove(busiest));
     let result = fetch.join().expect("fetch thread");

@@ -120,16 +120,6 @@ fn narinfo_status(gw: &Gateway, path: &StorePath) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-fn metric(gw: &Gateway, name: &str) -> u64 {
-    let (status, body) = gw.get("/metrics");
-    assert_eq!(status, 200);
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("nixpfs_{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 #[test]
 fn a_planted_first_registry_is_refused_and_the_real_one_still_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -168,7 +158,7 @@ fn a_planted_first_registry_is_refused_and_the_real_one_still_accepted() {
     assert!(!out.status.success(), "a planted registry must not sync");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("configured trust root"), "{stderr}");
-    assert!(metric(&gw, "registry_refused") >= 1);
+    assert!(gw.metric("registry_refused") >= 1);
     assert!(
         gw.log_text().contains("refused registry"),
         "{}",
@@ -290,7 +280,7 @@ fn an_expired_registry_serves_no_anchor_path() {
     let (status, body) = gw.get(&narinfo);
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("registry expired"));
-    assert_eq!(metric(&gw, "narinfo_registry_expired"), 1);
+    assert_eq!(gw.metric("narinfo_registry_expired"), 1);
     assert!(gw.log_text().contains("the registry expired"), "logged");
     let text = run_ok_str(gw.cli().arg("status"));
     let when = gateway_time(expires);
@@ -365,7 +355,7 @@ fn a_set_carrying_another_anchors_signatures_counts_for_neither() {
         "{out}"
     );
     assert_eq!(narinfo_status(&gw, &path).0, 404, "beta's vote not counted");
-    assert!(metric(&gw, "sync_rejected") >= 1);
+    assert!(gw.metric("sync_rejected") >= 1);
     assert!(gw.log_text().contains("refused mapping set"));
 }
 
@@ -385,7 +375,7 @@ fn a_removed_anchors_leftover_set_is_purged_and_counts_for_nothing() {
     let out = sync(&gw);
     assert!(out.contains("registry version 2"), "{out}");
     assert_eq!(narinfo_status(&gw, &path).0, 404);
-    assert_eq!(metric(&gw, "sets_purged"), 1);
+    assert_eq!(gw.metric("sets_purged"), 1);
     assert!(gw.log_text().contains("purged a stored set"));
 }
 
@@ -411,7 +401,7 @@ fn a_source_listed_for_one_anchor_cannot_install_another_anchors_set() {
         "{out}"
     );
     assert_eq!(narinfo_status(&gw, &path).0, 404);
-    assert!(metric(&gw, "sync_rejected") >= 1);
+    assert!(gw.metric("sync_rejected") >= 1);
 }
 
 #[test]
@@ -427,7 +417,7 @@ fn a_second_name_for_a_hash_part_is_a_conflict_not_a_hidden_path() {
     let (status, body) = narinfo_status(&gw, &honest);
     assert_eq!(status, 404);
     assert!(body.contains("disagree"), "{body}");
-    assert_eq!(metric(&gw, "narinfo_conflict"), 1);
+    assert_eq!(gw.metric("narinfo_conflict"), 1);
     let conflicts = run_ok_str(gw.cli().args(["conflicts", "--json"]));
     let conflicts: serde_json::Value = serde_json::from_str(&conflicts).expect("json");
     assert_eq!(conflicts[0]["evidence"].as_array().map(Vec::len), Some(2));
@@ -512,7 +502,7 @@ fn a_new_key_starts_a_new_chain_after_a_stolen_keys_huge_version() {
         body.contains(&NarHash::digest(b"the real NAR").to_string()),
         "{body}"
     );
-    assert_eq!(metric(&gw, "sets_purged"), 1);
+    assert_eq!(gw.metric("sets_purged"), 1);
 }
 
 #[test]

@@ -508,6 +508,36 @@ mod tests {
         assert!(info.sigs.iter().any(|s| s.name() == "uploader-1"));
     }
 
+    /// A fresh index and a registry of two anchors, `alpha` and `beta`.
+    struct TwoAnchors {
+        _dir: tempfile::TempDir,
+        index: Arc<Index>,
+        alpha: SecretKey,
+        beta: SecretKey,
+        registry: Registry,
+    }
+
+    fn two_anchors() -> TwoAnchors {
+        use anchor_registry::testing::{self, FAR_FUTURE};
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
+        let (alpha, beta) = (testing::key("alpha-1"), testing::key("beta-1"));
+        let registry = testing::one_root_registry(
+            [
+                testing::anchor(&alpha, "alpha", &["/srv/alpha.jsonl"]),
+                testing::anchor(&beta, "beta", &["/srv/beta.jsonl"]),
+            ],
+            FAR_FUTURE,
+        );
+        TwoAnchors {
+            _dir: dir,
+            index,
+            alpha,
+            beta,
+            registry,
+        }
+    }
+
     /// `signer`'s one-entry set of `kind` under `name`, indexed.
     fn index_set(
         index: &Index,
@@ -540,22 +570,15 @@ mod tests {
 
     #[test]
     fn nar_locations_try_counted_vouches_first_and_refuted_cids_last() {
-        use anchor_registry::testing::{self, FAR_FUTURE};
         use anchor_registry::SetKind;
-        let dir = tempfile::tempdir().unwrap();
-        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
-        let (alpha, beta, mallory) = (
-            testing::key("alpha-1"),
-            testing::key("beta-1"),
-            testing::key("mallory-1"),
-        );
-        let registry = testing::one_root_registry(
-            [
-                testing::anchor(&alpha, "alpha", &["/srv/alpha.jsonl"]),
-                testing::anchor(&beta, "beta", &["/srv/beta.jsonl"]),
-            ],
-            FAR_FUTURE,
-        );
+        let TwoAnchors {
+            _dir,
+            index,
+            alpha,
+            beta,
+            registry,
+        } = two_anchors();
+        let mallory = anchor_registry::testing::key("mallory-1");
         let path = StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-pkg").unwrap();
         let bogus = located_at(&alpha, &path, b"a CID nobody has");
         let good = located_at(&beta, &path, b"the real DAG");
@@ -612,18 +635,14 @@ mod tests {
 
     #[test]
     fn a_second_name_for_a_hash_part_blocks_the_path_as_a_conflict() {
-        use anchor_registry::testing::{self, FAR_FUTURE};
-        use anchor_registry::SetKind;
-        let dir = tempfile::tempdir().unwrap();
-        let index = Arc::new(Index::open(&dir.path().join("index.redb")).unwrap());
-        let (alpha, beta) = (testing::key("alpha-1"), testing::key("beta-1"));
-        let registry = testing::one_root_registry(
-            [
-                testing::anchor(&alpha, "alpha", &["/srv/alpha.jsonl"]),
-                testing::anchor(&beta, "beta", &["/srv/beta.jsonl"]),
-            ],
-            FAR_FUTURE,
-        );
+        use anchor_registry::{testing, SetKind};
+        let TwoAnchors {
+            _dir,
+            index,
+            alpha,
+            beta,
+            registry,
+        } = two_anchors();
         let honest = StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-pkg").unwrap();
         let renamed =
             StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-aaa-hide").unwrap();
