@@ -5,6 +5,7 @@
 //! Both sides accept exactly the canonical form: whatever `validate` accepts,
 //! `restore` then `dump` reproduces byte for byte.
 
+pub mod compression;
 mod decode;
 mod encode;
 
