@@ -7,11 +7,14 @@
 //! - `nar_locations`: NarHash → CID, size and whether the bytes were verified;
 //! - `trusted_state`: the newest set each publisher had accepted (see `sync`),
 //!   keyed by kind, name and key (a new key starts a new chain), whose
-//!   entries are kept as files beside the index (see [`sets`]).
+//!   entries are kept as files beside the index (see [`sets`]);
+//! - the upstream bridge's narinfos and cache pins (see [`upstream`]).
 
 mod sets;
+mod upstream;
 
 pub use sets::{SetTee, StagedSet};
+pub use upstream::{CachePin, UpstreamPath};
 
 use std::io::BufRead;
 use std::path::Path;
@@ -144,6 +147,7 @@ impl Index {
         txn.open_table(TRUSTED)?;
         txn.open_table(FORKS)?;
         txn.open_table(META)?;
+        upstream::create_tables(&txn)?;
         txn.commit()?;
         let states = {
             let txn = db.begin_write()?;
