@@ -63,7 +63,31 @@ pub struct Config {
     pub bootstrap: Vec<String>,
     /// The gateway's own narinfo signing key (generated on first start).
     pub signing_key_file: Option<PathBuf>,
+    /// Binary caches asked for what the index cannot answer (`[[upstreams]]`).
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Budget for pins made by `seed_fetched` and `seed` (e.g. `"50G"`):
+    /// beyond it the least recently accessed are evicted. User pins and
+    /// uploads never are. None: no budget.
+    pub cache_max_size: Option<String>,
 }
+
+/// One `[[upstreams]]` entry as the file writes it; checked by
+/// [`Config::upstreams`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of a Nix binary cache (`http://…` or `https://…`).
+    pub url: String,
+    /// Public keys (`name:base64`, as in Nix's `trusted-public-keys`) whose
+    /// narinfo signatures make a path from this upstream servable.
+    pub keys: Vec<String>,
+    /// Lower is asked first; 50 (Nix's default for HTTP caches) if absent.
+    #[serde(default)]
+    pub priority: Option<u32>,
+}
+
+/// Priority of an upstream that names none.
+pub const DEFAULT_UPSTREAM_PRIORITY: u32 = 50;
 
 impl Default for Config {
     fn default() -> Self {
@@ -87,6 +111,8 @@ impl Default for Config {
             dht_protocol: DEFAULT_PROTOCOL.to_owned(),
             bootstrap: Vec::new(),
             signing_key_file: None,
+            upstreams: Vec::new(),
+            cache_max_size: None,
         }
     }
 }
@@ -107,6 +133,18 @@ pub enum ConfigError {
     NoTrustRoot,
     #[error("invalid trust root (`registry_root_keys`, `registry_threshold`): {0}")]
     TrustRoot(RegistryError),
+    #[error("invalid key {key:?} in upstream {url}: {reason} (expected `name:base64`, as `nix-store --generate-binary-cache-key` writes it)")]
+    UpstreamKey {
+        url: String,
+        key: String,
+        reason: String,
+    },
+    #[error("upstream {url} lists no `keys`: nothing it serves could ever be trusted")]
+    UpstreamNoKeys { url: String },
+    #[error("invalid upstream url {url:?}: {reason}")]
+    UpstreamUrl { url: String, reason: String },
+    #[error("invalid `cache_max_size` {value:?}: {reason}")]
+    CacheMaxSize { value: String, reason: String },
     #[error("invalid `dht_protocol` {0:?}: a protocol name starts with `/`, e.g. \"/ipfs/kad/1.0.0\" or \"/ipfs/lan/kad/1.0.0\"")]
     DhtProtocol(String),
 }
@@ -141,7 +179,68 @@ impl Config {
             return Err(ConfigError::RequireZero(self.require));
         }
         self.dht_protocol()?;
+        self.upstreams()?;
+        self.cache_max_size()?;
         self.trust_root()
+    }
+
+    /// The `[[upstreams]]`, checked: an http(s) URL (its trailing `/`
+    /// dropped) and at least one valid key each.
+    pub fn upstreams(&self) -> Result<Vec<crate::trust::upstream::Upstream>, ConfigError> {
+        self.upstreams
+            .iter()
+            .map(|u| {
+                let url = u.url.trim_end_matches('/').to_owned();
+                let bad = |reason: &str| ConfigError::UpstreamUrl {
+                    url: u.url.clone(),
+                    reason: reason.to_owned(),
+                };
+                let rest = url
+                    .strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"))
+                    .ok_or_else(|| bad("it must start with http:// or https://"))?;
+                if rest.is_empty() || rest.starts_with('/') {
+                    return Err(bad("it names no host"));
+                }
+                if url.contains(['?', '#']) || url.chars().any(char::is_whitespace) {
+                    return Err(bad(
+                        "a query, fragment or whitespace has no place in a cache URL",
+                    ));
+                }
+                if u.keys.is_empty() {
+                    return Err(ConfigError::UpstreamNoKeys { url: u.url.clone() });
+                }
+                let keys = u
+                    .keys
+                    .iter()
+                    .map(|key| {
+                        PublicKey::parse(key).map_err(|e| ConfigError::UpstreamKey {
+                            url: u.url.clone(),
+                            key: key.clone(),
+                            reason: e.to_string(),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(crate::trust::upstream::Upstream {
+                    url,
+                    keys,
+                    priority: u.priority.unwrap_or(DEFAULT_UPSTREAM_PRIORITY),
+                })
+            })
+            .collect()
+    }
+
+    /// `cache_max_size` in bytes, if set.
+    pub fn cache_max_size(&self) -> Result<Option<u64>, ConfigError> {
+        self.cache_max_size
+            .as_deref()
+            .map(|value| {
+                crate::util::size::parse_size(value).map_err(|reason| ConfigError::CacheMaxSize {
+                    value: value.to_owned(),
+                    reason,
+                })
+            })
+            .transpose()
     }
 
     /// The DHT protocol name, checked.
@@ -257,6 +356,57 @@ mod tests {
             err.contains("registry_root_keys") || err.contains("public key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn upstreams_are_checked_naming_the_bad_key_and_its_upstream() {
+        let key = anchor_registry::testing::key("cache-1").public();
+        let config: Config = toml::from_str(&format!(
+            "cache_max_size = \"50G\"\n[[upstreams]]\nurl = \"http://127.0.0.1:1/c/\"\nkeys = [\"{key}\"]\n\n[[upstreams]]\nurl = \"https://b.example\"\nkeys = [\"{key}\"]\npriority = 10\n"
+        ))
+        .unwrap();
+        config.validate().unwrap();
+        let upstreams = config.upstreams().unwrap();
+        assert_eq!(upstreams[0].url, "http://127.0.0.1:1/c");
+        assert_eq!(upstreams[0].priority, DEFAULT_UPSTREAM_PRIORITY);
+        assert_eq!(upstreams[1].priority, 10);
+        assert_eq!(config.cache_max_size().unwrap(), Some(50 << 30));
+
+        let bad: Config = toml::from_str(
+            "[[upstreams]]\nurl = \"http://127.0.0.1:1\"\nkeys = [\"cache-1:notbase64!\"]\n",
+        )
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("cache-1:notbase64!") && err.contains("http://127.0.0.1:1"),
+            "{err}"
+        );
+        let none: Config =
+            toml::from_str("[[upstreams]]\nurl = \"http://127.0.0.1:1\"\nkeys = []\n").unwrap();
+        assert!(matches!(
+            none.validate(),
+            Err(ConfigError::UpstreamNoKeys { .. })
+        ));
+        let ftp: Config = toml::from_str(&format!(
+            "[[upstreams]]\nurl = \"ftp://x\"\nkeys = [\"{key}\"]\n"
+        ))
+        .unwrap();
+        assert!(matches!(
+            ftp.validate(),
+            Err(ConfigError::UpstreamUrl { .. })
+        ));
+        assert!(toml::from_str::<Config>(
+            "[[upstreams]]\nurl = \"http://x\"\nkeys = []\nkey = 1\n"
+        )
+        .is_err());
+        let size = Config {
+            cache_max_size: Some("lots".into()),
+            ..Config::default()
+        };
+        assert!(matches!(
+            size.validate(),
+            Err(ConfigError::CacheMaxSize { .. })
+        ));
     }
 
     #[test]

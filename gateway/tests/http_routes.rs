@@ -130,6 +130,11 @@ impl Gateway {
             }
             .to_string(),
             seed_fetched: false,
+            upstreams: Arc::new(gateway::trust::upstream::Upstreams::new(
+                Vec::new(),
+                metrics.clone(),
+            )),
+            retention: None,
         });
         let uploads = Uploads::configured(
             node.clone(),

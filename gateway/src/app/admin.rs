@@ -50,7 +50,7 @@ impl App {
             AdminRequest::CarImport { path } => {
                 json!(crate::store::car::import_file(&self.node, &path).await?)
             }
-            AdminRequest::Gc => json!(self.node.gc().await?),
+            AdminRequest::Gc => json!(self.gc().await?),
             AdminRequest::Sync => json!(self.sync().await?),
             AdminRequest::Status => json!(self.status().await?),
             AdminRequest::Conflicts => json!(self.conflicts().await?),

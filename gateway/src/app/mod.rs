@@ -42,6 +42,8 @@ pub struct App {
     /// registry is followed.
     trust_root: Option<TrustRoot>,
     metrics: Arc<Metrics>,
+    /// The configured upstream caches and their health.
+    upstreams: Arc<crate::trust::upstream::Upstreams>,
     /// When the last sync finished (unix seconds) and what it did.
     last_sync: Arc<std::sync::Mutex<Option<(u64, SyncReport)>>>,
 }
@@ -51,6 +53,16 @@ pub struct App {
 pub struct Conflict {
     pub store_path: String,
     pub evidence: Vec<Vouch>,
+}
+
+/// What `nixpfs gc` did: the cache pins it evicted to honour
+/// `cache_max_size`, and the blocks it deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcOutcome {
+    pub blocks: u64,
+    pub bytes: u64,
+    #[serde(default)]
+    pub evicted: Vec<crate::publish::retention::Evicted>,
 }
 
 /// What `nixpfs status` reports.
@@ -81,6 +93,9 @@ pub struct Status {
     /// Reproducibility verdicts over claimed, rebuilt and multiply signed paths.
     #[serde(default)]
     pub repro: ReproCounts,
+    /// Each configured upstream cache with its last error.
+    #[serde(default)]
+    pub upstreams: Vec<crate::trust::upstream::UpstreamStatus>,
     pub counters: MetricsSnapshot,
 }
 
@@ -166,6 +181,11 @@ impl App {
             catalog.set_registry(registry);
         }
         let publisher = Publisher::new(data_dir.to_owned(), node.clone(), catalog.clone());
+        let metrics = Arc::new(Metrics::default());
+        let upstreams = Arc::new(crate::trust::upstream::Upstreams::new(
+            config.upstreams()?,
+            metrics.clone(),
+        ));
         Ok(Self {
             data_dir: data_dir.to_owned(),
             config,
@@ -175,7 +195,8 @@ impl App {
             key,
             publisher,
             trust_root,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
+            upstreams,
             last_sync: Arc::default(),
         })
     }
@@ -261,6 +282,24 @@ impl App {
         Ok(report)
     }
 
+    /// Evicts cache pins beyond `cache_max_size` (least recently accessed
+    /// first), then deletes every block no pin reaches.
+    pub async fn gc(&self) -> Result<GcOutcome> {
+        let evicted = match self.config.cache_max_size()? {
+            Some(budget) => {
+                crate::publish::retention::enforce(&self.node, &self.index, budget, &self.metrics)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        let report = self.node.gc().await?;
+        Ok(GcOutcome {
+            blocks: report.blocks,
+            bytes: report.bytes,
+            evicted,
+        })
+    }
+
     /// Paths that registry anchors disagree about, with the signed evidence.
     pub async fn conflicts(&self) -> Result<Vec<Conflict>> {
         let catalog = self.catalog.clone();
@@ -305,6 +344,7 @@ impl App {
             conflicts,
             dht: self.node.dht_stats().await,
             repro: crate::publish::stored_repro_counts(&self.publisher).await?,
+            upstreams: self.upstreams.statuses(),
             counters: self.metrics.snapshot(),
         })
     }

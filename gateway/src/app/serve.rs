@@ -50,6 +50,15 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
         metrics: app.metrics.clone(),
         cache_info,
         seed_fetched: app.config.seed_fetched,
+        upstreams: app.upstreams.clone(),
+        retention: app.config.cache_max_size()?.map(|budget| {
+            Arc::new(crate::publish::retention::Retention::new(
+                app.node.clone(),
+                app.index.clone(),
+                budget,
+                app.metrics.clone(),
+            ))
+        }),
     });
     let uploads = Uploads::configured(
         app.node.clone(),

@@ -23,7 +23,6 @@ mod registry;
 use gateway::app::{Conflict, Status};
 use gateway::http::admin::{AdminRequest, FetchReply, IdReply, PeerReply, ProviderReply};
 use gateway::publish::pin::PinEntry;
-use gateway::store::ipfs::GcReport;
 use gateway::trust::sync::SyncReport;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -333,10 +332,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pins { json } => {
             node::dispatch(&cli.global, AdminRequest::Pins)?.print(json, render_pins)
         }
-        Command::Gc => node::dispatch(&cli.global, AdminRequest::Gc)?
-            .print(false, |gc: GcReport| {
-                format!("freed {} blocks, {} bytes", gc.blocks, gc.bytes)
-            }),
+        Command::Gc => node::dispatch(&cli.global, AdminRequest::Gc)?.print(
+            false,
+            |gc: gateway::app::GcOutcome| {
+                let mut out: String = gc
+                    .evicted
+                    .iter()
+                    .map(|e| format!("evicted {} ({}, {} bytes)\n", e.cid, e.nar_hash, e.dag_size))
+                    .collect();
+                out.push_str(&format!("freed {} blocks, {} bytes", gc.blocks, gc.bytes));
+                out
+            },
+        ),
         Command::Anchor(AnchorCommand::Sign {
             paths,
             closure,
@@ -561,6 +568,32 @@ fn render_status_at(s: Status, now: u64) -> String {
         "repro: {} paths, {} reproduced, {} differ, {} not checked\n",
         repro.paths, repro.reproduced, repro.differs, repro.not_checked
     ));
+    for u in &s.upstreams {
+        let health = match (&u.last_error, u.last_error_at) {
+            (Some(error), at) => format!(
+                "last error{}: {}{}",
+                at.map(|at| format!(" {}", human(at, now)))
+                    .unwrap_or_default(),
+                remote_error(error),
+                if u.backing_off {
+                    " (skipped for now)"
+                } else {
+                    ""
+                }
+            ),
+            (None, _) => "ok".to_owned(),
+        };
+        out.push_str(&format!(
+            "upstream {} (priority {}, keys {}): {health}\n",
+            remote_error(&u.url),
+            u.priority,
+            u.keys
+                .iter()
+                .map(|k| k.split(':').next().unwrap_or(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     for a in &s.anchors {
         let trusted = match (a.version, a.entries, a.expires) {
             (Some(version), Some(entries), Some(expires)) => format!(
@@ -632,24 +665,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<u64, String> {
 
 /// Parses sizes such as `10G`, `500M`, `64K` (powers of 1024) or plain bytes.
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(at) => text.split_at(at),
-        None => (text, ""),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected e.g. 10G, 500M or 1048576"))?;
-    let scale: u64 = match unit.trim_end_matches(['B', 'b', 'i']) {
-        "" => 1,
-        "K" | "k" => 1 << 10,
-        "M" | "m" => 1 << 20,
-        "G" | "g" => 1 << 30,
-        "T" | "t" => 1 << 40,
-        _ => return Err(format!("invalid size unit in {text:?}: use K, M, G or T")),
-    };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("size {text:?} is too large"))
+    gateway::util::size::parse_size(text)
 }
 
 fn key_generate(name: &str, out: &Path) -> Result<()> {
@@ -671,6 +687,7 @@ mod tests {
     use super::*;
     use gateway::app::AnchorStatus;
     use gateway::publish::ReproCounts;
+    use gateway::store::ipfs::GcReport;
     use gateway::trust::sync::Outcome;
     use gateway::util::metrics::MetricsSnapshot;
     use serde_json::json;
@@ -772,6 +789,7 @@ mod tests {
                 differs: 1,
                 not_checked: 1,
             },
+            upstreams: Vec::new(),
             counters: MetricsSnapshot {
                 nar_bytes: 42,
                 ..MetricsSnapshot::default()

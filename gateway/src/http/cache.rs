@@ -15,10 +15,12 @@ use axum::routing::get;
 use axum::Router;
 use futures::StreamExt;
 
-use crate::store::index::Index;
+use crate::publish::retention::Retention;
+use crate::store::index::{Index, NarLocation, UpstreamPath};
 use crate::store::ipfs::Node;
 use crate::store::verify::VerifiedNar;
 use crate::trust::catalog::{Catalog, Lookup};
+use crate::trust::upstream::{self, Upstreams};
 use crate::util::metrics::Metrics;
 
 /// What every handler may use.
@@ -32,6 +34,10 @@ pub struct AppState {
     pub cache_info: String,
     /// Pin NARs fetched for Nix once verified, so this node seeds them.
     pub seed_fetched: bool,
+    /// Upstream caches asked for what the index cannot answer.
+    pub upstreams: Arc<Upstreams>,
+    /// Retention of cache pins (`cache_max_size`), if a budget is set.
+    pub retention: Option<Arc<Retention>>,
 }
 
 /// The binary-cache routes.
@@ -104,6 +110,18 @@ async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -
             tokio::task::spawn_blocking(move || catalog.lookup_text(&hash)).await
         }
     };
+    let lookup = match lookup {
+        Ok(Ok(Lookup::NotFound | Lookup::RegistryExpired { .. }))
+            if !state.upstreams.is_empty() =>
+        {
+            match from_upstream(&state, hash).await {
+                Ok(Lookup::NotFound) => lookup,
+                Ok(answer) => Ok(Ok(answer)),
+                Err(e) => return internal("while asking the upstreams for a narinfo", e),
+            }
+        }
+        other => other,
+    };
     match lookup {
         Ok(Ok(Lookup::Found(text))) => {
             Metrics::inc(&state.metrics.narinfo_served);
@@ -161,16 +179,49 @@ async fn nar(
         }
     };
     let catalog = state.catalog.clone();
-    let locations =
-        match tokio::task::spawn_blocking(move || catalog.nar_locations(&nar_hash)).await {
-            Ok(Ok(locations)) if !locations.is_empty() => locations,
-            Ok(Ok(_)) => return text(StatusCode::NOT_FOUND, format!("unknown NAR {file}")),
-            Ok(Err(e)) => return internal("while looking up a NAR", e),
-            Err(e) => return internal("while looking up a NAR", e),
-        };
+    let (locations, from_upstream) = match tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::store::index::IndexError>((
+            catalog.nar_locations(&nar_hash)?,
+            upstream::nar_source(catalog.index(), &nar_hash)?,
+        ))
+    })
+    .await
+    {
+        Ok(Ok((locations, None))) if locations.is_empty() => {
+            return text(StatusCode::NOT_FOUND, format!("unknown NAR {file}"))
+        }
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return internal("while looking up a NAR", e),
+        Err(e) => return internal("while looking up a NAR", e),
+    };
     // Each candidate in turn until one delivers: a CID nobody has, or whose
     // bytes are not this NAR, does not hide the NAR behind it.
     let mut failures = Vec::new();
+    let mut locations = locations;
+    if let Some(path) = from_upstream {
+        // Bytes an upstream served are local while they are pinned (or not
+        // yet collected): serve them from here; otherwise the upstream
+        // comes before IPFS candidates, which may be slow to find.
+        let mut local = None;
+        for location in locations.iter().filter(|l| l.verified) {
+            if let Ok(cid) = location.cid.parse::<cid::Cid>() {
+                if state.node.has_all(cid).await.unwrap_or(false) {
+                    local = Some(location.clone());
+                    break;
+                }
+            }
+        }
+        match local {
+            Some(location) => locations = vec![location],
+            None => {
+                locations.retain(|l| !l.verified);
+                match serve_from_upstream(&state, path, nar_hash, &headers).await {
+                    Ok(response) => return response,
+                    Err(e) => failures.push(e),
+                }
+            }
+        }
+    }
     for location in locations {
         let cid = match location.cid.parse::<cid::Cid>() {
             Ok(cid) => cid,
@@ -193,6 +244,9 @@ async fn nar(
             }
         };
         if location.verified {
+            if let Some(retention) = &state.retention {
+                retention.touch(cid);
+            }
             return match range {
                 Some((start, end)) => serve_range(&state, &cid, start, end, size),
                 None => {
@@ -213,11 +267,51 @@ async fn nar(
                 }
             }
         }
+        if state.seed_fetched {
+            // Imported as they stream, pinned once verified: this node then
+            // seeds what it fetched.
+            let metrics = state.metrics.clone();
+            let chunks = Box::pin(state.node.cat(cid).inspect(move |c| {
+                if let Ok(c) = c {
+                    Metrics::add(&metrics.peer_bytes, c.len() as u64);
+                }
+            }));
+            let (mut body, _done) = tee_import(
+                state.clone(),
+                chunks,
+                nar_hash,
+                size,
+                refuter(&state, nar_hash, cid),
+                None,
+            );
+            match body.next().await {
+                Some(Ok(first)) => {
+                    Metrics::inc(&state.metrics.nar_served);
+                    let body = futures::stream::once(async move { Ok(first) }).chain(body);
+                    return nar_response(StatusCode::OK, size, None, Body::from_stream(body));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(nar = %nar_hash, %cid, "NAR candidate failed, trying the next: {e}");
+                    failures.push(format!("{cid}: {e}"));
+                    continue;
+                }
+                None => {
+                    failures.push(format!("{cid}: no bytes"));
+                    continue;
+                }
+            }
+        }
         // Stream them while checking NarHash, holding back the end until it
         // matches; the first chunk is awaited here so a CID that fails at
         // once falls through to the next candidate.
+        let metrics = state.metrics.clone();
+        let counted = state.node.cat(cid).inspect(move |c| {
+            if let Ok(c) = c {
+                Metrics::add(&metrics.peer_bytes, c.len() as u64);
+            }
+        });
         let mut verified = VerifiedNar::new(
-            Box::pin(state.node.cat(cid)),
+            Box::pin(counted),
             nar_hash,
             size,
             refuter(&state, nar_hash, cid),
@@ -255,6 +349,256 @@ async fn nar(
             failures.join("; ")
         ),
     )
+}
+
+/// A narinfo from the upstreams (recorded or fetched), on a blocking thread:
+/// the upstream client is blocking and bounded in time.
+async fn from_upstream(
+    state: &Arc<AppState>,
+    hash: StorePathHash,
+) -> Result<Lookup<bytes::Bytes>, String> {
+    let catalog = state.catalog.clone();
+    let upstreams = state.upstreams.clone();
+    let answer = tokio::task::spawn_blocking(move || upstream::lookup(&catalog, &upstreams, &hash))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if matches!(answer, Lookup::Found(_)) {
+        Metrics::inc(&state.metrics.upstream_narinfo_served);
+    }
+    Ok(answer)
+}
+
+/// Streams an upstream path's NAR to Nix as it downloads (see
+/// [`tee_import`]); a range of it first downloads the whole NAR, then is
+/// served from the verified local blocks. `Err` (nothing sent yet) lets the
+/// caller try IPFS candidates.
+async fn serve_from_upstream(
+    state: &Arc<AppState>,
+    path: UpstreamPath,
+    nar_hash: NarHash,
+    headers: &HeaderMap,
+) -> Result<Response, String> {
+    if !state.upstreams.available(&path) {
+        return Err(format!("upstream {} is unavailable", path.upstream));
+    }
+    let size = path.narinfo.nar_size;
+    let range = match headers.get(header::RANGE).map(|v| parse_range(v, size)) {
+        None => None,
+        Some(Ok(range)) => range,
+        Some(Err(Unsatisfiable)) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+                "requested range not satisfiable\n",
+            )
+                .into_response())
+        }
+    };
+    let url = state
+        .upstreams
+        .nar_url(&path)
+        .unwrap_or_else(|| path.upstream.clone());
+    let on_mismatch = {
+        let metrics = state.metrics.clone();
+        let upstreams = state.upstreams.clone();
+        let upstream = path.upstream.clone();
+        let url = url.clone();
+        move |err: &crate::store::verify::VerifyError| {
+            tracing::error!(nar = %nar_hash, %url, "refusing an upstream NAR: {err}");
+            Metrics::inc(&metrics.upstream_nar_refused);
+            upstreams.record_failure(&upstream, &format!("{url}: {err}"));
+        }
+    };
+    tracing::info!(nar = %nar_hash, %url, "fetching a NAR from its upstream");
+    let chunks = upstream::nar_stream(state.upstreams.clone(), path);
+    let (mut body, done) = tee_import(
+        state.clone(),
+        chunks,
+        nar_hash,
+        size,
+        on_mismatch,
+        Some(|m: &Metrics| &m.upstream_nar_fetched),
+    );
+    if let Some((start, end)) = range {
+        while let Some(chunk) = body.next().await {
+            chunk.map_err(|e| e.to_string())?;
+        }
+        let cid = done
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{url}: downloaded, but not imported"))?;
+        return Ok(serve_range(state, &cid, start, end, size));
+    }
+    let first = match body.next().await {
+        Some(Ok(first)) => first,
+        Some(Err(e)) => return Err(e.to_string()),
+        None => return Err(format!("{url}: no bytes")),
+    };
+    Metrics::inc(&state.metrics.nar_served);
+    let body = futures::stream::once(async move { Ok(first) }).chain(body);
+    Ok(nar_response(
+        StatusCode::OK,
+        size,
+        None,
+        Body::from_stream(body),
+    ))
+}
+
+/// Chunks in flight from [`tee_import`] to the response.
+const TEE_DEPTH: usize = 4;
+
+/// Sends `source` to Nix through [`VerifiedNar`] (NarHash checked, the end
+/// held back until it matches) and, in the same pass, into the block store.
+/// Once every byte matched, the NAR's CID is recorded as its verified
+/// location and, with `seed_fetched`, pinned (and provided) as a cache pin
+/// that retention may evict. A mismatch aborts the response and records,
+/// pins and seeds nothing (the unpinned blocks go at the next gc). The
+/// import goes on when Nix hangs up, so the bytes are not fetched twice.
+/// `fetched` names the counter of NARs verified this way, if any.
+/// Returns the response's chunks and the task's end: the CID when recorded.
+fn tee_import<S, E>(
+    state: Arc<AppState>,
+    source: S,
+    nar_hash: NarHash,
+    size: u64,
+    on_mismatch: impl FnOnce(&crate::store::verify::VerifyError) + Send + 'static,
+    fetched: Option<fn(&Metrics) -> &std::sync::atomic::AtomicU64>,
+) -> (
+    impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
+    tokio::task::JoinHandle<Option<cid::Cid>>,
+)
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let (body_tx, mut body_rx) =
+        tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(TEE_DEPTH);
+    let (import_tx, mut import_rx) =
+        tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(TEE_DEPTH);
+    let done = tokio::spawn(async move {
+        let import = {
+            let node = state.node.clone();
+            tokio::spawn(async move {
+                let chunks = futures::stream::poll_fn(move |cx| import_rx.poll_recv(cx));
+                node.add_chunks(chunks).await
+            })
+        };
+        let mut verified = VerifiedNar::new(source, nar_hash, size, on_mismatch);
+        let mut client = Some(body_tx);
+        // The last chunk waits until the NAR is imported and recorded: once
+        // Nix has the whole NAR, this gateway has it too.
+        let mut last: Option<bytes::Bytes> = None;
+        while let Some(item) = verified.next().await {
+            match item {
+                Ok(chunk) => {
+                    if import_tx.send(Ok(chunk.clone())).await.is_err() {
+                        abort_client(client.take(), "the import of this NAR stopped").await;
+                        return None;
+                    }
+                    if let Some(previous) = last.replace(chunk) {
+                        to_client(&mut client, previous).await;
+                    }
+                }
+                Err(e) => {
+                    let _ = import_tx
+                        .send(Err(std::io::Error::other(e.to_string())))
+                        .await;
+                    abort_client(client.take(), &e.to_string()).await;
+                    return None;
+                }
+            }
+        }
+        drop(import_tx);
+        let imported = match import.await {
+            Ok(Ok(imported)) if imported.size == size => imported,
+            Ok(Ok(imported)) => {
+                tracing::error!(nar = %nar_hash, "imported {} bytes of a {size}-byte NAR", imported.size);
+                abort_client(client.take(), "the import of this NAR failed").await;
+                return None;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(nar = %nar_hash, "cannot import a verified NAR: {e}");
+                abort_client(client.take(), "the import of this NAR failed").await;
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(nar = %nar_hash, "the import of a verified NAR failed: {e}");
+                abort_client(client.take(), "the import of this NAR failed").await;
+                return None;
+            }
+        };
+        let cid = imported.cid;
+        tracing::debug!(nar = %nar_hash, %cid, "NAR verified and imported");
+        if let Some(counter) = fetched {
+            Metrics::inc(counter(&state.metrics));
+        }
+        let index = state.index.clone();
+        let location = NarLocation {
+            cid: cid.to_string(),
+            nar_size: size,
+            verified: true,
+        };
+        match tokio::task::spawn_blocking(move || index.put_nar_location(&nar_hash, &location))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(nar = %nar_hash, %cid, "cannot record a verified NAR: {e}")
+            }
+            Err(e) => tracing::error!(nar = %nar_hash, %cid, "cannot record a verified NAR: {e}"),
+        }
+        if let Some(last) = last {
+            to_client(&mut client, last).await;
+        }
+        drop(client);
+        if state.seed_fetched {
+            seed(&state, cid, nar_hash).await;
+        }
+        Some(cid)
+    });
+    (
+        futures::stream::poll_fn(move |cx| body_rx.poll_recv(cx)),
+        done,
+    )
+}
+
+type ClientTx = tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>;
+
+/// Sends a chunk to Nix; once Nix hung up, nothing more is sent.
+async fn to_client(client: &mut Option<ClientTx>, chunk: bytes::Bytes) {
+    if let Some(tx) = client {
+        if tx.send(Ok(chunk)).await.is_err() {
+            *client = None;
+        }
+    }
+}
+
+/// Ends the response with an error: the body is cut short.
+async fn abort_client(client: Option<ClientTx>, reason: &str) {
+    if let Some(tx) = client {
+        let _ = tx.send(Err(std::io::Error::other(reason.to_owned()))).await;
+    }
+}
+
+/// Pins a NAR this gateway fetched and verified, so it seeds it (the pin
+/// provides it on the DHT when that runs), as a cache pin within the
+/// retention budget.
+async fn seed(state: &AppState, cid: cid::Cid, nar_hash: NarHash) {
+    let pin = match state.node.pin(cid).await {
+        Ok(pin) => pin,
+        Err(e) => {
+            tracing::error!(nar = %nar_hash, %cid, "cannot pin a fetched NAR: {e}");
+            return;
+        }
+    };
+    Metrics::inc(&state.metrics.seeded_fetched);
+    tracing::info!(nar = %nar_hash, %cid, "fetched NAR pinned and seeded");
+    if let Some(retention) = &state.retention {
+        retention.admit(pin, nar_hash).await;
+    } else {
+        crate::publish::retention::record(&state.index, pin, nar_hash).await;
+    }
 }
 
 /// What to do when a CID's bytes are not the NAR: log, count, and try that

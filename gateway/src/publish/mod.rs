@@ -8,6 +8,7 @@ mod claims;
 pub mod pin;
 mod rebuild;
 mod repro;
+pub mod retention;
 pub mod seed;
 
 use std::collections::BTreeMap;

@@ -144,6 +144,10 @@ impl Pinner {
         }
         for cid in cids {
             out.push(PinEntry::of(&self.node.pin(cid).await?));
+            // The user's pin now: retention never evicts it.
+            let index = self.catalog.index().clone();
+            tokio::task::spawn_blocking(move || index.remove_cache_pin(&cid.to_string(), false))
+                .await??;
         }
         Ok(out)
     }

@@ -18,6 +18,7 @@ pub struct Candidate {
     pub store_path: String,
     pub cid: String,
     pub nar_size: u64,
+    pub nar_hash: anchor_registry::NarHash,
 }
 
 /// Every distinct NAR (by NarHash) in the trusted anchor sets, the newest
@@ -40,6 +41,7 @@ pub fn candidates(index: &Index, anchors: &[String]) -> Result<Vec<Candidate>, I
                     store_path: data.path.to_string(),
                     cid: data.cid.to_string(),
                     nar_size: data.nar_size,
+                    nar_hash: data.nar_hash,
                 });
             }
         }
@@ -72,7 +74,8 @@ pub async fn seed(
     max_size: Option<u64>,
 ) -> Result<Vec<PinEntry>> {
     let wanted = anchors.to_vec();
-    let all = tokio::task::spawn_blocking(move || candidates(&index, &wanted)).await??;
+    let idx = index.clone();
+    let all = tokio::task::spawn_blocking(move || candidates(&idx, &wanted)).await??;
     if !anchors.is_empty() && all.is_empty() {
         bail!(
             "no synced mappings from {}: run `nixpfs anchors sync` first",
@@ -87,6 +90,8 @@ pub async fn seed(
             .with_context(|| {
                 format!("while seeding {} ({})", candidate.store_path, candidate.cid)
             })?;
+        // A cache pin: retention (`cache_max_size`) may evict it.
+        crate::publish::retention::record(&index, pin, candidate.nar_hash).await;
         pinned.push(PinEntry {
             cid: pin.cid.to_string(),
             size: pin.size,
@@ -105,6 +110,7 @@ mod tests {
             store_path: format!("/nix/store/{n}"),
             cid: String::new(),
             nar_size,
+            nar_hash: anchor_registry::NarHash::digest(&[n]),
         }
     }
 

@@ -219,6 +219,65 @@ impl Catalog {
         }
     }
 
+    /// The narinfo to serve for a path an upstream cache vouches for, if the
+    /// policy holds. The upstream counts as one distinct key (`upstream_keys`,
+    /// the keys whose `sigs` verified) beside the registry anchors that agree
+    /// on the same fingerprint: with `require = 1` it suffices, with
+    /// `require = k` it needs k − 1 agreeing anchors. An anchor that signed
+    /// another fingerprint, or a conflict among anchors, blocks the path.
+    pub fn serve_upstream(
+        &self,
+        upstream: &crate::store::index::UpstreamPath,
+        sigs: Vec<anchor_registry::Signature>,
+        upstream_keys: &[anchor_registry::PublicKey],
+    ) -> Result<Lookup<Bytes>, IndexError> {
+        if sigs.is_empty() || upstream_keys.is_empty() {
+            return Ok(Lookup::NotFound);
+        }
+        let hash = upstream.narinfo.store_path.hash();
+        let now = crate::util::time::unix_now();
+        let decision = if self.registry_expired(now).is_some() {
+            None
+        } else {
+            self.decide_unexpired(hash, now)?
+        };
+        let agreeing = match decision {
+            Some(Decision::Conflict { .. }) => return Ok(Lookup::Conflict),
+            Some(Decision::Serve { agreeing, .. } | Decision::NotEnough { agreeing, .. }) => {
+                agreeing
+            }
+            None => Vec::new(),
+        };
+        let fingerprint = upstream.narinfo.fingerprint();
+        if agreeing
+            .iter()
+            .any(|v| v.mapping.fingerprint() != fingerprint)
+        {
+            return Ok(Lookup::Conflict);
+        }
+        let upstream_is_new = !agreeing.iter().any(|v| upstream_keys.contains(&v.key));
+        let votes = agreeing.len() as u64 + u64::from(upstream_is_new);
+        let require = self
+            .trust
+            .read()
+            .map(|t| t.policy.require())
+            .unwrap_or(u64::MAX);
+        if votes < require {
+            return Ok(Lookup::NotFound);
+        }
+        let mut narinfo = upstream.narinfo.clone();
+        narinfo.sigs = sigs;
+        for vouch in &agreeing {
+            let sig = vouch.mapping.signature();
+            if !narinfo.sigs.iter().any(|s| s.name() == sig.name()) {
+                narinfo.sigs.push(sig.clone());
+            }
+        }
+        Ok(Lookup::Found(Bytes::from(
+            self.present(narinfo).to_string(),
+        )))
+    }
+
     fn lock_own(&self) -> std::sync::MutexGuard<'_, OwnCache> {
         self.own.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -66,6 +66,29 @@ counters! {
     /// Stored anchor sets dropped because the registry no longer lists their
     /// owner under the key that signed them (removed, renamed, re-keyed).
     sets_purged,
+    /// narinfo requests answered from an upstream cache's signed narinfo.
+    upstream_narinfo_served,
+    /// Upstream narinfos refused: no signature verified under that
+    /// upstream's configured keys.
+    upstream_bad_signature,
+    /// Upstream requests that failed (transport, timeout, HTTP 5xx, a bad
+    /// narinfo or NAR URL).
+    upstream_errors,
+    /// NARs downloaded from an upstream, verified and imported.
+    upstream_nar_fetched,
+    /// Upstream NAR downloads refused: NarHash, NarSize, FileHash or
+    /// FileSize did not match, or the file did not decompress.
+    upstream_nar_refused,
+    /// Uncompressed NAR bytes that came from upstream caches.
+    upstream_bytes,
+    /// NAR bytes fetched over IPFS for Nix on a first fetch (from peers or
+    /// blocks not yet verified whole).
+    peer_bytes,
+    /// NARs pinned because `seed_fetched` is on.
+    seeded_fetched,
+    /// Cache pins (`seed_fetched`, `seed`) evicted to stay within
+    /// `cache_max_size`.
+    cache_evictions,
 }
 
 impl Metrics {

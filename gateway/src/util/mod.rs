@@ -4,6 +4,7 @@
 pub mod fs;
 pub mod keys;
 pub mod metrics;
+pub mod size;
 pub mod text;
 pub mod time;
 pub mod when;

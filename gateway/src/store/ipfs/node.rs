@@ -344,6 +344,16 @@ impl Node {
         dag::import(reader, &self.inner.store).await
     }
 
+    /// [`add`](Self::add) for a stream of byte chunks; chunks of exactly
+    /// [`dag::CHUNK_SIZE`] are stored without a copy.
+    pub async fn add_chunks<S>(&self, chunks: S) -> Result<Imported, IpfsError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        let _guard = self.inner.gc_lock.read().await;
+        dag::import_chunks(chunks, &self.inner.store).await
+    }
+
     /// Imports and pins in one step; GC cannot run in between.
     pub async fn add_and_pin<R: AsyncRead + Unpin>(&self, reader: R) -> Result<Pin, IpfsError> {
         let _guard = self.inner.gc_lock.read().await;
