@@ -28,6 +28,7 @@ fn peers_installed() -> bool {
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(missing_nix)");
     println!("cargo::rustc-check-cfg=cfg(missing_peers)");
+    println!("cargo::rustc-check-cfg=cfg(missing_nginx)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=NIXPFS_PEERS_DIR");
     println!("cargo::rerun-if-env-changed=CI");
@@ -38,6 +39,10 @@ fn main() {
     if !on_path("nix-store") {
         println!("cargo::rustc-cfg=missing_nix");
         println!("cargo::warning=nix-store not on PATH: the end-to-end tests that need real Nix are ignored");
+    }
+    if !on_path("nginx") && !Path::new("/usr/sbin/nginx").is_file() {
+        println!("cargo::rustc-cfg=missing_nginx");
+        println!("cargo::warning=nginx not installed: the upstream-bridge tests are ignored");
     }
     if !peers_installed() {
         println!("cargo::rustc-cfg=missing_peers");

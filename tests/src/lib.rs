@@ -4,6 +4,7 @@
 
 pub mod anchors;
 pub mod gateway;
+pub mod nginx;
 pub mod nix;
 pub mod peers;
 

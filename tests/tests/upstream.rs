@@ -1,0 +1,452 @@
+//! The upstream bridge as a user sees it: real nginx serving binary caches
+//! that `nix copy --to file://…` wrote (xz, zstd, none), signed with a key U
+//! made by `nix-store --generate-binary-cache-key`; a gateway that lists
+//! the upstream with `keys = [U]`; real Nix trusting only U substituting
+//! through the gateway. And what must not pass: NAR bytes altered on the
+//! upstream, narinfos whose signature does not verify under U, and an
+//! upstream that went away.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anchor_registry::{NarInfo, PublicKey, StorePath};
+use e2e::gateway::Gateway;
+use e2e::nginx::Nginx;
+use e2e::nix::NixEnv;
+use e2e::{run_ok, run_ok_str};
+
+/// A closure of three paths: a top that references a small dep and a NAR of
+/// 52 MiB of random bytes (each 64 KiB repeated 16 times, so that xz
+/// compresses it in seconds, yet every 1 MiB leaf is distinct).
+const CLOSURE: &str = r#"{ nonce }:
+let
+  sys = builtins.currentSystem;
+  dep = builtins.derivation {
+    name = "upstream-dep"; system = sys; builder = "/bin/sh";
+    args = [ "-c" "echo dep-${nonce} > $out" ];
+  };
+  big = builtins.derivation {
+    name = "upstream-big"; system = sys; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "set -e; for i in $(seq 52); do head -c 65536 /dev/urandom > blk; for j in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do cat blk; done; done > $out; echo ${nonce} >> $out" ];
+  };
+in builtins.derivation {
+  name = "upstream-top"; system = sys; builder = "/bin/sh";
+  inherit dep big;
+  args = [ "-c" "echo $dep $big > $out" ];
+}
+"#;
+
+/// A small closure: a top referencing a dep.
+const SMALL: &str = r#"{ nonce }:
+let
+  sys = builtins.currentSystem;
+  dep = builtins.derivation {
+    name = "small-dep"; system = sys; builder = "/bin/sh";
+    args = [ "-c" "echo small-dep-content-${nonce} > $out" ];
+  };
+in builtins.derivation {
+  name = "small-top"; system = sys; builder = "/bin/sh";
+  inherit dep;
+  args = [ "-c" "echo top-${nonce} $dep > $out" ];
+}
+"#;
+
+fn write_config(data_dir: &Path, body: &str) {
+    fs::create_dir_all(data_dir).unwrap();
+    fs::write(data_dir.join("config.toml"), body).unwrap();
+}
+
+fn upstream_config(url: &str, key: &str, extra: &str) -> String {
+    format!("{extra}\n[[upstreams]]\nurl = \"{url}\"\nkeys = [\"{key}\"]\n")
+}
+
+/// `nix copy --to 'file://DIR?compression=C&secret-key=SK' PATH`.
+fn copy_to_file_cache(env: &NixEnv, dir: &Path, compression: &str, sk: &Path, path: &str) {
+    run_ok(env.cmd("nix").args([
+        "copy",
+        "--to",
+        &format!(
+            "file://{}?compression={compression}&secret-key={}",
+            dir.display(),
+            sk.display()
+        ),
+        path,
+    ]));
+}
+
+fn substitute(env: &NixEnv, url: &str, key: &str, store: &str, path: &str) -> std::process::Output {
+    env.cmd("nix")
+        .args([
+            "copy",
+            "--from",
+            url,
+            "--to",
+            store,
+            "--option",
+            "trusted-public-keys",
+            key,
+            "--option",
+            "download-attempts",
+            "1",
+            path,
+        ])
+        .output()
+        .expect("spawn nix copy")
+}
+
+fn assert_ok(out: &std::process::Output, what: &str, gw: &Gateway) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+}
+
+fn hash_part(path: &str) -> String {
+    StorePath::parse(path).unwrap().hash().to_string()
+}
+
+fn narinfo(gw: &Gateway, path: &str) -> NarInfo {
+    let (status, body) = gw.get(&format!("/{}.narinfo", hash_part(path)));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    NarInfo::parse(&String::from_utf8(body).unwrap()).unwrap()
+}
+
+/// Pins listed by `nixpfs pins`.
+fn pins(gw: &Gateway) -> Vec<String> {
+    run_ok_str(gw.cli().arg("pins"))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A GET whose body may break off: (status, bytes received, whether the
+/// body ended cleanly).
+fn get_raw(url: &str) -> (u16, usize, bool) {
+    let resp = match ureq::get(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {url}: {e}"),
+    };
+    let status = resp.status();
+    let mut body = Vec::new();
+    let clean = std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).is_ok();
+    (status, body.len(), clean)
+}
+
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_nginx),
+    ignore = "needs the real Nix client and nginx; .ci/run installs nix-bin and nginx"
+)]
+fn real_nix_substitutes_an_upstream_closure_through_the_gateway() {
+    let env = NixEnv::new();
+    let top = env.build("closure.nix", CLOSURE);
+    let closure = env.closure(&top);
+    assert_eq!(closure.len(), 3, "{closure:?}");
+    let big = closure
+        .iter()
+        .find(|p| p.ends_with("-upstream-big"))
+        .unwrap()
+        .clone();
+    let (sk, u) = env.nix_keypair("upstream-u-1");
+    let www = env.path().join("www");
+    copy_to_file_cache(&env, &www.join("xz"), "xz", &sk, &top);
+    copy_to_file_cache(&env, &www.join("zstd"), "zstd", &sk, &top);
+    let nginx = Nginx::start(&www, &env.path().join("nginx"));
+
+    // Gateway A: the xz cache upstream, seeding what it fetches.
+    let a_dir = env.path().join("a");
+    write_config(
+        &a_dir,
+        &upstream_config(&nginx.url("xz"), &u, "seed_fetched = true"),
+    );
+    let a = Gateway::start(&a_dir, &[]);
+
+    let store = env.empty_store("via-a");
+    let started = Instant::now();
+    let out = substitute(&env, &a.url, &u, &store, &top);
+    assert_ok(&out, "nix copy through the upstream bridge", &a);
+    let through_a = started.elapsed();
+    for path in &closure {
+        run_ok(
+            env.cmd("nix-store")
+                .args(["--store", &store, "--verify-path", path]),
+        );
+    }
+    let copied = run_ok_str(env.cmd("nix-store").args(["--store", &store, "-qR", &top]));
+    assert_eq!(copied.lines().count(), 3, "{copied}");
+
+    // What A serves: U's signature passed through, our URL, uncompressed,
+    // NarHash and NarSize as the upstream signed them.
+    let upstream_key = PublicKey::parse(&u).unwrap();
+    let (_, _, gateway_key) = a.id();
+    let info = narinfo(&a, &big);
+    assert!(
+        info.verify(&upstream_key),
+        "U's signature is passed through"
+    );
+    assert!(info.verify(&PublicKey::parse(&gateway_key).unwrap()));
+    assert_eq!(info.compression.as_deref(), Some("none"));
+    assert_eq!(info.url, format!("nar/{}.nar", info.nar_hash.to_nix32()));
+    assert!(info.nar_size >= 50 << 20, "a NAR of at least 50 MiB");
+    let upstream_info = NarInfo::parse(
+        &fs::read_to_string(www.join(format!("xz/{}.narinfo", hash_part(&big)))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (info.nar_hash, info.nar_size),
+        (upstream_info.nar_hash, upstream_info.nar_size)
+    );
+
+    // Fetched, verified, imported and (seed_fetched) pinned: three NARs.
+    assert!(a.metric("upstream_narinfo_served") >= 3);
+    assert_eq!(a.metric("upstream_nar_fetched"), 3);
+    assert_eq!(a.metric("seeded_fetched"), 3);
+    assert_eq!(a.metric("upstream_nar_refused"), 0);
+    assert!(a.metric("upstream_bytes") >= info.nar_size);
+    assert_eq!(pins(&a).len(), 3, "{:?}", pins(&a));
+
+    // A second empty store: served from A's pins, the upstream not asked
+    // for NARs again.
+    let nar_requests = |nginx: &Nginx| nginx.access_log().matches("GET /xz/nar/").count();
+    let before = nar_requests(&nginx);
+    let store2 = env.empty_store("via-a-again");
+    let out = substitute(&env, &a.url, &u, &store2, &top);
+    assert_ok(&out, "nix copy of pinned upstream paths", &a);
+    assert_eq!(nar_requests(&nginx), before, "NARs came from A's blocks");
+    assert_eq!(a.metric("upstream_nar_fetched"), 3);
+
+    // Baseline: Nix straight from nginx.
+    let direct = env.empty_store("direct");
+    let started = Instant::now();
+    let out = substitute(&env, &nginx.url("xz"), &u, &direct, &top);
+    assert_ok(&out, "nix copy straight from nginx", &a);
+    let straight = started.elapsed();
+    eprintln!(
+        "nix copy of a 52 MiB closure (xz): through A cold {through_a:?}, straight from nginx {straight:?}"
+    );
+
+    // Gateway Z: the zstd cache. The NAR starts streaming before it is
+    // downloaded whole: the first byte arrives long before the last.
+    let z_dir = env.path().join("z");
+    write_config(&z_dir, &upstream_config(&nginx.url("zstd"), &u, ""));
+    let z = Gateway::start(&z_dir, &[]);
+    let info = narinfo(&z, &big);
+    let started = Instant::now();
+    let resp = ureq::get(&format!("{}/{}", z.url, info.url))
+        .call()
+        .unwrap();
+    let mut reader = resp.into_reader();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut reader, &mut first).unwrap();
+    let ttfb = started.elapsed();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut rest).unwrap();
+    let total = started.elapsed();
+    assert_eq!(rest.len() as u64 + 1, info.nar_size);
+    eprintln!(
+        "zstd NAR through Z: first byte after {ttfb:?}, all {} bytes after {total:?}",
+        info.nar_size
+    );
+    assert!(
+        ttfb < total / 2,
+        "first byte {ttfb:?} vs whole NAR {total:?}"
+    );
+    let store3 = env.empty_store("via-z");
+    let out = substitute(&env, &z.url, &u, &store3, &top);
+    assert_ok(&out, "nix copy through the zstd upstream", &z);
+    assert_eq!(z.metric("seeded_fetched"), 0, "seed_fetched is off on Z");
+    assert!(pins(&z).is_empty());
+}
+
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_nginx),
+    ignore = "needs the real Nix client and nginx; .ci/run installs nix-bin and nginx"
+)]
+fn altered_bytes_bad_signatures_and_a_dead_upstream_never_reach_nix() {
+    let env = NixEnv::new();
+    let top = env.build("small.nix", SMALL);
+    let other = env.build(
+        "other.nix",
+        r#"{ nonce }: builtins.derivation { name = "never-fetched"; system = builtins.currentSystem;
+             builder = "/bin/sh"; args = [ "-c" "echo ${nonce} > $out" ]; }"#,
+    );
+    let closure = env.closure(&top);
+    let dep = closure
+        .iter()
+        .find(|p| p.ends_with("-small-dep"))
+        .unwrap()
+        .clone();
+    let (sk, u) = env.nix_keypair("upstream-u-1");
+    let wrong_dir = env.path().join("wrong-key");
+    fs::create_dir_all(&wrong_dir).unwrap();
+    // Another key under U's name: its signatures name U but do not verify.
+    let (wrong_sk, _) = {
+        let sk = wrong_dir.join("sk");
+        let pk = wrong_dir.join("pk");
+        run_ok(
+            env.cmd("nix-store")
+                .args(["--generate-binary-cache-key", "upstream-u-1"])
+                .arg(&sk)
+                .arg(&pk),
+        );
+        (sk, pk)
+    };
+    let www = env.path().join("www");
+    for path in [&top, &other] {
+        copy_to_file_cache(&env, &www.join("plain"), "none", &sk, path);
+        copy_to_file_cache(&env, &www.join("tampered"), "none", &sk, path);
+        copy_to_file_cache(&env, &www.join("xz-tampered"), "xz", &sk, path);
+        copy_to_file_cache(&env, &www.join("wrongsig"), "none", &wrong_sk, path);
+    }
+    // One byte of the dep's NAR flipped; FileHash and FileSize (not
+    // signed) dropped, so only NarHash can catch it.
+    let dep_narinfo = www.join(format!("tampered/{}.narinfo", hash_part(&dep)));
+    let text = fs::read_to_string(&dep_narinfo).unwrap();
+    let url = NarInfo::parse(&text).unwrap().url;
+    let nar = www.join("tampered").join(&url);
+    let mut bytes = fs::read(&nar).unwrap();
+    let at = bytes
+        .windows(17)
+        .position(|w| w == b"small-dep-content")
+        .unwrap();
+    bytes[at] ^= 1;
+    fs::write(&nar, bytes).unwrap();
+    let stripped: String = text
+        .lines()
+        .filter(|l| !l.starts_with("FileHash:") && !l.starts_with("FileSize:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(&dep_narinfo, stripped).unwrap();
+    // The same in the xz cache, inside the compressed file: FileHash
+    // catches it (or the xz check does).
+    let xz_info = NarInfo::parse(
+        &fs::read_to_string(www.join(format!("xz-tampered/{}.narinfo", hash_part(&dep)))).unwrap(),
+    )
+    .unwrap();
+    let xz_nar = www.join("xz-tampered").join(&xz_info.url);
+    let mut bytes = fs::read(&xz_nar).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    fs::write(&xz_nar, bytes).unwrap();
+
+    let mut nginx = Nginx::start(&www, &env.path().join("nginx"));
+
+    // Altered NAR bytes: the response is cut short, nothing is pinned,
+    // the refusal is counted, and Nix does not get the path.
+    for (name, cache) in [("t", "tampered"), ("x", "xz-tampered")] {
+        let dir = env.path().join(name);
+        write_config(
+            &dir,
+            &upstream_config(&nginx.url(cache), &u, "seed_fetched = true"),
+        );
+        let gw = Gateway::start(&dir, &[]);
+        let info = narinfo(&gw, &dep);
+        let (status, received, clean) = get_raw(&format!("{}/{}", gw.url, info.url));
+        assert!(
+            status != 200 || !clean || (received as u64) < info.nar_size,
+            "{cache}: a complete body of altered bytes was sent ({status}, {received} bytes)"
+        );
+        assert!(gw.metric("upstream_nar_refused") >= 1, "{cache}");
+        let store = env.empty_store(&format!("{name}-store"));
+        let out = substitute(&env, &gw.url, &u, &store, &top);
+        assert!(!out.status.success(), "{cache}: altered NAR accepted");
+        let valid = env
+            .cmd("nix-store")
+            .args(["--store", &store, "--check-validity", &dep])
+            .output()
+            .unwrap();
+        assert!(
+            !valid.status.success(),
+            "{cache}: altered path became valid"
+        );
+        assert!(pins(&gw).is_empty(), "{cache}: {:?}", pins(&gw));
+        assert_eq!(gw.metric("seeded_fetched"), 0);
+        assert!(
+            gw.log_text().contains(&format!(
+                "{}/{}",
+                nginx.url(cache),
+                info_url(&www, cache, &dep)
+            )),
+            "{cache}: the refusal is logged with the URL:\n{}",
+            gw.log_text()
+        );
+    }
+
+    // A narinfo whose signature names U but does not verify: 404.
+    let w_dir = env.path().join("w");
+    write_config(&w_dir, &upstream_config(&nginx.url("wrongsig"), &u, ""));
+    let w = Gateway::start(&w_dir, &[]);
+    let (status, _) = w.get(&format!("/{}.narinfo", hash_part(&top)));
+    assert_eq!(status, 404);
+    assert_eq!(w.metric("upstream_bad_signature"), 1);
+    let status_json = run_ok_str(w.cli().args(["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_str(&status_json).unwrap();
+    let last_error = status["upstreams"][0]["last_error"].as_str().unwrap_or("");
+    assert!(
+        last_error.contains("no signature verifies"),
+        "{status_json}"
+    );
+    // Asked again: the negative cache answers, the upstream is not asked.
+    let asked = nginx.access_log().matches("GET /wrongsig/").count();
+    let (status, _) = w.get(&format!("/{}.narinfo", hash_part(&top)));
+    assert_eq!(status, 404);
+    assert_eq!(nginx.access_log().matches("GET /wrongsig/").count(), asked);
+
+    // A working upstream, then nginx stopped: what G fetched is still
+    // served, and misses are 404 within 5 s.
+    let g_dir = env.path().join("g");
+    write_config(
+        &g_dir,
+        &upstream_config(&nginx.url("plain"), &u, "seed_fetched = true"),
+    );
+    let g = Gateway::start(&g_dir, &[]);
+    let store = env.empty_store("g-store");
+    let out = substitute(&env, &g.url, &u, &store, &top);
+    assert_ok(&out, "nix copy through G", &g);
+    nginx.stop();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, _) = g.get(&format!("/{}.narinfo", hash_part(&other)));
+        assert_eq!(status, 404);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a miss with the upstream down took {:?}",
+            started.elapsed()
+        );
+    }
+    let info = narinfo(&g, &top);
+    let (status, body) = g.get(&format!("/{}", info.url));
+    assert_eq!(
+        (status, body.len() as u64),
+        (200, info.nar_size),
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        g.log_text()
+    );
+    let store = env.empty_store("g-store-after");
+    let out = substitute(&env, &g.url, &u, &store, &top);
+    assert_ok(&out, "nix copy through G with the upstream down", &g);
+    let status_json = run_ok_str(g.cli().args(["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_str(&status_json).unwrap();
+    let last_error = status["upstreams"][0]["last_error"].as_str().unwrap_or("");
+    assert!(
+        last_error.contains(&nginx.url("plain")),
+        "status names the failing URL: {status_json}"
+    );
+    let text = run_ok_str(g.cli().arg("status"));
+    assert!(text.contains("upstream http://127.0.0.1:"), "{text}");
+}
+
+/// The `URL:` an upstream cache's narinfo gives for `path`.
+fn info_url(www: &Path, cache: &str, path: &str) -> String {
+    NarInfo::parse(
+        &fs::read_to_string(www.join(format!("{cache}/{}.narinfo", hash_part(path)))).unwrap(),
+    )
+    .unwrap()
+    .url
+}
