@@ -450,3 +450,112 @@ fn info_url(www: &Path, cache: &str, path: &str) -> String {
     .unwrap()
     .url
 }
+
+/// A store path of `mib` MiB of random bytes (distinct per call).
+fn random_path(env: &NixEnv, name: &str, mib: u32) -> String {
+    env.build(
+        &format!("{name}.nix"),
+        &format!(
+            r#"{{ nonce }}: builtins.derivation {{ name = "{name}"; system = builtins.currentSystem;
+                 builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+                 args = [ "-c" "head -c {} /dev/urandom > $out; echo ${{nonce}} >> $out" ]; }}"#,
+            u64::from(mib) << 20
+        ),
+    )
+}
+
+/// Waits until `cond` holds, for at most 10 s.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_nginx),
+    ignore = "needs the real Nix client and nginx; .ci/run installs nix-bin and nginx"
+)]
+fn cache_pins_beyond_cache_max_size_are_evicted_least_recently_used_first() {
+    let env = NixEnv::new();
+    let paths: Vec<String> = (1..=3)
+        .map(|i| random_path(&env, &format!("cached-{i}"), 3))
+        .collect();
+    let own = random_path(&env, "own-pin", 3);
+    let (sk, u) = env.nix_keypair("upstream-u-1");
+    let www = env.path().join("www");
+    for path in &paths {
+        copy_to_file_cache(&env, &www.join("plain"), "none", &sk, path);
+    }
+    let nginx = Nginx::start(&www, &env.path().join("nginx"));
+    let nar_gets = |path: &str| {
+        let url = info_url(&www, "plain", path);
+        nginx
+            .access_log()
+            .matches(&format!("GET /plain/{url}"))
+            .count()
+    };
+
+    // Room for two and a half NARs of 3 MiB.
+    let dir = env.path().join("r");
+    let config = |budget: u64| {
+        upstream_config(
+            &nginx.url("plain"),
+            &u,
+            &format!("seed_fetched = true\ncache_max_size = \"{budget}\""),
+        )
+    };
+    write_config(&dir, &config(15 << 19));
+    let gw = Gateway::start(&dir, &[]);
+    run_ok(gw.cli().args(["pin", &own]));
+    let fetch = |path: &str| {
+        let info = narinfo(&gw, path);
+        let (status, body) = gw.get(&format!("/{}", info.url));
+        assert_eq!((status, body.len() as u64), (200, info.nar_size), "{path}");
+    };
+    fetch(&paths[0]);
+    fetch(&paths[1]);
+    eventually("two seeded NARs", || gw.metric("seeded_fetched") == 2);
+    std::thread::sleep(Duration::from_millis(50));
+    fetch(&paths[0]); // now the most recently used
+    assert_eq!(nar_gets(&paths[0]), 1, "served from the pin");
+    std::thread::sleep(Duration::from_millis(200));
+    fetch(&paths[2]);
+    eventually("an eviction", || gw.metric("cache_evictions") == 1);
+    assert_eq!(
+        pins(&gw).len(),
+        3,
+        "two cache pins and the user's: {:?}",
+        pins(&gw)
+    );
+    assert!(
+        pins(&gw).iter().any(|p| p.ends_with(&own)),
+        "the user pin stays: {:?}",
+        pins(&gw)
+    );
+    // The least recently used one is gone: fetched from the upstream again.
+    fetch(&paths[0]);
+    assert_eq!(nar_gets(&paths[0]), 1, "kept");
+    fetch(&paths[1]);
+    assert_eq!(nar_gets(&paths[1]), 2, "evicted, so fetched again");
+    eventually("the refetched NAR's eviction", || {
+        gw.metric("cache_evictions") == 2
+    });
+    drop(gw);
+
+    // A smaller budget: `nixpfs gc` evicts down to it and says what it did.
+    write_config(&dir, &config(9 << 19));
+    let out = run_ok_str(e2e::nixpfs().arg("--data-dir").arg(&dir).arg("gc"));
+    let evicted: Vec<&str> = out.lines().filter(|l| l.starts_with("evicted ")).collect();
+    assert_eq!(evicted.len(), 1, "{out}");
+    assert!(out.contains("freed "), "{out}");
+    let left = run_ok_str(e2e::nixpfs().arg("--data-dir").arg(&dir).arg("pins"));
+    assert_eq!(
+        left.lines().count(),
+        2,
+        "one cache pin and the user's: {left}"
+    );
+    assert!(left.contains(&own), "{left}");
+}
