@@ -559,3 +559,146 @@ fn cache_pins_beyond_cache_max_size_are_evicted_least_recently_used_first() {
     );
     assert!(left.contains(&own), "{left}");
 }
+
+/// A closure whose dep is 8 MiB of random bytes (several IPFS blocks).
+const SHARED: &str = r#"{ nonce }:
+let
+  sys = builtins.currentSystem;
+  dep = builtins.derivation {
+    name = "shared-dep"; system = sys; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "head -c 8388608 /dev/urandom > $out; echo ${nonce} >> $out" ];
+  };
+in builtins.derivation {
+  name = "shared-top"; system = sys; builder = "/bin/sh";
+  inherit dep;
+  args = [ "-c" "echo top-${nonce} $dep > $out" ];
+}
+"#;
+
+/// Waits until `gw` is connected to every peer in `peer_ids`.
+fn wait_connected(gw: &Gateway, peer_ids: &[&str]) {
+    eventually("peer connections", || {
+        let out = run_ok_str(gw.cli().arg("peers"));
+        peer_ids.iter().all(|id| out.contains(id))
+    });
+}
+
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_nginx),
+    ignore = "needs the real Nix client and nginx; .ci/run installs nix-bin and nginx"
+)]
+fn peers_share_what_an_unreachable_upstream_served_and_liars_change_nothing() {
+    let env = NixEnv::new();
+    let top = env.build("shared.nix", SHARED);
+    let closure = env.closure(&top);
+    let (sk, u) = env.nix_keypair("upstream-u-1");
+    // A liar's key under U's name: its narinfos name U but do not verify.
+    let liar_dir = env.path().join("liar-key");
+    fs::create_dir_all(&liar_dir).unwrap();
+    let liar_sk = liar_dir.join("sk");
+    let liar_pk = liar_dir.join("pk");
+    run_ok(
+        env.cmd("nix-store")
+            .args(["--generate-binary-cache-key", "upstream-u-1"])
+            .arg(&liar_sk)
+            .arg(&liar_pk),
+    );
+    let liar_key = fs::read_to_string(&liar_pk).unwrap().trim().to_owned();
+    let www = env.path().join("www");
+    copy_to_file_cache(&env, &www.join("zstd"), "zstd", &sk, &top);
+    copy_to_file_cache(&env, &www.join("liar"), "zstd", &liar_sk, &top);
+    let mut nginx = Nginx::start(&www, &env.path().join("nginx"));
+
+    // A fetches the closure from the upstream and seeds it; L (trusting the
+    // liar's key) does the same from the liar's cache.
+    let a_dir = env.path().join("a");
+    write_config(
+        &a_dir,
+        &upstream_config(&nginx.url("zstd"), &u, "seed_fetched = true"),
+    );
+    let a = Gateway::start(&a_dir, &[]);
+    let out = substitute(&env, &a.url, &u, &env.empty_store("via-a"), &top);
+    assert_ok(&out, "nix copy through A", &a);
+    let l_dir = env.path().join("l");
+    write_config(
+        &l_dir,
+        &upstream_config(&nginx.url("liar"), &liar_key, "seed_fetched = true"),
+    );
+    let l = Gateway::start(&l_dir, &[]);
+    let out = substitute(&env, &l.url, &liar_key, &env.empty_store("via-l"), &top);
+    assert_ok(&out, "nix copy through L", &l);
+    let upstream_url = nginx.url("zstd");
+    nginx.stop();
+
+    // B: the same upstream entry, now unreachable, and static peers L and A.
+    let (a_peer, _, _) = a.id();
+    let (l_peer, _, _) = l.id();
+    let b_dir = env.path().join("b");
+    write_config(
+        &b_dir,
+        &upstream_config(
+            &upstream_url,
+            &u,
+            &format!(
+                "seed_fetched = true\npeers = [\"{}\", \"{}\"]",
+                l.multiaddr(),
+                a.multiaddr()
+            ),
+        ),
+    );
+    let b = Gateway::start(&b_dir, &[]);
+    wait_connected(&b, &[&a_peer, &l_peer]);
+    let store = env.empty_store("via-b");
+    let out = substitute(&env, &b.url, &u, &store, &top);
+    assert_ok(&out, "nix copy through B from peers", &b);
+    for path in &closure {
+        run_ok(
+            env.cmd("nix-store")
+                .args(["--store", &store, "--verify-path", path]),
+        );
+    }
+    let info = narinfo(&b, &top);
+    assert!(info.verify(&PublicKey::parse(&u).unwrap()), "U's signature");
+    assert!(!info.verify(&PublicKey::parse(&liar_key).unwrap()));
+    assert_eq!(
+        b.metric("upstream_bytes"),
+        0,
+        "nothing came from the upstream"
+    );
+    let dep_size = narinfo(
+        &b,
+        closure.iter().find(|p| p.ends_with("-shared-dep")).unwrap(),
+    )
+    .nar_size;
+    assert!(
+        b.metric("peer_bytes") >= dep_size,
+        "the bytes came from peers: {}",
+        b.metric("peer_bytes")
+    );
+    assert!(b.metric("peer_narinfo_served") >= 2);
+    assert!(
+        b.metric("peer_answers_refused") >= 2,
+        "L's answers were refused"
+    );
+    assert_eq!(b.metric("nar_hash_mismatch"), 0);
+    assert_eq!(b.metric("seeded_fetched"), 2, "B seeds what it fetched");
+
+    // C: only the liar as a peer: nothing is served.
+    let c_dir = env.path().join("c");
+    write_config(
+        &c_dir,
+        &upstream_config(
+            &upstream_url,
+            &u,
+            &format!("peers = [\"{}\"]", l.multiaddr()),
+        ),
+    );
+    let c = Gateway::start(&c_dir, &[]);
+    wait_connected(&c, &[&l_peer]);
+    let (status, _) = c.get(&format!("/{}.narinfo", hash_part(&top)));
+    assert_eq!(status, 404);
+    assert!(c.metric("peer_answers_refused") >= 1);
+    let out = substitute(&env, &c.url, &u, &env.empty_store("via-c"), &top);
+    assert!(!out.status.success(), "the liar's paths were accepted");
+}

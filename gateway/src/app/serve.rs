@@ -60,6 +60,10 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
             ))
         }),
     });
+    // Other gateways may ask what upstreams served us (bytes they then
+    // fetch over IPFS, checked against the upstream's signature).
+    app.node
+        .serve_exchange(crate::trust::upstream::responder(app.index.clone()));
     let uploads = Uploads::configured(
         app.node.clone(),
         app.catalog.clone(),

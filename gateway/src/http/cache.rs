@@ -115,7 +115,20 @@ async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -
             if !state.upstreams.is_empty() =>
         {
             match from_upstream(&state, hash).await {
-                Ok(Lookup::NotFound) => lookup,
+                Ok(Lookup::NotFound) => {
+                    match upstream::lookup_peers(
+                        &state.catalog,
+                        &state.upstreams,
+                        &state.node,
+                        hash,
+                    )
+                    .await
+                    {
+                        Ok(Lookup::NotFound) => lookup,
+                        Ok(answer) => Ok(Ok(answer)),
+                        Err(e) => return internal("while asking peer gateways for a narinfo", e),
+                    }
+                }
                 Ok(answer) => Ok(Ok(answer)),
                 Err(e) => return internal("while asking the upstreams for a narinfo", e),
             }
@@ -215,9 +228,18 @@ async fn nar(
             Some(location) => locations = vec![location],
             None => {
                 locations.retain(|l| !l.verified);
-                match serve_from_upstream(&state, path, nar_hash, &headers).await {
+                match serve_from_upstream(&state, path.clone(), nar_hash, &headers).await {
                     Ok(response) => return response,
                     Err(e) => failures.push(e),
+                }
+                // The upstream is out of reach: gateways that fetched the
+                // NAR from it may hold it, verified, on IPFS.
+                let from_peers =
+                    upstream::peer_locations(&state.upstreams, &state.node, &path).await;
+                for location in from_peers.into_iter().rev() {
+                    if !locations.iter().any(|l| l.cid == location.cid) {
+                        locations.insert(0, location);
+                    }
                 }
             }
         }

@@ -629,6 +629,145 @@ pub fn lookup(
     Ok(answer)
 }
 
+/// How long a question to the connected gateways may take.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a gateway answers another about a path an upstream served it: the
+/// upstream's narinfo as it was sent (its signature is the asker's to
+/// check) and the CID of the NAR's verified bytes here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAnswer {
+    pub narinfo: String,
+    pub cid: String,
+}
+
+/// Answers other gateways' questions (a store path's hash part) from the
+/// index: only paths an upstream served whose NAR was verified here.
+pub fn responder(index: Arc<Index>) -> crate::store::ipfs::exchange::Responder {
+    Arc::new(move |request: String| {
+        let index = index.clone();
+        Box::pin(async move {
+            let hash = StorePathHash::parse(&request).ok()?;
+            tokio::task::spawn_blocking(move || {
+                let path = index.upstream_path(&hash).ok()??;
+                let location = index.nar_location(&path.narinfo.nar_hash).ok()??;
+                location.verified.then(|| {
+                    serde_json::to_vec(&PeerAnswer {
+                        narinfo: path.narinfo.to_string(),
+                        cid: location.cid,
+                    })
+                    .unwrap_or_default()
+                })
+            })
+            .await
+            .ok()
+            .flatten()
+        })
+    })
+}
+
+impl Upstreams {
+    /// Reads a peer's answer about `hash`: the path, under the configured
+    /// upstream whose keys its signature verifies with, and the CID; `None`
+    /// (counted) when it is anything else.
+    fn check_peer_answer(
+        &self,
+        hash: &StorePathHash,
+        answer: &[u8],
+    ) -> Option<(UpstreamPath, String)> {
+        let checked = (|| {
+            let answer: PeerAnswer = serde_json::from_slice(answer).ok()?;
+            let narinfo = NarInfo::parse(&answer.narinfo).ok()?;
+            if narinfo.store_path.hash() != hash {
+                return None;
+            }
+            Compression::from_narinfo(narinfo.compression.as_deref()).ok()?;
+            answer.cid.parse::<crate::store::ipfs::Cid>().ok()?;
+            let entry = self.entries.iter().find(|e| {
+                nar_file_url(&e.upstream.url, &narinfo).is_ok()
+                    && !valid_signatures(&narinfo, &e.upstream.keys).0.is_empty()
+            })?;
+            Some((
+                UpstreamPath {
+                    upstream: entry.upstream.url.clone(),
+                    narinfo,
+                },
+                answer.cid,
+            ))
+        })();
+        if checked.is_none() {
+            Metrics::inc(&self.metrics.peer_answers_refused);
+        }
+        checked
+    }
+}
+
+/// The narinfo to serve for `hash` from what connected gateways say an
+/// upstream signed: the first answer whose signature verifies under a
+/// configured upstream's keys and that the policy accepts is recorded as
+/// that upstream's (so the NAR can also come from it once reachable).
+pub async fn lookup_peers(
+    catalog: &Catalog,
+    upstreams: &Upstreams,
+    node: &crate::store::ipfs::Node,
+    hash: StorePathHash,
+) -> Result<Lookup<Bytes>, IndexError> {
+    if upstreams.is_empty() {
+        return Ok(Lookup::NotFound);
+    }
+    for (peer, answer) in node.ask_peers(hash.as_str(), PEER_TIMEOUT).await {
+        let Some((path, _cid)) = upstreams.check_peer_answer(&hash, &answer) else {
+            tracing::warn!(%peer, path = %hash, "ignored a peer's answer: not signed by a configured upstream key");
+            continue;
+        };
+        let (sigs, keys) = upstreams.valid_signatures(&path);
+        let catalog = catalog.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let answer = catalog.serve_upstream(&path, sigs, &keys)?;
+            if matches!(answer, Lookup::Found(_)) {
+                catalog.index().put_upstream_path(&path)?;
+            }
+            Ok::<_, IndexError>(answer)
+        })
+        .await
+        .map_err(|e| IndexError::Storage(e.to_string()))??;
+        if matches!(found, Lookup::Found(_) | Lookup::Conflict) {
+            tracing::info!(%peer, path = %hash, "narinfo from a peer gateway, signed by a configured upstream key");
+            Metrics::inc(&upstreams.metrics.peer_narinfo_served);
+            return Ok(found);
+        }
+    }
+    Ok(Lookup::NotFound)
+}
+
+/// Where connected gateways hold the verified NAR of an upstream path: CIDs
+/// to fetch over IPFS (checked block by block and against NarHash), in the
+/// order they answered.
+pub async fn peer_locations(
+    upstreams: &Upstreams,
+    node: &crate::store::ipfs::Node,
+    path: &UpstreamPath,
+) -> Vec<crate::store::index::NarLocation> {
+    let hash = *path.narinfo.store_path.hash();
+    let mut out: Vec<crate::store::index::NarLocation> = Vec::new();
+    for (_, answer) in node.ask_peers(hash.as_str(), PEER_TIMEOUT).await {
+        let Some((theirs, cid)) = upstreams.check_peer_answer(&hash, &answer) else {
+            continue;
+        };
+        if theirs.narinfo.nar_hash == path.narinfo.nar_hash
+            && theirs.narinfo.nar_size == path.narinfo.nar_size
+            && !out.iter().any(|l| l.cid == cid)
+        {
+            out.push(crate::store::index::NarLocation {
+                cid,
+                nar_size: path.narinfo.nar_size,
+                verified: false,
+            });
+        }
+    }
+    out
+}
+
 /// The upstream path whose NAR has this hash, if an upstream served one.
 pub fn nar_source(index: &Index, nar_hash: &NarHash) -> Result<Option<UpstreamPath>, IndexError> {
     index.upstream_nar(nar_hash)

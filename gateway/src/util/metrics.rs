@@ -84,6 +84,11 @@ counters! {
     /// NAR bytes fetched over IPFS for Nix on a first fetch (from peers or
     /// blocks not yet verified whole).
     peer_bytes,
+    /// Answers from peer gateways ignored: not a narinfo of the asked path
+    /// signed by a configured upstream key, or not a valid answer at all.
+    peer_answers_refused,
+    /// narinfo requests answered from a peer gateway's upstream-signed narinfo.
+    peer_narinfo_served,
     /// NARs pinned because `seed_fetched` is on.
     seeded_fetched,
     /// Cache pins (`seed_fetched`, `seed`) evicted to stay within

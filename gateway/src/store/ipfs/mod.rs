@@ -9,6 +9,7 @@ pub mod block;
 pub mod blockstore;
 pub mod dag;
 pub mod dht;
+pub mod exchange;
 pub mod identify;
 pub mod node;
 pub mod pb;

@@ -26,6 +26,7 @@ use super::block::{self, Block};
 use super::blockstore::{BlockStore, WriteBatch};
 use super::dag::{self, BlockSource, Imported};
 use super::dht::{self, Dht, DhtConfig, DhtMode};
+use super::exchange;
 use super::identify;
 use super::pins::{Pin, Pins};
 use super::IpfsError;
@@ -99,6 +100,8 @@ struct Inner {
     fetch_timeout: Duration,
     fetch_window: usize,
     dht: Option<Dht>,
+    /// Questions to and answers from other nixpfs gateways.
+    exchange: exchange::Exchange,
     /// Imports and pins hold it shared; GC holds it exclusively, so it never
     /// deletes blocks of an import that is not pinned yet.
     gc_lock: RwLock<()>,
@@ -194,6 +197,8 @@ impl Node {
         // identify advertise it (Helia asks only peers that do).
         let mut control = ipfs.stream_control().await.map_err(host_err)?;
         let incoming = control.accept(bitswap::PROTOCOL).map_err(host_err)?;
+        let exchange_incoming = control.accept(exchange::PROTOCOL).map_err(host_err)?;
+        let exchange = exchange::Exchange::new(control.clone(), exchange_incoming);
         let (bitswap, mut tasks) = Bitswap::start(control, incoming, store.clone());
         let mut listen_addrs = Vec::new();
         for addr in &cfg.listen {
@@ -229,6 +234,7 @@ impl Node {
                 fetch_timeout: cfg.fetch_timeout,
                 fetch_window: cfg.fetch_window.max(1),
                 dht,
+                exchange,
                 gc_lock: RwLock::new(()),
                 tasks: Mutex::new(tasks),
             }),
@@ -423,6 +429,42 @@ impl Node {
             found.push(provider);
         }
         Ok(found)
+    }
+
+    /// Starts answering other gateways' narinfo questions (see
+    /// [`exchange`]) with `responder`; only the first call counts.
+    pub fn serve_exchange(&self, responder: exchange::Responder) {
+        if let Some(task) = self.inner.exchange.serve(responder) {
+            self.lock_tasks().push(task);
+        }
+    }
+
+    /// Asks every connected peer `request` at once; the answers that came
+    /// within `timeout`, by peer. Peers that are not nixpfs gateways refuse
+    /// the protocol and are left out.
+    pub async fn ask_peers(&self, request: &str, timeout: Duration) -> Vec<(PeerId, Vec<u8>)> {
+        let peers = match self.inner.ipfs.connected().await {
+            Ok(peers) => peers,
+            Err(e) => {
+                tracing::debug!("cannot list connected peers: {e}");
+                return Vec::new();
+            }
+        };
+        let asks = peers.into_iter().map(|peer| async move {
+            match self.inner.exchange.ask(peer, request, timeout).await {
+                Ok(Some(answer)) => Some((peer, answer)),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!(%peer, "narinfo exchange: {e}");
+                    None
+                }
+            }
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// The DHT's routing table and store sizes, if it runs.

@@ -1,0 +1,136 @@
+//! `/nixpfs/narinfo/1.0.0`: how a gateway asks the nixpfs gateways it is
+//! connected to what they know about a store path, so paths an upstream
+//! served one gateway can be served by others from IPFS when that upstream
+//! is out of reach.
+//!
+//! # Goals
+//! - One request per stream: the asker writes a store path's hash part and
+//!   a newline, then closes its side; the answerer writes its answer (empty:
+//!   unknown) and closes. Sizes are capped on both sides.
+//! - The protocol only carries bytes; what they mean (a narinfo signed by
+//!   an upstream key, a CID) and whether to believe them is the caller's:
+//!   every answer is checked against the configured keys, every NAR byte
+//!   against its CID and NarHash, so a lying peer achieves nothing.
+//!
+//! # Non-goals
+//! - Discovery: the peers asked are the ones connected (static peers, or
+//!   those the DHT found).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p_stream::{Control, IncomingStreams};
+use rust_ipfs::{PeerId, StreamProtocol};
+
+/// The protocol id.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/nixpfs/narinfo/1.0.0");
+/// Longest request accepted (a hash part is 32 characters).
+const MAX_REQUEST: u64 = 128;
+/// Longest answer accepted (a narinfo and a CID).
+pub const MAX_ANSWER: u64 = 64 * 1024;
+/// How long an answerer waits for a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What answers a request: the request text in, the answer (if any) out.
+pub type Responder = Arc<dyn Fn(String) -> BoxFuture<'static, Option<Vec<u8>>> + Send + Sync>;
+
+/// Both sides of the protocol for one node.
+pub struct Exchange {
+    control: Control,
+    incoming: Mutex<Option<IncomingStreams>>,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange").finish_non_exhaustive()
+    }
+}
+
+impl Exchange {
+    /// `incoming` from `Control::accept(PROTOCOL)`, taken before any
+    /// connection exists so identify advertises the protocol.
+    pub fn new(control: Control, incoming: IncomingStreams) -> Self {
+        Self {
+            control,
+            incoming: Mutex::new(Some(incoming)),
+        }
+    }
+
+    /// Starts answering requests with `responder` (once; later calls do
+    /// nothing). Until then inbound requests wait.
+    pub fn serve(&self, responder: Responder) -> Option<tokio::task::JoinHandle<()>> {
+        let mut incoming = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        Some(tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                let responder = responder.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, responder).await {
+                        tracing::debug!(%peer, "narinfo exchange: {e}");
+                    }
+                });
+            }
+        }))
+    }
+
+    /// Sends `request` to `peer` and reads its answer (`None`: it knows
+    /// nothing), within `timeout`.
+    pub async fn ask(
+        &self,
+        peer: PeerId,
+        request: &str,
+        timeout: Duration,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let mut control = self.control.clone();
+        let exchange = async move {
+            let mut stream = control
+                .open_stream(peer, PROTOCOL)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            stream.write_all(request.as_bytes()).await?;
+            stream.write_all(b"\n").await?;
+            stream.close().await?;
+            let mut out = Vec::new();
+            (&mut stream)
+                .take(MAX_ANSWER + 1)
+                .read_to_end(&mut out)
+                .await?;
+            if out.len() as u64 > MAX_ANSWER {
+                return Err(std::io::Error::other(format!(
+                    "answer longer than {MAX_ANSWER} bytes"
+                )));
+            }
+            Ok((!out.is_empty()).then_some(out))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+    }
+}
+
+async fn answer(mut stream: rust_ipfs::Stream, responder: Responder) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        (&mut stream)
+            .take(MAX_REQUEST + 1)
+            .read_to_end(&mut request),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))??;
+    if request.len() as u64 > MAX_REQUEST {
+        return Err(std::io::Error::other("request too long"));
+    }
+    let text = String::from_utf8_lossy(&request).trim().to_owned();
+    if let Some(answer) = responder(text).await {
+        if answer.len() as u64 <= MAX_ANSWER {
+            stream.write_all(&answer).await?;
+        }
+    }
+    stream.close().await
+}
