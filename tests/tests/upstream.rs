@@ -702,3 +702,102 @@ fn peers_share_what_an_unreachable_upstream_served_and_liars_change_nothing() {
     let out = substitute(&env, &c.url, &u, &env.empty_store("via-c"), &top);
     assert!(!out.status.success(), "the liar's paths were accepted");
 }
+
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_nginx),
+    ignore = "needs the real Nix client and nginx; .ci/run installs nix-bin and nginx"
+)]
+fn a_peer_naming_a_cid_of_other_bytes_changes_nothing() {
+    use gateway::store::ipfs::{Node, NodeConfig};
+    use gateway::trust::upstream::PeerAnswer;
+
+    let env = NixEnv::new();
+    let top = env.build("small.nix", SMALL);
+    let (sk, u) = env.nix_keypair("upstream-u-1");
+    let www = env.path().join("www");
+    copy_to_file_cache(&env, &www.join("plain"), "none", &sk, &top);
+    let mut nginx = Nginx::start(&www, &env.path().join("nginx"));
+    let a_dir = env.path().join("a");
+    write_config(
+        &a_dir,
+        &upstream_config(&nginx.url("plain"), &u, "seed_fetched = true"),
+    );
+    let a = Gateway::start(&a_dir, &[]);
+    let out = substitute(&env, &a.url, &u, &env.empty_store("via-a"), &top);
+    assert_ok(&out, "nix copy through A", &a);
+    let upstream_url = nginx.url("plain");
+    nginx.stop();
+
+    // The liar: a node speaking the protocol that copies U's genuine
+    // narinfo of `top` (signatures are public) and names a CID of other
+    // bytes of the same size, which it serves over bitswap.
+    let genuine =
+        fs::read_to_string(www.join(format!("plain/{}.narinfo", hash_part(&top)))).unwrap();
+    let nar_size = NarInfo::parse(&genuine).unwrap().nar_size;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let liar_dir = env.path().join("liar");
+    let liar = rt.block_on(async {
+        let node = Node::start(NodeConfig::new(&liar_dir)).await.unwrap();
+        let bogus: Vec<u8> = (0..nar_size).map(|i| (i % 251) as u8).collect();
+        let pin = node.add_and_pin(&bogus[..]).await.unwrap();
+        let answer = serde_json::to_vec(&PeerAnswer {
+            narinfo: genuine.clone(),
+            cid: pin.cid.to_string(),
+        })
+        .unwrap();
+        node.serve_exchange(std::sync::Arc::new(move |_request: String| {
+            let answer = answer.clone();
+            Box::pin(async move { Some(answer) })
+        }));
+        node
+    });
+    let liar_addr = liar.listen_addrs()[0].to_string();
+    let liar_peer = liar.peer_id().to_string();
+
+    // B1 hears only the liar: the narinfo is genuine, so it is served, but
+    // the bytes are refused, nothing is pinned, and Nix gets nothing.
+    let gw = |name: &str, peers: &[&str]| {
+        let dir = env.path().join(name);
+        let list: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+        write_config(
+            &dir,
+            &upstream_config(
+                &upstream_url,
+                &u,
+                &format!("seed_fetched = true\npeers = [{}]", list.join(", ")),
+            ),
+        );
+        Gateway::start(&dir, &[])
+    };
+    let b1 = gw("b1", &[&liar_addr]);
+    wait_connected(&b1, &[&liar_peer]);
+    let info = narinfo(&b1, &top);
+    assert!(info.verify(&PublicKey::parse(&u).unwrap()));
+    let (status, received, clean) = get_raw(&format!("{}/{}", b1.url, info.url));
+    assert!(
+        status != 200 || !clean || (received as u64) < nar_size,
+        "the liar's bytes were served whole ({status}, {received})"
+    );
+    assert!(b1.metric("nar_hash_mismatch") >= 1);
+    assert!(pins(&b1).is_empty(), "{:?}", pins(&b1));
+    let out = substitute(&env, &b1.url, &u, &env.empty_store("via-b1"), &top);
+    assert!(!out.status.success(), "the liar's bytes were accepted");
+
+    // B2 hears the liar and A: whatever the order, Nix gets the real bytes.
+    let (a_peer, _, _) = a.id();
+    let b2 = gw("b2", &[&liar_addr, &a.multiaddr()]);
+    wait_connected(&b2, &[&liar_peer, &a_peer]);
+    let store = env.empty_store("via-b2");
+    let out = substitute(&env, &b2.url, &u, &store, &top);
+    assert_ok(&out, "nix copy through B2", &b2);
+    run_ok(
+        env.cmd("nix-store")
+            .args(["--store", &store, "--verify-path", &top]),
+    );
+    let dump = run_ok(env.cmd("nix-store").args(["--dump", &top]));
+    let (status, body) = b2.get(&format!("/{}", narinfo(&b2, &top).url));
+    assert_eq!(status, 200);
+    assert!(body == dump, "B2 serves the real NAR");
+    rt.block_on(liar.shutdown());
+}

@@ -241,6 +241,7 @@ async fn nar(
                         locations.insert(0, location);
                     }
                 }
+                state.catalog.refuted_last(&nar_hash, &mut locations);
             }
         }
     }

@@ -375,6 +375,12 @@ impl Catalog {
         refuted.insert((*nar_hash, cid.to_owned()));
     }
 
+    /// Puts the CIDs refuted for this NAR last, keeping the order otherwise.
+    pub fn refuted_last(&self, nar_hash: &NarHash, locations: &mut [NarLocation]) {
+        let refuted = self.lock_refuted();
+        locations.sort_by_key(|l| refuted.contains(&(*nar_hash, l.cid.clone())));
+    }
+
     fn lock_refuted(&self) -> std::sync::MutexGuard<'_, HashSet<(NarHash, String)>> {
         self.refuted.lock().unwrap_or_else(|p| p.into_inner())
     }
