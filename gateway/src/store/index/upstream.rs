@@ -125,7 +125,15 @@ impl Index {
 
     /// Marks a cache pin as just used; false if `cid` is not one.
     pub fn touch_cache_pin(&self, cid: &str, now: u64) -> Result<bool, IndexError> {
-        let txn = self.db.begin_write()?;
+        // Most NARs served are no cache pins: a read answers those without
+        // a write transaction.
+        if self.db.begin_read()?.open_table(CACHE_PINS)?.get(cid)?.is_none() {
+            return Ok(false);
+        }
+        let mut txn = self.db.begin_write()?;
+        // An access time lost in a crash only makes an eviction less exact:
+        // no fsync for it.
+        txn.set_durability(redb::Durability::None);
         let touched = {
             let mut table = txn.open_table(CACHE_PINS)?;
             let pin: Option<CachePin> = match table.get(cid)? {
