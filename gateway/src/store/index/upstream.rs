@@ -127,7 +127,13 @@ impl Index {
     pub fn touch_cache_pin(&self, cid: &str, now: u64) -> Result<bool, IndexError> {
         // Most NARs served are no cache pins: a read answers those without
         // a write transaction.
-        if self.db.begin_read()?.open_table(CACHE_PINS)?.get(cid)?.is_none() {
+        if self
+            .db
+            .begin_read()?
+            .open_table(CACHE_PINS)?
+            .get(cid)?
+            .is_none()
+        {
             return Ok(false);
         }
         let mut txn = self.db.begin_write()?;
