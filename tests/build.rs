@@ -28,6 +28,8 @@ fn peers_installed() -> bool {
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(missing_nix)");
     println!("cargo::rustc-check-cfg=cfg(missing_peers)");
+    println!("cargo::rustc-check-cfg=cfg(missing_chromium)");
+    println!("cargo::rustc-check-cfg=cfg(missing_promtool)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=NIXPFS_PEERS_DIR");
     println!("cargo::rerun-if-env-changed=CI");
@@ -38,6 +40,15 @@ fn main() {
     if !on_path("nix-store") {
         println!("cargo::rustc-cfg=missing_nix");
         println!("cargo::warning=nix-store not on PATH: the end-to-end tests that need real Nix are ignored");
+    }
+    for (tool, cfg, package) in [
+        ("chromium", "missing_chromium", "chromium"),
+        ("promtool", "missing_promtool", "prometheus"),
+    ] {
+        if !on_path(tool) {
+            println!("cargo::rustc-cfg={cfg}");
+            println!("cargo::warning={tool} not on PATH: the tests that need it are ignored (Debian package {package})");
+        }
     }
     if !peers_installed() {
         println!("cargo::rustc-cfg=missing_peers");

@@ -63,6 +63,32 @@ pub struct Config {
     pub bootstrap: Vec<String>,
     /// The gateway's own narinfo signing key (generated on first start).
     pub signing_key_file: Option<PathBuf>,
+    /// Log lines as `text` (for people) or `json` (one object per line,
+    /// for collectors); `--log-format` overrides it.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!(
+                "unknown log format {other:?}: expected `text` or `json`"
+            )),
+        }
+    }
 }
 
 impl Default for Config {
@@ -87,6 +113,7 @@ impl Default for Config {
             dht_protocol: DEFAULT_PROTOCOL.to_owned(),
             bootstrap: Vec::new(),
             signing_key_file: None,
+            log_format: LogFormat::Text,
         }
     }
 }
