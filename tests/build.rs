@@ -28,6 +28,8 @@ fn peers_installed() -> bool {
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(missing_nix)");
     println!("cargo::rustc-check-cfg=cfg(missing_peers)");
+    println!("cargo::rustc-check-cfg=cfg(missing_systemd_analyze)");
+    println!("cargo::rustc-check-cfg=cfg(missing_nix_instantiate)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=NIXPFS_PEERS_DIR");
     println!("cargo::rerun-if-env-changed=CI");
@@ -38,6 +40,16 @@ fn main() {
     if !on_path("nix-store") {
         println!("cargo::rustc-cfg=missing_nix");
         println!("cargo::warning=nix-store not on PATH: the end-to-end tests that need real Nix are ignored");
+    }
+    if !on_path("systemd-analyze") {
+        println!("cargo::rustc-cfg=missing_systemd_analyze");
+        println!(
+            "cargo::warning=systemd-analyze not on PATH: the systemd unit's tests are ignored"
+        );
+    }
+    if !on_path("nix-instantiate") {
+        println!("cargo::rustc-cfg=missing_nix_instantiate");
+        println!("cargo::warning=nix-instantiate not on PATH: the NixOS module's syntax and defaults tests are ignored");
     }
     if !peers_installed() {
         println!("cargo::rustc-cfg=missing_peers");
