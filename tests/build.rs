@@ -30,6 +30,8 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(missing_peers)");
     println!("cargo::rustc-check-cfg=cfg(missing_chromium)");
     println!("cargo::rustc-check-cfg=cfg(missing_promtool)");
+    println!("cargo::rustc-check-cfg=cfg(missing_systemd_analyze)");
+    println!("cargo::rustc-check-cfg=cfg(missing_nix_instantiate)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=NIXPFS_PEERS_DIR");
     println!("cargo::rerun-if-env-changed=CI");
@@ -44,6 +46,8 @@ fn main() {
     for (tool, cfg, package) in [
         ("chromium", "missing_chromium", "chromium"),
         ("promtool", "missing_promtool", "prometheus"),
+        ("systemd-analyze", "missing_systemd_analyze", "systemd"),
+        ("nix-instantiate", "missing_nix_instantiate", "nix-bin"),
     ] {
         if !on_path(tool) {
             println!("cargo::rustc-cfg={cfg}");
