@@ -393,3 +393,36 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(lines.iter().any(|l| l.contains("serving http://")), "{log}");
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_definitions() {
+    let bash = run_ok_str(e2e::nixpfs().args(["completions", "bash"]));
+    assert!(
+        bash.contains("anchors") && bash.contains("--progress"),
+        "{bash}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("nixpfs.bash");
+    fs::write(&script, &bash).expect("write");
+    run_ok(Command::new("bash").arg("-n").arg(&script));
+    for shell in ["zsh", "fish"] {
+        let out = run_ok_str(e2e::nixpfs().args(["completions", shell]));
+        assert!(out.contains("nixpfs"), "{shell}: {out}");
+    }
+    let bad = e2e::nixpfs()
+        .args(["completions", "cmd.exe"])
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+
+    let page = run_ok_str(e2e::nixpfs().arg("man"));
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH nixpfs"),
+        "{page}"
+    );
+    let pages = dir.path().join("man");
+    run_ok(e2e::nixpfs().arg("man").arg("--out").arg(&pages));
+    for name in ["nixpfs.1", "nixpfs-pin.1", "nixpfs-serve.1"] {
+        assert!(pages.join(name).is_file(), "{name} written");
+    }
+}
