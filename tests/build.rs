@@ -29,6 +29,10 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(missing_nix)");
     println!("cargo::rustc-check-cfg=cfg(missing_peers)");
     println!("cargo::rustc-check-cfg=cfg(missing_nginx)");
+    println!("cargo::rustc-check-cfg=cfg(missing_chromium)");
+    println!("cargo::rustc-check-cfg=cfg(missing_promtool)");
+    println!("cargo::rustc-check-cfg=cfg(missing_systemd_analyze)");
+    println!("cargo::rustc-check-cfg=cfg(missing_nix_instantiate)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=NIXPFS_PEERS_DIR");
     println!("cargo::rerun-if-env-changed=CI");
@@ -43,6 +47,17 @@ fn main() {
     if !on_path("nginx") && !Path::new("/usr/sbin/nginx").is_file() {
         println!("cargo::rustc-cfg=missing_nginx");
         println!("cargo::warning=nginx not installed: the upstream-bridge tests are ignored");
+    }
+    for (tool, cfg, package) in [
+        ("chromium", "missing_chromium", "chromium"),
+        ("promtool", "missing_promtool", "prometheus"),
+        ("systemd-analyze", "missing_systemd_analyze", "systemd"),
+        ("nix-instantiate", "missing_nix_instantiate", "nix-bin"),
+    ] {
+        if !on_path(tool) {
+            println!("cargo::rustc-cfg={cfg}");
+            println!("cargo::warning={tool} not on PATH: the tests that need it are ignored (Debian package {package})");
+        }
     }
     if !peers_installed() {
         println!("cargo::rustc-cfg=missing_peers");

@@ -69,6 +69,32 @@ pub struct Config {
     /// beyond it the least recently accessed are evicted. User pins and
     /// uploads never are. None: no budget.
     pub cache_max_size: Option<String>,
+    /// Log lines as `text` (for people) or `json` (one object per line,
+    /// for collectors); `--log-format` overrides it.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!(
+                "unknown log format {other:?}: expected `text` or `json`"
+            )),
+        }
+    }
 }
 
 /// One `[[upstreams]]` entry as the file writes it; checked by
@@ -113,6 +139,7 @@ impl Default for Config {
             signing_key_file: None,
             upstreams: Vec::new(),
             cache_max_size: None,
+            log_format: LogFormat::Text,
         }
     }
 }

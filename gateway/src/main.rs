@@ -9,7 +9,7 @@ mod cli;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_tracing(cli.verbose);
+    cli::init_tracing(&cli);
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

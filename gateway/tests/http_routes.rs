@@ -40,7 +40,11 @@ struct CountingAdmin {
 }
 
 impl AdminService for CountingAdmin {
-    fn execute(&self, _request: AdminRequest) -> BoxFuture<'_, Result<Value, AdminError>> {
+    fn execute(
+        &self,
+        _request: AdminRequest,
+        _meter: gateway::util::progress::Meter,
+    ) -> BoxFuture<'_, Result<Value, AdminError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Ok(json!({})) })
     }

@@ -111,7 +111,11 @@ impl Gateway {
         assert_eq!(status, 200);
         String::from_utf8_lossy(&body)
             .lines()
-            .find_map(|l| l.strip_prefix(&format!("nixpfs_{name} ")))
+            .find_map(|l| {
+                // Counters end in `_total`; gauges are named as they are.
+                l.strip_prefix(&format!("nixpfs_{name}_total "))
+                    .or_else(|| l.strip_prefix(&format!("nixpfs_{name} ")))
+            })
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no metric {name}"))
     }

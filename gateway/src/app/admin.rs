@@ -9,8 +9,10 @@ use super::App;
 use crate::http::admin::{
     AdminError, AdminRequest, AdminService, FetchReply, IdReply, PeerReply, ProviderReply,
 };
+use crate::http::page::{PageSource, PageView};
 use crate::publish::pin::parse_cid;
 use crate::util::keys::read_secret_key;
+use crate::util::progress::Meter;
 
 /// How long `routing findprovs` looks (Kubo's default is about a minute).
 const FIND_PROVIDERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -19,6 +21,15 @@ impl App {
     /// Runs one request; the reply is JSON for both the CLI's `--json` and
     /// its text rendering.
     pub async fn execute(&self, request: AdminRequest) -> Result<Value, AdminError> {
+        self.execute_counted(request, &Meter::new()).await
+    }
+
+    /// [`App::execute`], long operations counting their progress into `meter`.
+    pub async fn execute_counted(
+        &self,
+        request: AdminRequest,
+        meter: &Meter,
+    ) -> Result<Value, AdminError> {
         // Claims and rebuild records feed the reproducibility counts that
         // `status` reads stored (sync refreshes them itself).
         let changes_repro = matches!(
@@ -27,31 +38,35 @@ impl App {
                 | AdminRequest::ImportClaims { .. }
                 | AdminRequest::AnchorRebuild { .. }
         );
-        let reply = self.dispatch(request).await?;
+        let reply = self.dispatch(request, meter).await?;
         if changes_repro {
             crate::publish::refresh_repro_counts(&self.publisher).await?;
         }
         Ok(reply)
     }
 
-    async fn dispatch(&self, request: AdminRequest) -> anyhow::Result<Value> {
-        let pinner = self.publisher.pinner();
+    async fn dispatch(&self, request: AdminRequest, meter: &Meter) -> anyhow::Result<Value> {
+        let publisher = self.publisher.with_meter(meter);
+        let pinner = publisher.pinner();
         Ok(match request {
             AdminRequest::Pin { targets, closure } => json!(pinner.pin(&targets, closure).await?),
             AdminRequest::Unpin { targets } => json!(pinner.unpin(&targets).await?),
             AdminRequest::Pins => json!(pinner.pins().await?),
             AdminRequest::Add { path } => json!(pinner.add_file(&path).await?),
             AdminRequest::Fetch { cid, out } => json!(FetchReply {
-                bytes: self.fetch(&cid, &out).await?
+                bytes: self.fetch(&cid, &out, meter).await?
             }),
             AdminRequest::CarExport { cid, out } => {
-                json!(crate::store::car::export_file(&self.node, parse_cid(&cid)?, &out).await?)
+                json!(
+                    crate::store::car::export_file(&self.node, parse_cid(&cid)?, &out, meter)
+                        .await?
+                )
             }
             AdminRequest::CarImport { path } => {
-                json!(crate::store::car::import_file(&self.node, &path).await?)
+                json!(crate::store::car::import_file(&self.node, &path, meter).await?)
             }
             AdminRequest::Gc => json!(self.gc().await?),
-            AdminRequest::Sync => json!(self.sync().await?),
+            AdminRequest::Sync => json!(self.sync_counted(meter).await?),
             AdminRequest::Status => json!(self.status().await?),
             AdminRequest::Conflicts => json!(self.conflicts().await?),
             AdminRequest::Peers => {
@@ -83,8 +98,14 @@ impl App {
                 json!({ "provided": cid.to_string() })
             }
             AdminRequest::Seed { anchors, max_size } => json!(
-                crate::publish::seed::seed(&self.node, self.index.clone(), &anchors, max_size)
-                    .await?
+                crate::publish::seed::seed(
+                    &self.node,
+                    self.index.clone(),
+                    &anchors,
+                    max_size,
+                    meter
+                )
+                .await?
             ),
             AdminRequest::AnchorSign {
                 targets,
@@ -107,15 +128,8 @@ impl App {
                 out,
                 expires,
             } => json!(
-                crate::publish::contribute(
-                    &self.publisher,
-                    &targets,
-                    closure,
-                    &key_file,
-                    out,
-                    expires
-                )
-                .await?
+                crate::publish::contribute(&publisher, &targets, closure, &key_file, out, expires)
+                    .await?
             ),
             AdminRequest::ImportClaims { source } => {
                 json!(crate::publish::import_claims(&self.publisher, &source).await?)
@@ -130,7 +144,7 @@ impl App {
                     key: read_secret_key(&key_file)?,
                     only_if_matches,
                 };
-                json!(crate::publish::rebuild(&self.publisher, &targets, &options).await?)
+                json!(crate::publish::rebuild(&publisher, &targets, &options).await?)
             }
             AdminRequest::Repro => json!(crate::publish::repro(&self.publisher).await?),
             AdminRequest::Id => json!(IdReply {
@@ -142,9 +156,51 @@ impl App {
     }
 }
 
+impl PageSource for App {
+    fn view(&self) -> BoxFuture<'_, anyhow::Result<PageView>> {
+        Box::pin(async move {
+            let status = self.status().await?;
+            let pins = self.publisher.pinner().pins().await?;
+            let peers = self
+                .node
+                .connected_peers()
+                .await?
+                .into_iter()
+                .map(|p| PeerReply {
+                    peer_id: p.peer_id.to_string(),
+                    agent_version: p.agent_version,
+                })
+                .collect();
+            let registry = self.catalog.trust().and_then(|t| t.registry);
+            let root_keys = match (registry, &self.trust_root) {
+                (Some(registry), _) => registry
+                    .root_keys()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                (None, Some(root)) => root.keys().iter().map(ToString::to_string).collect(),
+                (None, None) => Vec::new(),
+            };
+            Ok(PageView {
+                status,
+                gateway_key: self.key.public().to_string(),
+                substituter: format!("http://{}", self.config.listen),
+                root_keys,
+                pins,
+                peers,
+                conflicts: self.conflicts().await?,
+            })
+        })
+    }
+}
+
 impl AdminService for App {
-    fn execute(&self, request: AdminRequest) -> BoxFuture<'_, Result<Value, AdminError>> {
-        Box::pin(App::execute(self, request))
+    fn execute(
+        &self,
+        request: AdminRequest,
+        meter: Meter,
+    ) -> BoxFuture<'_, Result<Value, AdminError>> {
+        Box::pin(async move { self.execute_counted(request, &meter).await })
     }
 }
 

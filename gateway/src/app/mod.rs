@@ -11,22 +11,22 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anchor_registry::{
-    AnchorName, Decision, Policy, SecretKey, SetKind, TrustRoot, TrustedState, Vouch,
-};
+use anchor_registry::{AnchorName, Decision, Policy, SecretKey, SetKind, TrustRoot, TrustedState};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+
+pub use crate::http::admin::{AnchorStatus, Conflict, Status};
 
 use crate::config::Config;
 use crate::publish::pin::parse_cid;
-use crate::publish::{Publisher, ReproCounts};
+use crate::publish::Publisher;
 use crate::store::index::Index;
 use crate::store::ipfs::dht::DhtConfig;
 use crate::store::ipfs::{Multiaddr, Node, NodeConfig};
 use crate::trust::catalog::{Catalog, Trust};
 use crate::trust::sync::{AnchorSync, Outcome, SyncReport, Syncer};
-use crate::util::metrics::{Metrics, MetricsSnapshot};
+use crate::util::metrics::Metrics;
+use crate::util::progress::{Meter, Unit};
 
 /// Everything the gateway keeps under its data directory.
 #[derive(Debug, Clone)]
@@ -48,72 +48,14 @@ pub struct App {
     last_sync: Arc<std::sync::Mutex<Option<(u64, SyncReport)>>>,
 }
 
-/// A conflict: registry anchors that signed different contents for one path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Conflict {
-    pub store_path: String,
-    pub evidence: Vec<Vouch>,
-}
-
 /// What `nixpfs gc` did: the cache pins it evicted to honour
 /// `cache_max_size`, and the blocks it deleted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GcOutcome {
     pub blocks: u64,
     pub bytes: u64,
     #[serde(default)]
     pub evicted: Vec<crate::publish::retention::Evicted>,
-}
-
-/// What `nixpfs status` reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    pub peer_id: String,
-    pub listen_addrs: Vec<String>,
-    pub connected_peers: usize,
-    pub pins: usize,
-    pub pinned_bytes: u64,
-    pub local_paths: u64,
-    pub registry_version: Option<u64>,
-    /// When the registry in force expires (unix seconds); past it, no path
-    /// is served on anchor policy.
-    #[serde(default)]
-    pub registry_expires: Option<u64>,
-    /// Why the last sync could not fetch the registry, if it could not.
-    #[serde(default)]
-    pub registry_error: Option<String>,
-    /// Unix seconds when the last anchor sync finished, if any since start.
-    pub last_sync: Option<u64>,
-    pub anchors: Vec<AnchorStatus>,
-    pub forks: usize,
-    pub conflicts: usize,
-    /// The DHT's routing table and provided keys; absent when it is off.
-    #[serde(default)]
-    pub dht: Option<crate::store::ipfs::dht::DhtStats>,
-    /// Reproducibility verdicts over claimed, rebuilt and multiply signed paths.
-    #[serde(default)]
-    pub repro: ReproCounts,
-    /// Each configured upstream cache with its last error.
-    #[serde(default)]
-    pub upstreams: Vec<crate::trust::upstream::UpstreamStatus>,
-    pub counters: MetricsSnapshot,
-}
-
-/// Per publisher: the newest set version trusted, and what the last sync
-/// made of it. An anchor the last sync rejected appears even if none of its
-/// sets was ever trusted (version, expiry and entries are then absent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AnchorStatus {
-    pub name: String,
-    pub kind: String,
-    pub version: Option<u64>,
-    pub expires: Option<u64>,
-    pub entries: Option<u64>,
-    /// The last sync's outcome for this publisher, if one ran since start.
-    pub last_sync: Option<Outcome>,
-    /// Why the last sync rejected it: each source's error, in order.
-    #[serde(default)]
-    pub reason: Option<String>,
 }
 
 /// The file holding the gateway's own narinfo signing key, by default.
@@ -221,9 +163,13 @@ impl App {
     }
 
     /// Fetches a file by CID (local or peers, every block verified) into `out`,
-    /// through a temporary file so a failed fetch leaves nothing behind.
-    pub async fn fetch(&self, cid: &str, out: &Path) -> Result<u64> {
+    /// through a temporary file so a failed fetch leaves nothing behind;
+    /// the bytes count into `meter`.
+    pub async fn fetch(&self, cid: &str, out: &Path, meter: &Meter) -> Result<u64> {
         let cid = parse_cid(cid)?;
+        // The root says how big the file is: one block, and a fetch needs it first anyway.
+        let total = self.node.file_size(cid).await.ok();
+        meter.start("fetching", Unit::Bytes, total);
         let tmp = tempfile::NamedTempFile::new_in(crate::util::fs::parent_dir(out))?;
         let (mut std_file, tmp_path) = tmp.into_parts();
         // Chunks go to a blocking thread as they are: no copy into an async
@@ -240,6 +186,7 @@ impl App {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.with_context(|| format!("while fetching {cid}"))?;
             written += chunk.len() as u64;
+            meter.add(chunk.len() as u64);
             if tx.send(chunk).await.is_err() {
                 // The writer stopped: its error is reported below.
                 break;
@@ -258,6 +205,11 @@ impl App {
 
     /// Loads the registry and anchors' sets from their sources.
     pub async fn sync(&self) -> Result<SyncReport> {
+        self.sync_counted(&Meter::new()).await
+    }
+
+    /// [`App::sync`], counting the anchors synced into `meter`.
+    pub async fn sync_counted(&self, meter: &Meter) -> Result<SyncReport> {
         let Some(source) = self.config.registry.clone() else {
             bail!(
                 "no registry configured: set `registry` in the config or pass --registry FILE|URL"
@@ -273,6 +225,7 @@ impl App {
             metrics: self.metrics.clone(),
             registry_source: source,
             root,
+            meter: meter.clone(),
         };
         let report = syncer.sync().await?;
         if let Ok(mut last) = self.last_sync.lock() {

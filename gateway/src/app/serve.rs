@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::http::admin::AdminSocket;
 use crate::http::cache::{self, AppState};
+use crate::http::page;
 use crate::http::trustless;
 use crate::http::upload::{self, Uploads};
 
@@ -74,6 +75,7 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     // No admin routes here: they are on the socket only, so nothing that
     // authorises them ever travels over TCP.
     let router = cache::router(state)
+        .merge(page::router(Arc::new(app.clone())))
         .merge(trustless::router(app.node.clone()))
         .merge(upload::router(uploads))
         .layer(tower_http::trace::TraceLayer::new_for_http());

@@ -18,6 +18,7 @@ use gateway::util::when::human;
 mod car;
 mod community;
 mod node;
+mod progress;
 mod registry;
 
 use gateway::app::{Conflict, Status};
@@ -64,6 +65,14 @@ pub struct GlobalArgs {
     /// TOML configuration file (default: <data-dir>/config.toml).
     #[arg(long, global = true, env = "NIXPFS_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Progress bars on stderr for long commands: when stderr is a terminal
+    /// (auto), always, or never.
+    #[arg(long, global = true, value_enum, default_value_t = progress::ProgressMode::Auto)]
+    pub progress: progress::ProgressMode,
+    /// Log lines as plain text or one JSON object each, for collectors
+    /// (default: the config's `log_format`, else text).
+    #[arg(long, global = true, env = "NIXPFS_LOG_FORMAT")]
+    pub log_format: Option<gateway::config::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +162,15 @@ pub enum Command {
     Claims(community::ClaimsArgs),
     /// Per path: claims, anchors agreeing and disagreeing, reproducibility verdict.
     Repro(community::ReproArgs),
+    /// Print a shell completion script (e.g. `nixpfs completions bash >
+    /// /etc/bash_completion.d/nixpfs`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the nixpfs(1) man page (roff), or write one page per command into --out.
+    Man {
+        /// Write nixpfs.1 and nixpfs-<command>.1 for every subcommand here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,22 +231,33 @@ pub enum NarCommand {
 
 /// Sets up `tracing` to stderr; `RUST_LOG` overrides the verbosity flag.
 /// Colour codes only when stderr is a terminal (and `NO_COLOR` is unset):
-/// log files and journald get plain text.
-pub fn init_tracing(verbose: u8) {
+/// log files and journald get plain text. The format is `--log-format`,
+/// else the config file's `log_format` (a config that cannot be read is
+/// reported by the command itself, so here it only means "text").
+pub fn init_tracing(cli: &Cli) {
+    use gateway::config::LogFormat;
     use std::io::IsTerminal;
-    let ansi = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let default = match verbose {
+    let format = cli.global.log_format.unwrap_or_else(|| {
+        node::resolve(&cli.global)
+            .map(|(_, config)| config.log_format)
+            .unwrap_or_default()
+    });
+    let default = match cli.verbose {
         0 => "warn,gateway=info",
         1 => "info,gateway=debug",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(io::stderr);
+    match format {
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+        LogFormat::Text => logs
+            .with_ansi(io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+    }
 }
 
 /// Runs one parsed command line.
@@ -246,6 +275,25 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Registry(cmd) => registry::run_registry(cmd),
         Command::Serve(args) => node::serve(&cli.global, args),
         Command::NixConfig => node::nix_config(&cli.global),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "nixpfs", &mut io::stdout().lock());
+            Ok(())
+        }
+        Command::Man { out } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            match out {
+                Some(dir) => {
+                    fs::create_dir_all(&dir)
+                        .with_context(|| format!("while creating {}", dir.display()))?;
+                    clap_mangen::generate_to(command, &dir)
+                        .with_context(|| format!("while writing man pages into {}", dir.display()))
+                }
+                None => clap_mangen::Man::new(command)
+                    .render(&mut io::stdout().lock())
+                    .context("while writing the man page"),
+            }
+        }
         Command::Status { json } => {
             node::dispatch(&cli.global, AdminRequest::Status)?.print(json, render_status)
         }
@@ -519,10 +567,6 @@ fn remote_error(text: &str) -> String {
 }
 
 /// A number as the JSON reply carries it: `null` when there is none.
-fn or_null(n: Option<u64>) -> String {
-    n.map_or_else(|| "null".to_owned(), |n| n.to_string())
-}
-
 fn render_status(s: Status) -> String {
     render_status_at(s, gateway::util::time::unix_now())
 }
@@ -530,14 +574,16 @@ fn render_status(s: Status) -> String {
 /// [`render_status`] as of `now` (unix seconds), times in a human form.
 fn render_status_at(s: Status, now: u64) -> String {
     let when = |t: Option<u64>| t.map_or_else(|| "never".to_owned(), |t| human(t, now));
+    let registry = s
+        .registry_version
+        .map_or_else(|| "none".to_owned(), |v| format!("version {v}"));
     let mut out = format!(
-        "peer {}\nconnected peers: {}\npins: {} ({} bytes), own store paths: {}\nregistry version: {} (last sync {})\nforks seen: {}, conflicts: {}\n",
+        "peer {}\nconnected peers: {}\npins: {} ({}), own store paths: {}\nregistry: {registry} (last sync {})\nforks seen: {}, conflicts: {}\n",
         s.peer_id,
         s.connected_peers,
         s.pins,
-        s.pinned_bytes,
+        indicatif::HumanBytes(s.pinned_bytes),
         s.local_paths,
-        or_null(s.registry_version),
         when(s.last_sync),
         s.forks,
         s.conflicts,
@@ -612,14 +658,85 @@ fn render_status_at(s: Status, now: u64) -> String {
             a.kind, a.name
         ));
     }
-    // The counters are a name → count table; serde names them as the JSON does.
+    // The counters are a name → count table; serde names them as the JSON
+    // does. One line per group, in the order a user asks the questions.
     if let Ok(Value::Object(counters)) = serde_json::to_value(&s.counters) {
-        for (k, n) in counters {
-            out.push_str(&format!("{k}: {n}\n"));
+        let grouped = |name: &str| {
+            COUNTER_GROUPS
+                .iter()
+                .any(|(_, names)| names.contains(&name))
+        };
+        for (group, names) in COUNTER_GROUPS {
+            let items: Vec<String> = if names.is_empty() {
+                counters
+                    .iter()
+                    .filter(|(name, _)| !grouped(name))
+                    .map(|(name, n)| format!("{name} {n}"))
+                    .collect()
+            } else {
+                names
+                    .iter()
+                    .filter_map(|name| counters.get(*name).map(|n| format!("{name} {n}")))
+                    .collect()
+            };
+            if !items.is_empty() {
+                out.push_str(&format!("{group}: {}\n", items.join(", ")));
+            }
         }
     }
     out.trim_end().to_owned()
 }
+
+/// How `status` groups the counters; a counter not named here goes in the
+/// last group (the one without names).
+const COUNTER_GROUPS: [(&str, &[&str]); 6] = [
+    (
+        "served",
+        &[
+            "narinfo_served",
+            "narinfo_not_found",
+            "nar_served",
+            "nar_bytes",
+        ],
+    ),
+    (
+        "refused",
+        &[
+            "narinfo_conflict",
+            "narinfo_registry_expired",
+            "nar_hash_mismatch",
+            "nar_fetch_failed",
+            "auth_failures",
+        ],
+    ),
+    (
+        "sync",
+        &[
+            "sync_accepted",
+            "sync_rejected",
+            "registry_refused",
+            "sets_purged",
+        ],
+    ),
+    ("uploads", &["uploads_accepted", "uploads_rejected"]),
+    (
+        "upstreams",
+        &[
+            "upstream_narinfo_served",
+            "upstream_bad_signature",
+            "upstream_errors",
+            "upstream_nar_fetched",
+            "upstream_nar_refused",
+            "upstream_bytes",
+            "peer_narinfo_served",
+            "peer_answers_refused",
+            "peer_bytes",
+            "seeded_fetched",
+            "cache_evictions",
+        ],
+    ),
+    ("other", &[]),
+];
 
 /// Store paths may be given relative to /nix/store's symlinks (`./result`):
 /// resolve those to the store path; CIDs pass through.
@@ -799,15 +916,20 @@ mod tests {
             .typed()
             .unwrap();
         let text = render_status_at(typed, 60);
-        let head = "peer 12D3Koo\nconnected peers: 1\npins: 2 (300 bytes), own store paths: 4\n\
-            registry version: 5 (last sync never)\nforks seen: 0, conflicts: 1\n\
+        let head = "peer 12D3Koo\nconnected peers: 1\npins: 2 (300 B), own store paths: 4\n\
+            registry: version 5 (last sync never)\nforks seen: 0, conflicts: 1\n\
             dht: off\n\
             repro: 3 paths, 1 reproduced, 1 differ, 1 not checked\n\
             anchor anchor-a: version 6, 8 entries, expires 1970-01-01 00:00:07 UTC (53 s ago), last sync accepted\n\
             anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
-            auth_failures: 0\n";
-        assert!(text.starts_with(head), "{text}");
-        assert!(text.contains("\nnar_bytes: 42\n"), "{text}");
+            served: narinfo_served 0, narinfo_not_found 0, nar_served 0, nar_bytes 42\n\
+            refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, auth_failures 0\n\
+            sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0\n\
+            uploads: uploads_accepted 0, uploads_rejected 0\n\
+            upstreams: upstream_narinfo_served 0, upstream_bad_signature 0, upstream_errors 0, \
+            upstream_nar_fetched 0, upstream_nar_refused 0, upstream_bytes 0, peer_narinfo_served 0, \
+            peer_answers_refused 0, peer_bytes 0, seeded_fetched 0, cache_evictions 0";
+        assert_eq!(text, head);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::progress::Bar;
 use super::{GlobalArgs, Reply};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -12,6 +13,7 @@ use gateway::app::App;
 use gateway::config::{default_data_dir, Config};
 use gateway::http::admin::{AdminRequest, Client};
 use gateway::store::ipfs::dht::DhtMode;
+use gateway::util::progress::Meter;
 
 /// `nixpfs serve` options; each also a config key.
 #[derive(Debug, Args)]
@@ -149,22 +151,87 @@ pub fn serve(global: &GlobalArgs, args: ServeArgs) -> Result<()> {
     runtime()?.block_on(gateway::app::serve::serve(&data_dir, config))
 }
 
-/// Runs a node command through the running gateway, or directly.
+/// Runs a node command through the running gateway, or directly; a long
+/// one draws a progress bar (see [`super::progress`]).
 pub fn dispatch(global: &GlobalArgs, request: AdminRequest) -> Result<Reply> {
     let op = Reply::op_name(&request);
     let (data_dir, mut config) = resolve(global)?;
+    let mut bar = if runs_long(&request) {
+        Bar::new(global.progress)
+    } else {
+        None
+    };
     if let Some(client) = Client::discover(&data_dir)? {
-        return Ok(Reply::new(op, client.call(&request)?));
+        let value = match bar.as_mut() {
+            Some(bar) => client.call_watching(&request, |p| bar.update(p)),
+            None => client.call(&request),
+        };
+        return finish(bar, value).map(|value| Reply::new(op, value));
     }
     // Direct mode: no need to listen for peers on a port of our own.
     config.ipfs_listen = vec!["/ip4/127.0.0.1/tcp/0".to_owned()];
+    let meter = Meter::new();
+    let drawing = bar.map(|bar| draw_while_running(bar, meter.clone()));
     let value = runtime()?.block_on(async {
         let app = App::open(&data_dir, config).await?;
-        let result = app.execute(request).await;
+        let result = app.execute_counted(request, &meter).await;
         app.shutdown().await;
         anyhow::Ok(result?)
-    })?;
-    Ok(Reply::new(op, value))
+    });
+    let bar = drawing.and_then(|(stop, thread)| {
+        let _ = stop.send(());
+        thread.join().ok()
+    });
+    finish(bar, value).map(|value| Reply::new(op, value))
+}
+
+/// Requests that can take longer than a second: the ones with a bar.
+fn runs_long(request: &AdminRequest) -> bool {
+    matches!(
+        request,
+        AdminRequest::Pin { .. }
+            | AdminRequest::Add { .. }
+            | AdminRequest::Fetch { .. }
+            | AdminRequest::CarExport { .. }
+            | AdminRequest::CarImport { .. }
+            | AdminRequest::Sync
+            | AdminRequest::Seed { .. }
+            | AdminRequest::AnchorSign { .. }
+            | AdminRequest::Contribute { .. }
+            | AdminRequest::AnchorRebuild { .. }
+    )
+}
+
+/// Redraws `bar` from `meter` ten times a second on a thread of its own,
+/// until told to stop; the thread hands the bar back.
+fn draw_while_running(
+    mut bar: Bar,
+    meter: Meter,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<Bar>) {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            stopped.recv_timeout(std::time::Duration::from_millis(100))
+        {
+            bar.update(meter.snapshot());
+        }
+        bar.update(meter.snapshot());
+        bar
+    });
+    (stop, thread)
+}
+
+/// Ends the bar: its summary line when the command succeeded, just gone
+/// when it failed (the error says what happened).
+fn finish<T>(bar: Option<Bar>, value: Result<T>) -> Result<T> {
+    if let Some(bar) = bar {
+        if value.is_ok() {
+            bar.finish();
+        } else {
+            bar.abandon();
+        }
+    }
+    value
 }
 
 /// `nixpfs nix-config`: the nix.conf lines that make Nix use this gateway.

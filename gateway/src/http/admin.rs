@@ -6,30 +6,38 @@
 //! TCP port: the socket's file permissions are the authorisation, so there
 //! is no token to leak and no address a stale announcement could misdirect.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anchor_registry::PublicKey;
 use anyhow::{anyhow, Context, Result};
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::util::fs::WriteError;
+use crate::util::progress::{Meter, Progress};
 
 /// The admin socket's file inside the data dir (mode 0600).
 pub const SOCKET_FILE: &str = "admin.sock";
 /// The admin endpoint's path on the socket.
 pub const PATH: &str = "/api/v1/admin";
+/// Where a client reads how far its running request has got:
+/// `GET /api/v1/progress/<id>`, `<id>` as it sent in [`PROGRESS_HEADER`].
+pub const PROGRESS_PATH: &str = "/api/v1/progress";
+/// The request header naming a request's progress meter (1 to 64 ASCII
+/// letters, digits or dashes, chosen by the client).
+pub const PROGRESS_HEADER: &str = "x-nixpfs-progress";
 
 /// One operation on the gateway's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,30 +232,173 @@ impl From<anyhow::Error> for AdminError {
     }
 }
 
+/// A conflict: registry anchors that signed different contents for one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub store_path: String,
+    pub evidence: Vec<anchor_registry::Vouch>,
+}
+
+/// What `nixpfs status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub pins: usize,
+    pub pinned_bytes: u64,
+    pub local_paths: u64,
+    pub registry_version: Option<u64>,
+    /// When the registry in force expires (unix seconds); past it, no path
+    /// is served on anchor policy.
+    #[serde(default)]
+    pub registry_expires: Option<u64>,
+    /// Why the last sync could not fetch the registry, if it could not.
+    #[serde(default)]
+    pub registry_error: Option<String>,
+    /// Unix seconds when the last anchor sync finished, if any since start.
+    pub last_sync: Option<u64>,
+    pub anchors: Vec<AnchorStatus>,
+    pub forks: usize,
+    pub conflicts: usize,
+    /// The DHT's routing table and provided keys; absent when it is off.
+    #[serde(default)]
+    pub dht: Option<crate::store::ipfs::dht::DhtStats>,
+    /// Reproducibility verdicts over claimed, rebuilt and multiply signed paths.
+    #[serde(default)]
+    pub repro: crate::publish::ReproCounts,
+    /// Each configured upstream cache with its last error.
+    #[serde(default)]
+    pub upstreams: Vec<crate::trust::upstream::UpstreamStatus>,
+    pub counters: crate::util::metrics::MetricsSnapshot,
+}
+
+/// Per publisher: the newest set version trusted, and what the last sync
+/// made of it. An anchor the last sync rejected appears even if none of its
+/// sets was ever trusted (version, expiry and entries are then absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorStatus {
+    pub name: String,
+    pub kind: String,
+    pub version: Option<u64>,
+    pub expires: Option<u64>,
+    pub entries: Option<u64>,
+    /// The last sync's outcome for this publisher, if one ran since start.
+    pub last_sync: Option<crate::trust::sync::Outcome>,
+    /// Why the last sync rejected it: each source's error, in order.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
 /// What runs admin requests: the opened data directory (`app` implements
 /// it), kept behind a trait so this layer never depends on the one that
 /// wires it.
 pub trait AdminService: Send + Sync + 'static {
-    /// Runs one request; the reply is JSON for both the CLI's `--json` and
-    /// its text rendering.
-    fn execute(&self, request: AdminRequest) -> BoxFuture<'_, Result<Value, AdminError>>;
+    /// Runs one request, counting a long one's progress into `meter`; the
+    /// reply is JSON for both the CLI's `--json` and its text rendering.
+    fn execute(
+        &self,
+        request: AdminRequest,
+        meter: Meter,
+    ) -> BoxFuture<'_, Result<Value, AdminError>>;
 }
 
-/// The admin route, served on the [`AdminSocket`] only: whoever can open
-/// the socket may run every request, so it must never be merged into the
+/// The service and the meters of the requests running on it that a client
+/// asked to watch.
+#[derive(Clone)]
+struct Served {
+    service: Arc<dyn AdminService>,
+    meters: Arc<Mutex<Meters>>,
+}
+
+/// Watched meters by id; a finished request's meter stays until its client
+/// reads it once more (to end its bar with the final count), or
+/// [`FINISHED_KEPT`] passes.
+type Meters = HashMap<String, (Meter, Option<std::time::Instant>)>;
+
+/// How long a finished request's meter waits for its client's last read.
+const FINISHED_KEPT: Duration = Duration::from_secs(60);
+
+/// A watched request's meter, marked finished when the request ends however
+/// it ends.
+struct Watched {
+    meters: Arc<Mutex<Meters>>,
+    id: String,
+}
+
+impl Watched {
+    fn start(meters: &Arc<Mutex<Meters>>, id: &str, meter: &Meter) -> Option<Self> {
+        let mut all = meters.lock().ok()?;
+        all.retain(|_, (_, finished)| finished.is_none_or(|at| at.elapsed() < FINISHED_KEPT));
+        all.insert(id.to_owned(), (meter.clone(), None));
+        Some(Self {
+            meters: meters.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Ok(mut meters) = self.meters.lock() {
+            if let Some((_, finished)) = meters.get_mut(&self.id) {
+                *finished = Some(std::time::Instant::now());
+            }
+        }
+    }
+}
+
+/// Whether a client-chosen progress id is one we keep: short and plain.
+fn valid_progress_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The admin routes, served on the [`AdminSocket`] only: whoever can open
+/// the socket may run every request, so they must never be merged into the
 /// TCP router.
 pub fn router(service: Arc<dyn AdminService>) -> Router {
-    Router::new().route(PATH, post(handle)).with_state(service)
+    let served = Served {
+        service,
+        meters: Arc::default(),
+    };
+    Router::new()
+        .route(PATH, post(handle))
+        .route(&format!("{PROGRESS_PATH}/{{id}}"), get(progress))
+        .with_state(served)
 }
 
-async fn handle(State(service): State<Arc<dyn AdminService>>, body: Bytes) -> Response {
+async fn progress(State(served): State<Served>, UrlPath(id): UrlPath<String>) -> Response {
+    let meter = served.meters.lock().ok().and_then(|mut meters| {
+        let (meter, finished) = meters.get(&id)?.clone();
+        if finished.is_some() {
+            meters.remove(&id);
+        }
+        Some(meter)
+    });
+    match meter {
+        Some(meter) => Json(meter.snapshot()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no running request is watched as {id:?}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn handle(State(served): State<Served>, headers: HeaderMap, body: Bytes) -> Response {
     let request: AdminRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return (StatusCode::BAD_REQUEST, format!("bad admin request: {e}\n")).into_response()
         }
     };
-    match service.execute(request).await {
+    let meter = Meter::new();
+    let watch_id = headers
+        .get(PROGRESS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| valid_progress_id(id));
+    let _watched = watch_id.and_then(|id| Watched::start(&served.meters, id, &meter));
+    match served.service.execute(request, meter).await {
         Ok(value) => Json(value).into_response(),
         Err(e) => {
             if e.kind == ErrorKind::Internal {
@@ -371,6 +522,8 @@ impl AdminSocket {
 
 /// Admin requests may run for hours (a closure pin, a rebuild).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How often a watching client asks how far its request has got.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// The largest reply the client reads (a big node's `pins` is a few MB).
 const MAX_REPLY_BYTES: u64 = 1 << 30;
 /// The longest status or header line the client reads.
@@ -429,13 +582,58 @@ impl Client {
 
     /// Sends one request; the gateway's error message becomes ours.
     pub fn call(&self, request: &AdminRequest) -> Result<Value> {
+        self.call_with(request, None)
+    }
+
+    /// [`Client::call`], handing `watch` the request's progress about five
+    /// times a second while it runs.
+    pub fn call_watching(
+        &self,
+        request: &AdminRequest,
+        mut watch: impl FnMut(Progress),
+    ) -> Result<Value> {
+        use rand_core::RngCore;
+        let id = format!("{:016x}", rand_core::OsRng.next_u64());
+        let (done, result) = std::sync::mpsc::channel();
+        let client = self.clone();
+        let sent = request.clone();
+        let watched = id.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(client.call_with(&sent, Some(&watched)));
+        });
+        let path = format!("{PROGRESS_PATH}/{id}");
+        let mut look = || {
+            // Not watched yet: nothing to show this round.
+            if let Ok((200, body)) = exchange(&self.socket, "GET", &path, &[], None) {
+                if let Ok(progress) = serde_json::from_slice(&body) {
+                    watch(progress);
+                }
+            }
+        };
+        loop {
+            match result.recv_timeout(WATCH_INTERVAL) {
+                Ok(reply) => {
+                    // The final count, which the gateway keeps for this read.
+                    look();
+                    return reply;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(anyhow!("the admin request's thread ended without a reply"))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => look(),
+            }
+        }
+    }
+
+    fn call_with(&self, request: &AdminRequest, watch_id: Option<&str>) -> Result<Value> {
         let body = serde_json::to_vec(request)?;
-        let (status, reply) = exchange(&self.socket, &body).with_context(|| {
-            format!(
-                "cannot reach the running gateway at {}",
-                self.socket.display()
-            )
-        })?;
+        let (status, reply) =
+            exchange(&self.socket, "POST", PATH, &body, watch_id).with_context(|| {
+                format!(
+                    "cannot reach the running gateway at {}",
+                    self.socket.display()
+                )
+            })?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&reply)
                 .context("the running gateway answered with something not JSON");
@@ -449,13 +647,21 @@ impl Client {
     }
 }
 
-/// One POST of `body` to [`PATH`] on the socket: the reply's status and body.
-fn exchange(socket: &Path, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+/// One request with `body` to `path` on the socket, its progress watched
+/// as `watch_id` if given: the reply's status and body.
+fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    watch_id: Option<&str>,
+) -> io::Result<(u16, Vec<u8>)> {
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let watch = watch_id.map_or_else(String::new, |id| format!("{PROGRESS_HEADER}: {id}\r\n"));
     let head = format!(
-        "POST {PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{watch}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes())?;
@@ -589,13 +795,26 @@ mod tests {
     struct Echo;
 
     impl AdminService for Echo {
-        fn execute(&self, request: AdminRequest) -> BoxFuture<'_, Result<Value, AdminError>> {
+        fn execute(
+            &self,
+            request: AdminRequest,
+            meter: Meter,
+        ) -> BoxFuture<'_, Result<Value, AdminError>> {
             Box::pin(async move {
                 match request {
                     AdminRequest::Gc => Err(AdminError {
                         kind: ErrorKind::Conflict,
                         message: "not now".to_owned(),
                     }),
+                    // Counts slowly, so a watching client sees it move.
+                    AdminRequest::Sync => {
+                        meter.start("counting", crate::util::progress::Unit::Items, Some(5));
+                        for _ in 0..5 {
+                            tokio::time::sleep(Duration::from_millis(150)).await;
+                            meter.add(1);
+                        }
+                        Ok(json!("counted"))
+                    }
                     other => Ok(json!({ "echo": other })),
                 }
             })
@@ -626,6 +845,20 @@ mod tests {
             let client = Client::discover(&calls)
                 .expect("a trustworthy socket")
                 .expect("a serving gateway");
+            let mut seen = Vec::new();
+            let counted = client.call_watching(&AdminRequest::Sync, |p| seen.push(p));
+            assert_eq!(counted.expect("sync"), json!("counted"));
+            assert!(!seen.is_empty(), "the watcher saw the request run");
+            assert!(
+                seen.iter()
+                    .all(|p| p.label == "counting" && p.total == Some(5) && p.done <= 5),
+                "{seen:?}"
+            );
+            assert_eq!(
+                seen.last().map(|p| p.done),
+                Some(5),
+                "the final count: {seen:?}"
+            );
             (
                 client.call(&AdminRequest::Status),
                 client.call(&AdminRequest::Gc),

@@ -21,7 +21,7 @@ use crate::store::ipfs::Node;
 use crate::store::verify::VerifiedNar;
 use crate::trust::catalog::{Catalog, Lookup};
 use crate::trust::upstream::{self, Upstreams};
-use crate::util::metrics::Metrics;
+use crate::util::metrics::{Exposition, Metrics};
 
 /// What every handler may use.
 #[derive(Debug)]
@@ -80,22 +80,99 @@ async fn cache_info(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut out = state.metrics.snapshot().to_prometheus();
+    let mut out = Exposition::default();
+    state.metrics.expose(&mut out);
     let bitswap = state.node.bitswap_stats();
-    for (name, counter) in [
-        ("blocks_received", &bitswap.blocks_received),
-        ("blocks_sent", &bitswap.blocks_sent),
-        ("duplicate_blocks", &bitswap.duplicates),
-        ("unmatched_blocks", &bitswap.unmatched),
-        ("rewants", &bitswap.rewants),
+    for (name, help, counter) in [
+        (
+            "blocks_received",
+            "Blocks received from peers and verified.",
+            &bitswap.blocks_received,
+        ),
+        ("blocks_sent", "Blocks sent to peers.", &bitswap.blocks_sent),
+        (
+            "duplicate_blocks",
+            "Blocks that arrived when nobody waited for them any more.",
+            &bitswap.duplicates,
+        ),
+        (
+            "unmatched_blocks",
+            "Blocks that matched no outstanding want (late, unasked or corrupted).",
+            &bitswap.unmatched,
+        ),
+        (
+            "rewants",
+            "Wants sent again to another peer after the first did not deliver.",
+            &bitswap.rewants,
+        ),
     ] {
         let n = counter.load(std::sync::atomic::Ordering::Relaxed);
-        out.push_str(&format!("nixpfs_bitswap_{name} {n}\n"));
+        out.counter(&format!("nixpfs_bitswap_{name}"), help, n);
     }
-    text(StatusCode::OK, out)
+    // Gauges of what the node holds; a part that cannot be read now is left
+    // out of this scrape rather than reported as zero.
+    if let Ok(peers) = state.node.connected_peers().await {
+        out.gauge(
+            "nixpfs_connected_peers",
+            "IPFS peers connected now.",
+            peers.len() as u64,
+        );
+    }
+    if let Ok(pins) = state.node.pins().await {
+        out.gauge("nixpfs_pins", "Pinned DAGs.", pins.len() as u64);
+        out.gauge(
+            "nixpfs_pinned_bytes",
+            "File bytes under the pins.",
+            pins.iter().map(|p| p.size).sum(),
+        );
+    }
+    let index = state.index.clone();
+    if let Ok(Ok((own, nars))) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::store::index::IndexError>((
+            index.local_count()?,
+            index.nar_location_count()?,
+        ))
+    })
+    .await
+    {
+        out.gauge(
+            "nixpfs_own_paths",
+            "Store paths the user pinned from the local store.",
+            own,
+        );
+        out.gauge(
+            "nixpfs_indexed_nars",
+            "NARs whose location (CID) the index knows.",
+            nars,
+        );
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out.finish(),
+    )
+        .into_response()
 }
 
-async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -> Response {
+async fn narinfo(state: State<Arc<AppState>>, file: Path<String>) -> Response {
+    let started = std::time::Instant::now();
+    let metrics = state.metrics.clone();
+    let response = narinfo_answer(state, file).await;
+    metrics.narinfo_seconds.observe(started.elapsed());
+    response
+}
+
+async fn nar(state: State<Arc<AppState>>, file: Path<String>, headers: HeaderMap) -> Response {
+    let started = std::time::Instant::now();
+    let metrics = state.metrics.clone();
+    let response = nar_answer(state, file, headers).await;
+    metrics.nar_seconds.observe(started.elapsed());
+    response
+}
+
+async fn narinfo_answer(State(state): State<Arc<AppState>>, Path(file): Path<String>) -> Response {
     let Some(hash_part) = file.strip_suffix(".narinfo") else {
         return text(StatusCode::NOT_FOUND, format!("no such file: {file}"));
     };
@@ -171,7 +248,7 @@ async fn narinfo(State(state): State<Arc<AppState>>, Path(file): Path<String>) -
     }
 }
 
-async fn nar(
+async fn nar_answer(
     State(state): State<Arc<AppState>>,
     Path(file): Path<String>,
     headers: HeaderMap,

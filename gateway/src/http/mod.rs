@@ -1,7 +1,8 @@
 //! What we serve over HTTP: the Nix binary cache, the trustless gateway,
-//! uploads from `nix copy`, and the local admin API. Handlers parse the
+//! uploads from `nix copy`, the status page, and the local admin API. Handlers parse the
 //! request, call one function of a lower layer, and map its result.
 pub mod admin;
 pub mod cache;
+pub mod page;
 pub mod trustless;
 pub mod upload;

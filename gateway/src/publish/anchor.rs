@@ -134,7 +134,9 @@ pub async fn sign(
 ) -> Result<Vec<String>> {
     let dir = anchor_dir(data_dir, key)?;
     let mut mappings = Vec::new();
-    for info in crate::publish::pin::path_infos(paths, closure).await? {
+    let infos = crate::publish::pin::path_infos(paths, closure).await?;
+    pinner.start_pinning(&infos);
+    for info in infos {
         let pinned = pinner.pin_store_path(info.clone()).await?;
         mappings.push(mapping_for(&info, &pinned.cid, key)?);
     }

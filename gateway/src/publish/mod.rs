@@ -58,6 +58,14 @@ impl Publisher {
     pub fn pinner(&self) -> &Pinner {
         &self.pinner
     }
+
+    /// This publisher with its pins and rebuilds counting into `meter`.
+    pub fn with_meter(&self, meter: &crate::util::progress::Meter) -> Self {
+        Self {
+            pinner: self.pinner.with_meter(meter),
+            ..self.clone()
+        }
+    }
 }
 
 /// `nixpfs repro`: a report for every path that has claims, a rebuild

@@ -15,6 +15,7 @@ use crate::store::index::LocalPath;
 use crate::store::ipfs::{dag::CHUNK_SIZE, Cid, Node, Pin};
 use crate::store::nar::{NarReader, Sha256Tee};
 use crate::trust::catalog::Catalog;
+use crate::util::progress::{Meter, Unit};
 
 /// One pinned thing, as `nixpfs pins` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,25 +77,53 @@ pub struct NotPinned {
 pub struct Pinner {
     node: Node,
     catalog: Catalog,
+    /// Counts the NAR bytes imported, for a progress bar.
+    meter: Meter,
 }
 
 impl Pinner {
     pub fn new(node: Node, catalog: Catalog) -> Self {
-        Self { node, catalog }
+        Self {
+            node,
+            catalog,
+            meter: Meter::new(),
+        }
+    }
+
+    /// This pinner counting into `meter`.
+    pub fn with_meter(&self, meter: &Meter) -> Self {
+        Self {
+            meter: meter.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// The meter this pinner counts into.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
     }
 
     /// Pins store paths from the local Nix store (with their closures when
     /// `closure`): serialise each to NAR, import and pin it, check it against
     /// the store's NarHash, and only then index it as the user's own.
     pub async fn pin_store_paths(&self, paths: &[String], closure: bool) -> Result<Vec<PinEntry>> {
+        let infos = path_infos(paths, closure).await?;
+        self.start_pinning(&infos);
         let mut out = Vec::new();
-        for info in path_infos(paths, closure).await? {
+        for info in infos {
             out.push(self.pin_store_path(info).await?);
         }
         Ok(out)
     }
 
-    /// Pins one store path whose metadata the caller already has.
+    /// Starts the meter's "pinning" step over these paths' NAR bytes.
+    pub fn start_pinning(&self, infos: &[NarInfo]) {
+        let total = infos.iter().map(|i| i.nar_size).sum();
+        self.meter.start("pinning", Unit::Bytes, Some(total));
+    }
+
+    /// Pins one store path whose metadata the caller already has; its NAR
+    /// bytes count into the meter as they are imported.
     pub async fn pin_store_path(&self, info: NarInfo) -> Result<PinEntry> {
         let path = info.store_path.to_string();
         let (pin, summary) = import_pinned(
@@ -102,6 +131,7 @@ impl Pinner {
             Sha256Tee::new(NarReader::new(Path::new(&path))),
             Sha256Tee::summary,
             &path,
+            &self.meter,
         )
         .await?;
         if summary.nar_hash != info.nar_hash || summary.nar_size != info.nar_size {
@@ -142,12 +172,17 @@ impl Pinner {
         if !paths.is_empty() {
             out.extend(self.pin_store_paths(&paths, closure).await?);
         }
+        if !cids.is_empty() {
+            self.meter
+                .start("pinning CIDs", Unit::Items, Some(cids.len() as u64));
+        }
         for cid in cids {
             out.push(PinEntry::of(&self.node.pin(cid).await?));
             // The user's pin now: retention never evicts it.
             let index = self.catalog.index().clone();
             tokio::task::spawn_blocking(move || index.remove_cache_pin(&cid.to_string(), false))
                 .await??;
+            self.meter.add(1);
         }
         Ok(out)
     }
@@ -224,18 +259,20 @@ pub async fn path_infos(paths: &[String], closure: bool) -> Result<Vec<NarInfo>>
 /// DAG's size) into the node, imported and pinned; the reader runs on a
 /// blocking thread, and `finish` turns the drained reader into what it
 /// computed on the way (hashes, references). `what` names the source in
-/// errors.
+/// errors; each chunk's bytes count into `meter`.
 pub(crate) async fn import_pinned<R, T>(
     node: &Node,
     reader: R,
     finish: impl FnOnce(&R) -> T + Send + 'static,
     what: &str,
+    meter: &Meter,
 ) -> Result<(Pin, T)>
 where
     R: Read + Send + 'static,
     T: Send + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let meter = meter.clone();
     let producer = tokio::task::spawn_blocking(move || {
         let mut reader = reader;
         // Whole chunks of the DAG's size go to the import without a copy.
@@ -254,6 +291,7 @@ where
                     }
                 }
             }
+            meter.add(filled as u64);
             if filled == 0
                 || tx
                     .blocking_send(Ok(Bytes::copy_from_slice(&buf[..filled])))

@@ -19,6 +19,7 @@ use crate::nix::refs::{RefScan, ScanReader};
 use crate::publish::Publisher;
 use crate::store::index::NarLocation;
 use crate::store::nar::{NarReader, NarSummary, Sha256Tee};
+use crate::util::progress::Unit;
 use crate::util::time::{now, unix_now};
 
 /// What one `anchor rebuild` did, with where the time went.
@@ -64,6 +65,8 @@ pub async fn rebuild(
     let mut nix_time = started.elapsed();
     // Nix builds one derivation at a time here, so each verdict is about
     // exactly the derivation it names.
+    let meter = p.pinner.meter();
+    meter.start("rebuilding", Unit::Items, Some(drvs.len() as u64));
     let mut rebuilt = Vec::with_capacity(drvs.len());
     for drv in drvs {
         let (task_drv, task_invalid) = (drv.clone(), invalid.clone());
@@ -71,6 +74,7 @@ pub async fn rebuild(
             tokio::task::spawn_blocking(move || nix::rebuild(&task_drv, &task_invalid)).await??;
         nix_time += done.nix_time;
         rebuilt.push((drv, done.outputs));
+        meter.add(1);
     }
     let plain: Vec<String> = rebuilt
         .iter()
@@ -89,6 +93,7 @@ pub async fn rebuild(
     let registry = p.catalog.trust().and_then(|t| t.registry);
     let mut records = Vec::new();
     let mut to_sign = Vec::new();
+    meter.start("pinning results", Unit::Bytes, None);
     for (drv, outputs) in rebuilt {
         for output in outputs {
             let (record, took) =
@@ -234,6 +239,7 @@ async fn import_result(
         reader,
         |r| (r.inner().summary(), r.references().clone()),
         &built_at.display().to_string(),
+        p.pinner.meter(),
     )
     .await?;
     let location = NarLocation {

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use crate::publish::pin::{parse_cid, PinEntry};
 use crate::store::index::{Index, IndexError};
 use crate::store::ipfs::Node;
+use crate::util::progress::{Meter, Unit};
 
 /// One NAR an anchor signed, as a seeding candidate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +67,14 @@ pub fn within_budget(candidates: Vec<Candidate>, budget: u64) -> Vec<Candidate> 
         .collect()
 }
 
-/// Pins what registry anchors signed, up to `max_size` bytes of NARs.
+/// Pins what registry anchors signed, up to `max_size` bytes of NARs; each
+/// NAR's declared size counts into `meter` once it is pinned.
 pub async fn seed(
     node: &Node,
     index: Arc<Index>,
     anchors: &[String],
     max_size: Option<u64>,
+    meter: &Meter,
 ) -> Result<Vec<PinEntry>> {
     let wanted = anchors.to_vec();
     let idx = index.clone();
@@ -82,8 +85,11 @@ pub async fn seed(
             anchors.join(", ")
         );
     }
+    let picked = within_budget(all, max_size.unwrap_or(u64::MAX));
+    let total = picked.iter().map(|c| c.nar_size).sum();
+    meter.start("seeding", Unit::Bytes, Some(total));
     let mut pinned = Vec::new();
-    for candidate in within_budget(all, max_size.unwrap_or(u64::MAX)) {
+    for candidate in picked {
         let pin = node
             .pin(parse_cid(&candidate.cid)?)
             .await
@@ -97,6 +103,7 @@ pub async fn seed(
             size: pin.size,
             store_path: Some(candidate.store_path),
         });
+        meter.add(candidate.nar_size);
     }
     Ok(pinned)
 }

@@ -19,6 +19,7 @@ use crate::store::ipfs::block::{self, Block, DAG_PB, RAW};
 use crate::store::ipfs::dag::{BlockSource, PbNode, UnixfsData};
 use crate::store::ipfs::pb;
 use crate::store::ipfs::{Cid, IpfsError, Node};
+use crate::util::progress::{Meter, Unit};
 
 /// Largest section accepted: a block at bitswap's limit plus its CID.
 const MAX_SECTION: u64 = block::MAX_BLOCK_SIZE as u64 + 1024;
@@ -723,7 +724,13 @@ pub struct ExportReport {
 
 /// Writes the whole DAG under `root` (local blocks, else peers) as a CARv1
 /// file, through a temporary file so a failed export leaves nothing behind.
-pub async fn export_file(node: &Node, root: Cid, out: &Path) -> Result<ExportReport, CarError> {
+pub async fn export_file(
+    node: &Node,
+    root: Cid,
+    out: &Path,
+    meter: &Meter,
+) -> Result<ExportReport, CarError> {
+    meter.start("exporting", Unit::Bytes, None);
     let file_err = |source| CarError::File {
         path: out.to_path_buf(),
         source,
@@ -742,6 +749,7 @@ pub async fn export_file(node: &Node, root: Cid, out: &Path) -> Result<ExportRep
         file.write_all(&item).await.map_err(file_err)?;
         items += 1;
         bytes += item.len() as u64;
+        meter.add(item.len() as u64);
     }
     file.flush().await.map_err(file_err)?;
     file.into_inner().sync_all().await.map_err(file_err)?;
@@ -753,15 +761,44 @@ pub async fn export_file(node: &Node, root: Cid, out: &Path) -> Result<ExportRep
     })
 }
 
-/// [`import`] from a file.
-pub async fn import_file(node: &Node, path: &Path) -> Result<ImportReport, CarError> {
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|source| CarError::File {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    import(node, tokio::io::BufReader::with_capacity(1 << 20, file)).await
+/// [`import`] from a file, its bytes read counting into `meter`.
+pub async fn import_file(
+    node: &Node,
+    path: &Path,
+    meter: &Meter,
+) -> Result<ImportReport, CarError> {
+    let file_err = |source| CarError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = tokio::fs::File::open(path).await.map_err(file_err)?;
+    let total = file.metadata().await.map_err(file_err)?.len();
+    meter.start("importing", Unit::Bytes, Some(total));
+    let counted = Counted {
+        inner: file,
+        meter: meter.clone(),
+    };
+    import(node, tokio::io::BufReader::with_capacity(1 << 20, counted)).await
+}
+
+/// A reader whose bytes count into a meter as they are read.
+#[derive(Debug)]
+struct Counted<R> {
+    inner: R,
+    meter: Meter,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.meter.add((buf.filled().len() - before) as u64);
+        polled
+    }
 }
 
 /// What [`import`] stored and pinned.

@@ -17,6 +17,7 @@ use crate::store::index::{ForkEvidence, Index, IndexError};
 use crate::store::ipfs::Node;
 use crate::trust::catalog::Catalog;
 use crate::util::metrics::Metrics;
+use crate::util::progress::{Meter, Unit};
 use crate::util::time::unix_now;
 
 /// Largest registry or mapping set accepted from one source.
@@ -102,6 +103,8 @@ pub struct Syncer {
     pub registry_source: String,
     /// The keys the first registry accepted must be signed by.
     pub root: TrustRoot,
+    /// Counts the anchors synced, for a progress bar.
+    pub meter: Meter,
 }
 
 impl Syncer {
@@ -128,9 +131,15 @@ impl Syncer {
             registry_error,
             anchors: Vec::new(),
         };
+        self.meter.start(
+            "syncing anchors",
+            Unit::Items,
+            Some(registry.anchors().len() as u64),
+        );
         for anchor in registry.anchors() {
             let outcome = self.sync_anchor(&registry, anchor).await?;
             report.anchors.push(outcome);
+            self.meter.add(1);
         }
         Ok(report)
     }
@@ -564,6 +573,7 @@ mod tests {
             metrics: Arc::default(),
             registry_source: registry_file.to_str().expect("utf-8").to_owned(),
             root: TrustRoot::of(&registry),
+            meter: Meter::new(),
         };
         World {
             dir,

@@ -1,17 +1,31 @@
-//! Counters of what the gateway did, security-relevant failures first. Plain
-//! atomics: cheap on hot paths, read by `status` and `GET /metrics`.
+//! Counters of what the gateway did, security-relevant failures first, and
+//! request-duration histograms. Plain atomics: cheap on hot paths, read by
+//! `status` and `GET /metrics`, which writes them in Prometheus' text
+//! exposition format (a `# HELP` and `# TYPE` line per family, counters
+//! named `…_total`, as `promtool check metrics` wants).
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// Monotonic counters since the gateway started.
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+        /// Monotonic counters since the gateway started, and the request
+        /// durations.
         #[derive(Debug, Default)]
-        pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
+        pub struct Metrics {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+            /// How long narinfo requests took to answer.
+            pub narinfo_seconds: Histogram,
+            /// How long NAR requests took until the response started (the
+            /// body then streams as fast as the client reads).
+            pub nar_seconds: Histogram,
+        }
 
-        /// A point-in-time copy of [`Metrics`], for JSON and text output.
+        /// A point-in-time copy of the counters of [`Metrics`], for JSON and
+        /// text output.
         #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
         pub struct MetricsSnapshot { $(pub $name: u64,)* }
 
@@ -19,17 +33,44 @@ macro_rules! counters {
             pub fn snapshot(&self) -> MetricsSnapshot {
                 MetricsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
             }
-        }
 
-        impl MetricsSnapshot {
-            /// Prometheus text exposition format.
+            /// Every counter and histogram, in the text exposition format.
             pub fn to_prometheus(&self) -> String {
-                let mut out = String::new();
-                $(out.push_str(&format!(concat!("nixpfs_", stringify!($name), " {}\n"), self.$name));)*
-                out
+                let mut out = Exposition::default();
+                self.expose(&mut out);
+                out.finish()
+            }
+
+            /// Writes every counter and histogram into `out`.
+            pub fn expose(&self, out: &mut Exposition) {
+                $(out.counter(
+                    concat!("nixpfs_", stringify!($name)),
+                    &help(&[$($doc),*]),
+                    self.$name.load(Ordering::Relaxed),
+                );)*
+                out.histogram(
+                    "nixpfs_narinfo_request_seconds",
+                    "How long narinfo requests took to answer.",
+                    &self.narinfo_seconds,
+                );
+                out.histogram(
+                    "nixpfs_nar_response_seconds",
+                    "How long NAR requests took until the response started.",
+                    &self.nar_seconds,
+                );
             }
         }
     };
+}
+
+/// A metric's help text from its doc comment's lines, on one line.
+fn help(lines: &[&str]) -> String {
+    lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 counters! {
@@ -105,5 +146,141 @@ impl Metrics {
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Upper bounds of the duration buckets, in seconds: a narinfo from the
+/// index takes well under a millisecond, a NAR's first bytes from a far
+/// peer seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+/// A duration histogram with fixed buckets (Prometheus' cumulative form is
+/// computed when written, so an observation is two relaxed adds).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last counts those
+    /// above every bound.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// The sum of all observations, in microseconds.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// Writes metric families in Prometheus' text exposition format (version
+/// 0.0.4): each family's `# HELP` and `# TYPE` lines, then its samples.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    /// A counter; its sample is named `<name>_total`.
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
+        let name = format!("{name}_total");
+        self.family(&name, help, "counter");
+        let _ = writeln!(self.out, "{name} {value}");
+    }
+
+    /// A gauge: a value that goes up and down.
+    pub fn gauge(&mut self, name: &str, help: &str, value: u64) {
+        self.family(name, help, "gauge");
+        let _ = writeln!(self.out, "{name} {value}");
+    }
+
+    /// A histogram: cumulative buckets, `+Inf`, sum and count.
+    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+        self.family(name, help, "histogram");
+        let mut cumulative = 0u64;
+        for (i, count) in histogram.buckets.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            match BUCKETS.get(i) {
+                Some(bound) => {
+                    let _ = writeln!(self.out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(self.out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = histogram.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(self.out, "{name}_sum {sum}");
+        let _ = writeln!(self.out, "{name}_count {cumulative}");
+    }
+
+    fn family(&mut self, name: &str, help: &str, kind: &str) {
+        // Help text escapes backslashes and newlines, nothing else.
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    /// The text to serve.
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_help_and_type_and_counters_end_in_total() {
+        let metrics = Metrics::default();
+        Metrics::add(&metrics.nar_bytes, 42);
+        metrics.narinfo_seconds.observe(Duration::from_micros(300));
+        metrics.narinfo_seconds.observe(Duration::from_millis(30));
+        metrics.narinfo_seconds.observe(Duration::from_secs(60));
+        let text = metrics.to_prometheus();
+        assert!(text.contains("# HELP nixpfs_nar_bytes_total NAR bytes sent.\n# TYPE nixpfs_nar_bytes_total counter\nnixpfs_nar_bytes_total 42\n"), "{text}");
+        assert!(text.contains("# TYPE nixpfs_narinfo_request_seconds histogram\n"));
+        assert!(text.contains("nixpfs_narinfo_request_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("nixpfs_narinfo_request_seconds_bucket{le=\"0.025\"} 1\n"));
+        assert!(text.contains("nixpfs_narinfo_request_seconds_bucket{le=\"0.05\"} 2\n"));
+        assert!(text.contains("nixpfs_narinfo_request_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("nixpfs_narinfo_request_seconds_count 3\n"));
+        assert!(
+            text.contains("nixpfs_narinfo_request_seconds_sum 60.03"),
+            "{text}"
+        );
+        // Every sample line belongs to a family announced just before it.
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap_or_default().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                    .unwrap_or(name);
+                assert!(typed.contains(family), "{line} has no # TYPE");
+            }
+        }
+    }
+
+    #[test]
+    fn help_text_is_one_escaped_line() {
+        let mut out = Exposition::default();
+        out.gauge("nixpfs_x", "a \\ b\nc", 1);
+        assert_eq!(
+            out.finish(),
+            "# HELP nixpfs_x a \\\\ b\\nc\n# TYPE nixpfs_x gauge\nnixpfs_x 1\n"
+        );
     }
 }

@@ -250,6 +250,12 @@ impl Index {
         Ok(txn.open_table(LOCAL_PATHS)?.len()?)
     }
 
+    /// How many NARs the index knows a location (CID) of.
+    pub fn nar_location_count(&self) -> Result<u64, IndexError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(NAR_LOCATIONS)?.len()?)
+    }
+
     /// The user's own pinned path with this hash part, if any.
     pub fn local(&self, hash: &StorePathHash) -> Result<Option<LocalPath>, IndexError> {
         let txn = self.db.begin_read()?;
