@@ -303,6 +303,58 @@ pub fn render(view: &PageView, now: u64) -> String {
     );
 
     let r = &s.repro;
+    out.push_str("<h2>Upstreams</h2>\n");
+    let counter = |name: &str| {
+        serde_json::to_value(&s.counters)
+            .ok()
+            .and_then(|c| c.get(name).and_then(serde_json::Value::as_u64))
+            .unwrap_or(0)
+    };
+    let _ = writeln!(
+        out,
+        "<p id=\"bytes-by-source\">NAR bytes fetched from upstreams: {}, from IPFS peers: {}.</p>",
+        bytes(counter("upstream_bytes")),
+        bytes(counter("peer_bytes"))
+    );
+    let rows: Vec<Vec<String>> = s
+        .upstreams
+        .iter()
+        .take(MAX_ROWS)
+        .map(|u| {
+            let state = match (&u.last_error, u.backing_off) {
+                (Some(error), true) => format!(
+                    "<span class=\"bad\">failing, skipped for now</span>: {} ({})",
+                    escape(error),
+                    escape(&when(u.last_error_at))
+                ),
+                (Some(error), false) => format!(
+                    "last error {}: {}",
+                    escape(&when(u.last_error_at)),
+                    escape(error)
+                ),
+                (None, _) => "ok".to_owned(),
+            };
+            vec![
+                format!("<code>{}</code>", escape(&u.url)),
+                u.priority.to_string(),
+                u.keys
+                    .iter()
+                    .map(|k| format!("<code>{}</code>", escape(k)))
+                    .collect::<Vec<_>>()
+                    .join("<br>"),
+                escape(&when(u.last_ok_at)),
+                state,
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        "upstreams",
+        &["URL", "priority", "keys", "last answer", "state"],
+        &rows,
+        s.upstreams.len(),
+    );
+
     let _ = writeln!(
         out,
         "<h2>Reproducibility</h2>\n<p id=\"repro\">{} paths: {} reproduced, {} differ, {} not checked.</p>",
@@ -408,7 +460,15 @@ mod tests {
                 conflicts: 0,
                 dht: None,
                 repro: Default::default(),
-                upstreams: Vec::new(),
+                upstreams: vec![crate::trust::upstream::UpstreamStatus {
+                    url: "http://cache.example/<i>".to_owned(),
+                    keys: vec!["u-1:key=".to_owned()],
+                    priority: 50,
+                    last_error: Some("HTTP 502".to_owned()),
+                    last_error_at: Some(95),
+                    last_ok_at: None,
+                    backing_off: true,
+                }],
                 counters: Default::default(),
             },
             gateway_key: "gw-1:abc=".to_owned(),
@@ -435,6 +495,7 @@ mod tests {
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("rollback: version 1 &lt; 2 &amp; &quot;worse&quot;"));
         assert!(html.contains("&lt;b&gt;kubo&lt;/b&gt;"));
+        assert!(html.contains("http://cache.example/&lt;i&gt;"));
     }
 
     #[test]
@@ -447,5 +508,7 @@ mod tests {
         assert!(html.contains("12D3KooWOther"));
         assert!(html.contains("<p id=\"conflicts\" class=\"none\">none</p>"));
         assert!(html.contains("version 3, expires"));
+        assert!(html.contains("failing, skipped for now</span>: HTTP 502"));
+        assert!(html.contains("from upstreams: 0 B, from IPFS peers: 0 B."));
     }
 }
