@@ -203,6 +203,40 @@ in
               a credential, so it may be root-only.
             '';
           };
+          upstreams = mkOption {
+            type = types.listOf (types.submodule {
+              options = {
+                url = mkOption {
+                  type = types.strMatching "https?://.*";
+                  description = "Base URL of a Nix binary cache asked for what the index cannot answer.";
+                };
+                keys = mkOption {
+                  type = types.listOf types.str;
+                  description = "Public keys (`name:base64`, as Nix's `trusted-public-keys`) whose narinfo signatures make a path from this upstream servable.";
+                };
+                priority = mkOption {
+                  type = types.ints.unsigned;
+                  default = 50;
+                  description = "Lower is asked first.";
+                };
+              };
+            });
+            default = [ ];
+            description = ''
+              Binary caches in front of which the gateway serves (`[[upstreams]]`):
+              their signatures are the trust, and what was fetched from them
+              is shared with other gateways over IPFS.
+            '';
+          };
+          cache_max_size = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            description = ''
+              Budget for pins made by `seed_fetched` and `seed` (e.g. "50G");
+              over it the least recently served are evicted. User pins and
+              uploads never are. Unset: no budget.
+            '';
+          };
           log_format = mkOption {
             type = types.enum [ "text" "json" ];
             default = "text";
