@@ -77,10 +77,15 @@ impl Compression {
 
     /// The name Nix uses in `?compression=` and narinfo `Compression:`.
     pub fn name(self) -> &'static str {
+        self.decoding().name()
+    }
+
+    /// The decoder for it: the one upstream NARs use, memory limits included.
+    fn decoding(self) -> nar::compression::Compression {
         match self {
-            Compression::None => "none",
-            Compression::Xz => "xz",
-            Compression::Zstd => "zstd",
+            Compression::None => nar::compression::Compression::None,
+            Compression::Xz => nar::compression::Compression::Xz,
+            Compression::Zstd => nar::compression::Compression::Zstd,
         }
     }
 }
@@ -666,18 +671,10 @@ fn decode_and_check(
     out: mpsc::Sender<io::Result<Bytes>>,
 ) -> Result<NarSummary, NarError> {
     let input = ChannelReader::new(raw);
-    let decoded: Box<dyn Read> = match compression {
-        Compression::None => Box::new(input),
-        Compression::Xz => Box::new(Labeled {
-            what: "xz",
-            inner: xz2::read::XzDecoder::new_multi_decoder(input),
-        }),
-        Compression::Zstd => Box::new(Labeled {
-            what: "zstd",
-            inner: zstd::stream::read::Decoder::new(input)
-                .map_err(|source| NarError::Read { offset: 0, source })?,
-        }),
-    };
+    let decoded = compression
+        .decoding()
+        .decoder(input)
+        .map_err(|source| NarError::Read { offset: 0, source })?;
     let result = nar::validate(Forward {
         inner: decoded,
         tx: out.clone(),
@@ -738,20 +735,6 @@ impl Read for ChannelReader {
                 Err(_) => return Ok(n),
             }
         }
-    }
-}
-
-/// Names the decompressor in its errors, so a client reads "xz: …".
-struct Labeled<R> {
-    what: &'static str,
-    inner: R,
-}
-
-impl<R: Read> Read for Labeled<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner
-            .read(buf)
-            .map_err(|e| io::Error::new(e.kind(), format!("{} data: {e}", self.what)))
     }
 }
 
