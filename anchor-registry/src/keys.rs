@@ -170,6 +170,13 @@ impl SecretKey {
         }
     }
 
+    /// The 32-byte ed25519 seed: the same key can then own other
+    /// identities, such as the IPNS name an anchor publishes its set under.
+    /// Treat it as the secret it is.
+    pub fn seed(&self) -> [u8; SEED_LEN] {
+        self.key.to_bytes()
+    }
+
     /// Deterministic ed25519 signature of `msg`, named after this key.
     pub fn sign(&self, msg: &[u8]) -> Signature {
         Signature {

@@ -11,6 +11,7 @@ pub mod dag;
 pub mod dht;
 pub mod exchange;
 pub mod identify;
+pub mod ipns;
 pub mod node;
 pub mod pb;
 pub mod pins;
