@@ -61,6 +61,9 @@ pub struct Config {
     /// DHT bootstrap peers (multiaddrs ending in `/p2p/<id>`), dialled at
     /// start and kept connected; none by default.
     pub bootstrap: Vec<String>,
+    /// Routing V1 endpoints (`http://host:port`) asked for providers and
+    /// IPNS records beside the DHT, and sent the IPNS records we publish.
+    pub routers: Vec<String>,
     /// The gateway's own narinfo signing key (generated on first start).
     pub signing_key_file: Option<PathBuf>,
     /// Binary caches asked for what the index cannot answer (`[[upstreams]]`).
@@ -136,6 +139,7 @@ impl Default for Config {
             dht: DhtMode::Off,
             dht_protocol: DEFAULT_PROTOCOL.to_owned(),
             bootstrap: Vec::new(),
+            routers: Vec::new(),
             signing_key_file: None,
             upstreams: Vec::new(),
             cache_max_size: None,
