@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::http::admin::AdminSocket;
 use crate::http::cache::{self, AppState};
+use crate::http::ipns;
 use crate::http::page;
 use crate::http::trustless;
 use crate::http::upload::{self, Uploads};
@@ -77,6 +78,11 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     let router = cache::router(state)
         .merge(page::router(Arc::new(app.clone())))
         .merge(trustless::router(app.node.clone()))
+        .merge(ipns::router(Arc::new(ipns::IpnsState {
+            index: app.index.clone(),
+            node: app.node.clone(),
+            metrics: app.metrics.clone(),
+        })))
         .merge(upload::router(uploads))
         .layer(tower_http::trace::TraceLayer::new_for_http());
 

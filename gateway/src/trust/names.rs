@@ -40,8 +40,14 @@ pub enum NameError {
     },
     #[error(transparent)]
     Record(#[from] IpnsError),
-    #[error("{name}: {reason}")]
-    Rejected { name: IpnsName, reason: String },
+    #[error("{name}: sequence {sequence} is below {highest}, the highest seen for this name (a replayed or rolled-back record; a publisher must use a higher sequence)")]
+    Older {
+        name: IpnsName,
+        sequence: u64,
+        highest: u64,
+    },
+    #[error("{name}: this gateway keeps no more IPNS names for others")]
+    NoRoom { name: IpnsName },
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error("the system clock is before 1970")]
@@ -151,17 +157,12 @@ impl Names<'_> {
         };
         match self.index.offer_name_record(&name.to_string(), offer)? {
             Offered::Stored | Offered::Kept => Ok(verified),
-            Offered::Older { highest } => Err(refuse(NameError::Rejected {
+            Offered::Older { highest } => Err(refuse(NameError::Older {
                 name: *name,
-                reason: format!(
-                    "sequence {} is below {highest}, the highest seen for this name",
-                    verified.sequence
-                ),
+                sequence: verified.sequence,
+                highest,
             })),
-            Offered::Full => Err(refuse(NameError::Rejected {
-                name: *name,
-                reason: "this gateway keeps no more names for others".to_owned(),
-            })),
+            Offered::Full => Err(refuse(NameError::NoRoom { name: *name })),
         }
     }
 
@@ -199,12 +200,10 @@ impl Names<'_> {
         if let Offered::Older { highest } =
             self.index.offer_name_record(&name.to_string(), offer)?
         {
-            return Err(NameError::Rejected {
+            return Err(NameError::Older {
                 name: *name,
-                reason: format!(
-                    "sequence {} is below {highest}, already published for this name; publish a newer set version",
-                    verified.sequence
-                ),
+                sequence: verified.sequence,
+                highest,
             });
         }
         let published = self.send(name, &bytes).await;
