@@ -86,15 +86,11 @@ async fn preflight() -> Response {
     response
 }
 
-fn parse_name(name: &str) -> Result<IpnsName, Response> {
-    name.parse::<IpnsName>()
-        .map_err(|e| text(StatusCode::BAD_REQUEST, e.to_string()))
-}
 
 async fn get_record(State(state): State<Arc<IpnsState>>, Path(name): Path<String>) -> Response {
-    let name = match parse_name(&name) {
+    let name = match name.parse::<IpnsName>() {
         Ok(name) => name,
-        Err(response) => return response,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
     };
     match state.names().local(&name).await {
         Ok(Some(record)) => {
@@ -134,9 +130,9 @@ async fn put_record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let name = match parse_name(&name) {
+    let name = match name.parse::<IpnsName>() {
         Ok(name) => name,
-        Err(response) => return response,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
