@@ -31,7 +31,8 @@ use serde_json::Value;
 /// The `routing` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum RoutingCommand {
-    /// Peers that provide CID, with their addresses, from the DHT.
+    /// Peers that provide CID, with their addresses, from the DHT and the
+    /// configured routers.
     Findprovs {
         cid: String,
         /// Stop after this many providers.
@@ -689,7 +690,7 @@ fn render_status_at(s: Status, now: u64) -> String {
 
 /// How `status` groups the counters; a counter not named here goes in the
 /// last group (the one without names).
-const COUNTER_GROUPS: [(&str, &[&str]); 6] = [
+const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
     (
         "served",
         &[
@@ -733,6 +734,15 @@ const COUNTER_GROUPS: [(&str, &[&str]); 6] = [
             "peer_bytes",
             "seeded_fetched",
             "cache_evictions",
+        ],
+    ),
+    (
+        "routing",
+        &[
+            "routing_answered",
+            "routing_refused",
+            "router_providers",
+            "router_errors",
         ],
     ),
     ("other", &[]),
@@ -928,7 +938,8 @@ mod tests {
             uploads: uploads_accepted 0, uploads_rejected 0\n\
             upstreams: upstream_narinfo_served 0, upstream_bad_signature 0, upstream_errors 0, \
             upstream_nar_fetched 0, upstream_nar_refused 0, upstream_bytes 0, peer_narinfo_served 0, \
-            peer_answers_refused 0, peer_bytes 0, seeded_fetched 0, cache_evictions 0";
+            peer_answers_refused 0, peer_bytes 0, seeded_fetched 0, cache_evictions 0\n\
+            routing: routing_answered 0, routing_refused 0, router_providers 0, router_errors 0";
         assert_eq!(text, head);
     }
 

@@ -98,6 +98,7 @@ enum Command {
     Provide(RecordKey, oneshot::Sender<Result<(), String>>),
     FindProviders(RecordKey, mpsc::UnboundedSender<Provider>),
     Stats(oneshot::Sender<DhtStats>),
+    LocalProviders(RecordKey, oneshot::Sender<Vec<Provider>>),
 }
 
 /// A provider a lookup found, with the addresses the lookup learnt.
@@ -168,6 +169,15 @@ impl Dht {
             let peer = rx.recv().await?;
             Some((peer, Some(rx)))
         })
+    }
+
+    /// Providers of `cid` the local record store holds (ours included),
+    /// with the addresses their records or the routing table give: no
+    /// network lookup, so the Routing V1 server can answer from it.
+    pub async fn local_providers(&self, cid: &Cid) -> Result<Vec<Provider>, DhtError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::LocalProviders(provider_key(cid), tx))?;
+        rx.await.map_err(|_| DhtError::Stopped)
     }
 
     /// The routing table's size and how many keys we provide.
@@ -287,6 +297,25 @@ impl Behaviour {
                     provided_keys,
                 });
             }
+            Command::LocalProviders(key, reply) => {
+                let records = libp2p_kad::store::RecordStore::providers(self.kad.store_mut(), &key);
+                let providers = records
+                    .into_iter()
+                    .map(|record| {
+                        let mut addrs = record.addresses;
+                        for addr in self.known_addrs(record.provider) {
+                            if !addrs.contains(&addr) {
+                                addrs.push(addr);
+                            }
+                        }
+                        Provider {
+                            peer: record.provider,
+                            addrs,
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(providers);
+            }
         }
     }
 
@@ -358,6 +387,27 @@ impl Behaviour {
             QueryResult::Bootstrap(Err(e)) => tracing::debug!("DHT bootstrap: {e:?}"),
             _ => {}
         }
+    }
+
+    /// Addresses of `peer` from the routing table and identify, without
+    /// dialling.
+    fn known_addrs(&mut self, peer: PeerId) -> Vec<Multiaddr> {
+        // Reads the routing table and running queries; dials nothing.
+        let mut addrs = self
+            .kad
+            .handle_pending_outbound_connection(
+                ConnectionId::new_unchecked(0),
+                Some(peer),
+                &[],
+                Endpoint::Dialer,
+            )
+            .unwrap_or_default();
+        for addr in self.identified.get(&peer).into_iter().flatten() {
+            if !addrs.contains(addr) {
+                addrs.push(addr.clone());
+            }
+        }
+        addrs
     }
 
     fn learn(&mut self, peer: PeerId, addr: &Multiaddr) {
