@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::http::admin::AdminSocket;
 use crate::http::cache::{self, AppState};
 use crate::http::page;
+use crate::http::routing::{self, RoutingState};
 use crate::http::trustless;
 use crate::http::upload::{self, Uploads};
 
@@ -77,6 +78,11 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     let router = cache::router(state)
         .merge(page::router(Arc::new(app.clone())))
         .merge(trustless::router(app.node.clone()))
+        .merge(routing::router(Arc::new(RoutingState::new(
+            app.node.clone(),
+            local,
+            app.metrics.clone(),
+        ))))
         .merge(upload::router(uploads))
         .layer(tower_http::trace::TraceLayer::new_for_http());
 
