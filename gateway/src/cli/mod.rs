@@ -91,7 +91,7 @@ pub enum Command {
     #[command(subcommand)]
     Set(registry::SetCommand),
     /// Run the gateway: the binary cache for Nix, the IPFS node, anchor sync.
-    Serve(node::ServeArgs),
+    Serve(Box<node::ServeArgs>),
     /// Print the nix.conf lines that point Nix at this gateway.
     NixConfig,
     /// Pins, anchors, conflicts, peers and counters.
@@ -274,7 +274,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Registry(cmd) => registry::run_registry(cmd),
-        Command::Serve(args) => node::serve(&cli.global, args),
+        Command::Serve(args) => node::serve(&cli.global, *args),
         Command::NixConfig => node::nix_config(&cli.global),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
