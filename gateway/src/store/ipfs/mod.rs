@@ -70,7 +70,7 @@ pub enum IpfsError {
     Task { reason: String },
     #[error("the DHT is off: set `dht = \"client\"` or `\"server\"` (or `serve --dht`) to use content routing")]
     NoDht,
-    #[error("no content routing: set `dht = \"client\"` or `\"server\"` (or `serve --dht`), or `routers = [\"http://…\"]` (or `serve --router URL`)")]
+    #[error("the DHT is off and no routers are configured: set `dht = \"client\"` or `\"server\"` (or `serve --dht`), or `routers = [\"http://…\"]` (or `serve --router URL`)")]
     NoRouting,
     #[error(transparent)]
     Dht(#[from] dht::DhtError),
