@@ -284,5 +284,11 @@ fn helia_with_only_our_gateway_as_delegated_router_finds_it_and_fetches_the_nar(
     assert_eq!(v["bytes"].as_u64(), Some(nar.len() as u64), "{v}");
     assert!(fs::read(&out).expect("helia output") == nar, "bytes equal");
     assert!(gw.metric("routing_answered") >= 1);
-    eprintln!("helia {} via delegated routing: {v}", v["helia"]);
+    // Which of the two advertised transports Helia used: bitswap blocks
+    // sent, or else the trustless gateway.
+    eprintln!(
+        "helia {} via delegated routing, {} blocks over bitswap: {v}",
+        v["helia"],
+        gw.metric("bitswap_blocks_sent")
+    );
 }

@@ -481,6 +481,72 @@ mod tests {
             .is_some());
     }
 
+    /// The routes beside a more specific one merged in later (as the IPNS
+    /// endpoints are): each request reaches its handler, all with CORS.
+    #[tokio::test]
+    async fn routes_dispatch_beside_a_merged_ipns_route_and_carry_cors() {
+        use axum::body::Body;
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start(crate::store::ipfs::NodeConfig::new(dir.path()))
+            .await
+            .unwrap();
+        let state = Arc::new(RoutingState::new(
+            node.clone(),
+            "127.0.0.1:8480".parse().unwrap(),
+            Arc::new(Metrics::default()),
+        ));
+        let app = router(state.clone())
+            .merge(Router::new().route("/routing/v1/ipns/{name}", get(|| async { "ipns" })));
+        let call = |method: Method, uri: String| {
+            let app = app.clone();
+            async move {
+                let request = axum::http::Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .body(Body::empty())
+                    .unwrap();
+                app.oneshot(request).await.unwrap()
+            }
+        };
+        let cid = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy";
+        for (uri, status) in [
+            (
+                format!("/routing/v1/providers/{cid}"),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                "/routing/v1/providers/nope".to_owned(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                format!("/routing/v1/peers/{}", node.peer_id()),
+                StatusCode::OK,
+            ),
+            ("/routing/v1/peers/nope".to_owned(), StatusCode::BAD_REQUEST),
+            (
+                "/routing/v1/dht/closest/peers/x".to_owned(),
+                StatusCode::BAD_REQUEST,
+            ),
+            ("/routing/v1/ipns/k51x".to_owned(), StatusCode::OK),
+        ] {
+            let response = call(Method::GET, uri.clone()).await;
+            assert_eq!(response.status(), status, "{uri}");
+            if !uri.contains("/ipns/") {
+                assert_eq!(
+                    response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+                    "*",
+                    "{uri}"
+                );
+            }
+        }
+        let pre = call(Method::OPTIONS, format!("/routing/v1/providers/{cid}")).await;
+        assert_eq!(pre.status(), StatusCode::NO_CONTENT);
+        assert_eq!(state.metrics.snapshot().routing_refused, 3);
+        assert_eq!(state.metrics.snapshot().routing_answered, 1);
+        node.shutdown().await;
+    }
+
     #[test]
     fn the_gateway_address_is_known_only_for_a_specific_listener() {
         let addr = gateway_multiaddr("127.0.0.1:8480".parse().unwrap()).unwrap();

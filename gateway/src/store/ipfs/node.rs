@@ -917,10 +917,19 @@ impl NodeSource {
             let data = if this.dht.is_none() && this.node.inner.routers.is_none() {
                 get.await?
             } else {
+                // With no peer connected, bitswap cannot deliver: ask at once.
+                let alone = this
+                    .node
+                    .inner
+                    .ipfs
+                    .connected()
+                    .await
+                    .is_ok_and(|p| p.is_empty());
+                let delay = if alone { Duration::ZERO } else { FIND_DELAY };
                 tokio::pin!(get);
                 tokio::select! {
                     got = &mut get => got?,
-                    () = tokio::time::sleep(FIND_DELAY) => {
+                    () = tokio::time::sleep(delay) => {
                         // Nobody connected had it: ask the DHT and the
                         // routers. The DHT behaviour dials each provider it
                         // finds, we dial those the routers name, and
