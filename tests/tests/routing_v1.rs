@@ -244,6 +244,31 @@ fn a_gateway_whose_only_routing_is_another_gateway_finds_and_fetches_a_nar_throu
     assert!(took < Duration::from_secs(20), "fetch took {took:?}");
     let peers = run_ok_str(finder.cli().arg("peers"));
     assert!(peers.contains(&holder_id), "dialled the provider: {peers}");
+    // The finder dialled the holder: the holder knows it as a connected
+    // peer, at the listen address it reports (not the connection's port).
+    let (finder_id, finder_listen, _) = finder.id();
+    let finder_listen = finder_listen
+        .split("/p2p/")
+        .next()
+        .expect("address")
+        .to_owned();
+    let known = get(
+        &format!("{}/routing/v1/peers/{finder_id}", holder.url),
+        &[("Accept", "application/x-ndjson")],
+    );
+    assert_eq!(known.status, 200, "{}", known.body);
+    let record: serde_json::Value =
+        serde_json::from_str(known.body.trim()).expect("one NDJSON record");
+    assert_eq!(record["ID"], finder_id.as_str());
+    assert_eq!(
+        record["Addrs"],
+        serde_json::json!([finder_listen]),
+        "{record}"
+    );
+    assert_eq!(
+        record["Protocols"],
+        serde_json::json!(["transport-bitswap"])
+    );
     assert!(finder.metric("router_providers") >= 2);
     assert!(
         finder.metric("router_errors") >= 2,

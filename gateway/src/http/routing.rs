@@ -326,10 +326,14 @@ async fn peers(
         Err(reason) => return refuse(&state, reason),
     };
     let records = match state.node.known_peer(peer).await {
-        Ok(Some(addrs)) if peer == state.node.peer_id() => {
-            vec![PeerRecord::new(peer, &addrs, &[BITSWAP])]
+        Ok(Some(known)) => {
+            let protocols: &[&str] = if known.bitswap == Some(true) {
+                &[BITSWAP]
+            } else {
+                &[]
+            };
+            vec![PeerRecord::new(peer, &known.addrs, protocols)]
         }
-        Ok(Some(addrs)) => vec![PeerRecord::new(peer, &addrs, &[])],
         Ok(None) => Vec::new(),
         Err(e) => {
             tracing::error!(%peer, "routing: looking up a peer failed: {e}");

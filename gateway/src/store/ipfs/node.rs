@@ -81,6 +81,19 @@ pub struct ConnectedPeer {
     pub agent_version: Option<String>,
 }
 
+/// A peer as [`Node::known_peer`] knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownPeer {
+    /// Without `/p2p/<id>`.
+    pub addrs: Vec<Multiaddr>,
+    /// Whether it speaks bitswap; `None`: not known.
+    pub bitswap: Option<bool>,
+}
+
+/// How long a connected peer may take to say where it listens, when a
+/// Routing V1 client asks about it.
+const KNOWN_PEER_IDENTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What [`Node::gc`] removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
@@ -502,22 +515,34 @@ impl Node {
         Ok(out)
     }
 
-    /// Addresses of `peer` as this node knows them without asking anyone:
-    /// its own listen addresses, or a connected peer's connection
-    /// addresses; `None` for a peer it is not connected to.
-    pub async fn known_peer(&self, peer: PeerId) -> Result<Option<Vec<Multiaddr>>, IpfsError> {
+    /// What this node knows of `peer` without a lookup: its own listen
+    /// addresses and bitswap, or for a connected peer what identify says
+    /// over the open connection (listen addresses, whether it speaks
+    /// bitswap), else the connection's addresses; `None` for a peer it is
+    /// not connected to.
+    pub async fn known_peer(&self, peer: PeerId) -> Result<Option<KnownPeer>, IpfsError> {
         if peer == self.inner.peer_id {
-            return Ok(Some(
-                self.inner
+            return Ok(Some(KnownPeer {
+                addrs: self
+                    .inner
                     .listen_addrs
                     .iter()
                     .map(without_peer_id)
                     .collect(),
-            ));
+                bitswap: Some(true),
+            }));
         }
         let ipfs = &self.inner.ipfs;
         if !ipfs.is_connected(peer).await.map_err(host_err)? {
             return Ok(None);
+        }
+        if let Ok(id) = identify::query(ipfs, peer, KNOWN_PEER_IDENTIFY_TIMEOUT).await {
+            if !id.listen_addrs.is_empty() {
+                return Ok(Some(KnownPeer {
+                    addrs: id.listen_addrs.iter().map(without_peer_id).collect(),
+                    bitswap: Some(id.protocols.iter().any(|p| p.starts_with("/ipfs/bitswap"))),
+                }));
+            }
         }
         let addrs = ipfs
             .addrs()
@@ -528,7 +553,10 @@ impl Node {
             .flat_map(|(_, addrs)| addrs)
             .map(|a| without_peer_id(&a))
             .collect();
-        Ok(Some(addrs))
+        Ok(Some(KnownPeer {
+            addrs,
+            bitswap: None,
+        }))
     }
 
     /// Asks the routers who provides `cid` and dials each provider at its
