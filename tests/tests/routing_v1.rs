@@ -2,7 +2,8 @@
 //! answers `/routing/v1/providers` and `/routing/v1/peers` from what it
 //! holds (JSON, NDJSON, 404, 400, CORS, 429); a gateway whose only content
 //! routing is another gateway's HTTP URL finds and fetches a NAR through
-//! it; and a real Helia node with only `delegatedRouters` does the same.
+//! it, also when that router only knows the provider from its DHT record
+//! store; and a real Helia node with only `delegatedRouters` does the same.
 
 use std::fs;
 use std::path::Path;
@@ -281,6 +282,68 @@ fn a_gateway_whose_only_routing_is_another_gateway_finds_and_fetches_a_nar_throu
         "the dead router's URL is logged:\n{log}"
     );
     eprintln!("fetched {} bytes through a router in {took:?}", nar.len());
+}
+
+#[test]
+fn a_router_names_a_provider_its_dht_record_store_knows_and_a_router_only_gateway_fetches_from_it()
+{
+    const LAN: &str = "/ipfs/lan/kad/1.0.0";
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The hub holds no bytes; the holder provides to it on the DHT.
+    let hub = Gateway::start(
+        &dir.path().join("hub"),
+        &["--dht", "server", "--dht-protocol", LAN],
+    );
+    let hub_addr = hub.multiaddr();
+    let holder = Gateway::start(
+        &dir.path().join("holder"),
+        &[
+            "--dht",
+            "server",
+            "--dht-protocol",
+            LAN,
+            "--bootstrap",
+            &hub_addr,
+        ],
+    );
+    let (holder_id, _, _) = holder.id();
+    let (cid, nar) = pinned_nar(&holder, dir.path(), 4);
+    let url = format!("{}/routing/v1/providers/{cid}", hub.url);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        run_ok_str(holder.cli().args(["routing", "provide", &cid]));
+        let a = get(&url, &[]);
+        if a.status == 200 {
+            break a;
+        }
+        assert_eq!(a.status, 404, "{}", a.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hub never stored the holder's record:\n{}",
+            holder.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let v: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+    let providers = v["Providers"].as_array().expect("Providers");
+    assert_eq!(providers.len(), 1, "only the holder, not the hub: {v}");
+    assert_eq!(providers[0]["ID"], holder_id.as_str());
+    assert_eq!(providers[0]["Protocols"], serde_json::json!([]), "unknown");
+    assert!(
+        providers[0]["Addrs"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x
+                .as_str()
+                .is_some_and(|x| x.starts_with("/ip4/127.0.0.1/tcp/")))),
+        "{v}"
+    );
+
+    let finder = Gateway::start(&dir.path().join("finder"), &["--router", &hub.url]);
+    let out = dir.path().join("fetched.nar");
+    run_ok_str(finder.cli().arg("fetch").arg(&cid).arg("--out").arg(&out));
+    assert!(fs::read(&out).expect("fetched") == nar, "bytes equal");
+    let peers = run_ok_str(finder.cli().arg("peers"));
+    assert!(peers.contains(&holder_id), "dialled the holder: {peers}");
 }
 
 #[test]
