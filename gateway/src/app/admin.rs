@@ -7,10 +7,12 @@ use serde_json::{json, Value};
 
 use super::App;
 use crate::http::admin::{
-    AdminError, AdminRequest, AdminService, FetchReply, IdReply, PeerReply, ProviderReply,
+    AdminError, AdminRequest, AdminService, FetchReply, IdReply, NameReply, PeerReply,
+    ProviderReply,
 };
 use crate::http::page::{PageSource, PageView};
 use crate::publish::pin::parse_cid;
+use crate::store::ipfs::ipns::IpnsName;
 use crate::util::keys::read_secret_key;
 use crate::util::progress::Meter;
 
@@ -127,13 +129,59 @@ impl App {
                 key_file,
                 out,
                 expires,
-            } => json!(
-                crate::publish::contribute(&publisher, &targets, closure, &key_file, out, expires)
-                    .await?
-            ),
-            AdminRequest::ImportClaims { source } => {
-                json!(crate::publish::import_claims(&self.publisher, &source).await?)
+                ipns,
+            } => {
+                let mut contribution = crate::publish::contribute(
+                    &publisher, &targets, closure, &key_file, out, expires,
+                )
+                .await?;
+                if ipns {
+                    contribution.ipns = Some(
+                        crate::publish::names::publish_set(
+                            pinner,
+                            &self.names(),
+                            &read_secret_key(&key_file)?,
+                            &contribution.out,
+                        )
+                        .await?,
+                    );
+                }
+                json!(contribution)
             }
+            AdminRequest::NamePublish { key_file, set_file } => json!(
+                crate::publish::names::publish_set(
+                    pinner,
+                    &self.names(),
+                    &read_secret_key(&key_file)?,
+                    &set_file
+                )
+                .await?
+            ),
+            AdminRequest::NameResolve { name } => {
+                let name: IpnsName = name.parse()?;
+                let resolved = self.names().resolve(&name).await?;
+                json!(NameReply {
+                    name: name.to_string(),
+                    value: format!("/ipfs/{}", resolved.value),
+                    sequence: resolved.sequence,
+                    validity: resolved.validity,
+                })
+            }
+            AdminRequest::ImportClaims { source } => match source.strip_prefix("ipns://") {
+                Some(name) => {
+                    let name: IpnsName = name.parse()?;
+                    let resolved = self.names().resolve(&name).await?;
+                    json!(
+                        crate::publish::import_named_claims(
+                            &self.publisher,
+                            &format!("ipfs://{}", resolved.value),
+                            &name
+                        )
+                        .await?
+                    )
+                }
+                None => json!(crate::publish::import_claims(&self.publisher, &source).await?),
+            },
             AdminRequest::Claims => json!(crate::publish::list(&self.publisher).await?),
             AdminRequest::AnchorRebuild {
                 targets,

@@ -229,6 +229,7 @@ impl App {
             metrics: self.metrics.clone(),
             registry_source: source,
             root,
+            routers: self.config.routers.clone(),
             meter: meter.clone(),
         };
         let report = syncer.sync().await?;
@@ -237,6 +238,17 @@ impl App {
         }
         crate::publish::refresh_repro_counts(&self.publisher).await?;
         Ok(report)
+    }
+
+    /// Where IPNS names are resolved and published: the index, the DHT,
+    /// the configured routers.
+    pub fn names(&self) -> crate::trust::names::Names<'_> {
+        crate::trust::names::Names {
+            index: &self.index,
+            node: Some(&self.node),
+            routers: &self.config.routers,
+            metrics: &self.metrics,
+        }
     }
 
     /// Evicts cache pins beyond `cache_max_size` (least recently accessed

@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::http::admin::AdminSocket;
 use crate::http::cache::{self, AppState};
+use crate::http::ipns;
 use crate::http::page;
 use crate::http::routing::{self, RoutingState};
 use crate::http::trustless;
@@ -83,6 +84,11 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
             local,
             app.metrics.clone(),
         ))))
+        .merge(ipns::router(Arc::new(ipns::IpnsState {
+            index: app.index.clone(),
+            node: app.node.clone(),
+            metrics: app.metrics.clone(),
+        })))
         .merge(upload::router(uploads))
         .layer(tower_http::trace::TraceLayer::new_for_http());
 
@@ -97,6 +103,7 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     let admin =
         tokio::spawn(admin_socket.serve(Arc::new(app.clone()), shutdown.clone().cancelled_owned()));
     let syncing = spawn_sync_loop(&app);
+    let republishing = spawn_republish_loop(&app);
     tracing::info!(
         "serving http://{local} (gateway key {}, IPFS peer {})",
         app.key.public(),
@@ -119,6 +126,7 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     if let Some(task) = syncing {
         task.abort();
     }
+    republishing.abort();
     app.node.shutdown().await;
     served.context("while serving HTTP")?;
     admin_served
@@ -146,6 +154,28 @@ fn spawn_sync_loop(app: &App) -> Option<tokio::task::JoinHandle<()>> {
             tokio::time::sleep(Duration::from_secs(interval)).await;
         }
     }))
+}
+
+/// How often the IPNS records this gateway published are sent out again:
+/// well inside the 48 h DHT peers keep a record, and soon enough that a
+/// peer that joined (or a router that restarted) learns them the same day.
+const REPUBLISH_INTERVAL: Duration = Duration::from_secs(4 * 3600);
+/// The first republish waits for the DHT's bootstrap and the peers.
+const REPUBLISH_FIRST: Duration = Duration::from_secs(10);
+
+fn spawn_republish_loop(app: &App) -> tokio::task::JoinHandle<()> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(REPUBLISH_FIRST).await;
+        loop {
+            match app.names().republish().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(records = n, "IPNS records republished"),
+                Err(e) => tracing::warn!("IPNS republish failed: {e}"),
+            }
+            tokio::time::sleep(REPUBLISH_INTERVAL).await;
+        }
+    })
 }
 
 async fn shutdown_signal() {

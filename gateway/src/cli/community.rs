@@ -30,6 +30,10 @@ pub struct ContributeArgs {
     /// How long the claims stay valid, e.g. `30d`.
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
     pub expires: u64,
+    /// Also publish the claims set under the key's IPNS name (peers then
+    /// import `ipns://k51…`, which always names the newest version).
+    #[arg(long)]
+    pub ipns: bool,
 }
 
 /// `nixpfs claims`.
@@ -44,7 +48,7 @@ pub struct ClaimsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ClaimsCommand {
-    /// Accept claims sets: file paths, http(s) URLs or ipfs://<cid> (fetched from peers).
+    /// Accept claims sets: file paths, http(s) URLs, ipfs://<cid> (fetched from peers) or ipns://<name>.
     Import {
         #[arg(required = true)]
         sources: Vec<String>,
@@ -82,9 +86,10 @@ pub fn contribute(global: &GlobalArgs, args: ContributeArgs) -> Result<()> {
         key_file: node::absolute(&args.key)?,
         out: args.out.as_deref().map(node::absolute).transpose()?,
         expires: args.expires,
+        ipns: args.ipns,
     };
     node::dispatch(global, request)?.print(false, |c: Contribution| {
-        format!(
+        let mut out = format!(
             "claimed {} paths as {} (version {}, digest {})\nclaims set: {}\nannounce: ipfs://{}",
             c.paths.len(),
             c.claimant,
@@ -92,7 +97,11 @@ pub fn contribute(global: &GlobalArgs, args: ContributeArgs) -> Result<()> {
             c.digest,
             c.out.display(),
             c.cid,
-        )
+        );
+        if let Some(named) = &c.ipns {
+            out.push_str(&format!("\n{}", super::name_published_text(named)));
+        }
+        out
     })
 }
 

@@ -22,7 +22,10 @@ mod progress;
 mod registry;
 
 use gateway::app::{Conflict, Status};
-use gateway::http::admin::{AdminRequest, FetchReply, IdReply, PeerReply, ProviderReply};
+use gateway::http::admin::{
+    AdminRequest, FetchReply, IdReply, NameReply, PeerReply, ProviderReply,
+};
+use gateway::publish::names::NamePublished;
 use gateway::publish::pin::PinEntry;
 use gateway::trust::sync::SyncReport;
 use serde::de::DeserializeOwned;
@@ -41,6 +44,17 @@ pub enum RoutingCommand {
     },
     /// Announce on the DHT that this node has CID.
     Provide { cid: String },
+}
+
+/// The `name` subcommands (IPNS), as Kubo's `ipfs name`.
+#[derive(Debug, clap::Subcommand)]
+pub enum NameCommand {
+    /// Resolve an IPNS name (from the DHT and the configured routers),
+    /// verify its record and print `/ipfs/<cid>`.
+    Resolve {
+        /// `ipns://k51…`, `/ipns/k51…` or `k51…`.
+        name: String,
+    },
 }
 
 /// nixpfs: a Nix binary cache whose bytes live on IPFS and whose truth comes
@@ -106,6 +120,9 @@ pub enum Command {
     /// Content routing on the DHT, as Kubo's `ipfs routing`.
     #[command(subcommand)]
     Routing(RoutingCommand),
+    /// IPNS names: resolve and verify.
+    #[command(subcommand)]
+    Name(NameCommand),
     /// Import any file into the IPFS node (pinned) and print its CID.
     Add { file: PathBuf },
     /// CAR files: export a DAG by CID, import one (verified, roots pinned).
@@ -198,6 +215,10 @@ pub enum AnchorCommand {
         /// Anchor name as listed in the registry (default: the key's name).
         #[arg(long)]
         name: Option<String>,
+        /// Also add the set to IPFS and publish it under the key's IPNS
+        /// name (`ipns://k51…`, for the registry's `sources`).
+        #[arg(long)]
+        ipns: bool,
     },
     /// Rebuild derivations with the local Nix (`--check` if present) and sign this node's own results.
     Rebuild(community::RebuildArgs),
@@ -412,9 +433,11 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
             expires,
             name,
+            ipns,
         }) => {
             let (data_dir, _) = node::resolve(&cli.global)?;
-            let key = read_secret_key(&key)?;
+            let key_file = key;
+            let key = read_secret_key(&key_file)?;
             let kind = anchor_registry::SetKind::Anchor;
             let header = gateway::publish::anchor::publish(
                 &data_dir,
@@ -433,7 +456,19 @@ pub fn run(cli: Cli) -> Result<()> {
                 header.digest(),
                 out.display()
             );
+            if ipns {
+                let request = AdminRequest::NamePublish {
+                    key_file: node::absolute(&key_file)?,
+                    set_file: node::absolute(&out)?,
+                };
+                node::dispatch(&cli.global, request)?
+                    .print(false, |p: NamePublished| name_published_text(&p))?;
+            }
             Ok(())
+        }
+        Command::Name(NameCommand::Resolve { name }) => {
+            node::dispatch(&cli.global, AdminRequest::NameResolve { name })?
+                .print(false, |r: NameReply| r.value)
         }
         Command::Anchors(AnchorsCommand::Sync) => node::dispatch(&cli.global, AdminRequest::Sync)?
             .print(false, |sync: SyncReport| {
@@ -688,6 +723,22 @@ fn render_status_at(s: Status, now: u64) -> String {
     out.trim_end().to_owned()
 }
 
+/// What `--ipns` publishing did, for people: the name first.
+fn name_published_text(p: &NamePublished) -> String {
+    let mut out = format!(
+        "ipns://{}\n/ipfs/{} (sequence {}), sent to {} DHT peers and {} routers",
+        p.name,
+        p.cid,
+        p.sequence,
+        p.published.dht_peers,
+        p.published.routers.len()
+    );
+    for error in &p.published.errors {
+        out.push_str(&format!("\nnot sent: {error}"));
+    }
+    out
+}
+
 /// How `status` groups the counters; a counter not named here goes in the
 /// last group (the one without names).
 const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
@@ -717,6 +768,9 @@ const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
             "sync_rejected",
             "registry_refused",
             "sets_purged",
+            "ipns_resolved",
+            "ipns_refused",
+            "ipns_published",
         ],
     ),
     ("uploads", &["uploads_accepted", "uploads_rejected"]),

@@ -98,8 +98,21 @@ pub enum AdminRequest {
         key_file: PathBuf,
         out: Option<PathBuf>,
         expires: u64,
+        /// Also publish the claims set under the key's IPNS name.
+        #[serde(default)]
+        ipns: bool,
     },
-    /// Accept a claims set (file path, http(s) URL or `ipfs://<cid>`).
+    /// Publish a signed set file under the IPNS name of the key that
+    /// signed it (`anchor publish --ipns`).
+    NamePublish {
+        key_file: PathBuf,
+        set_file: PathBuf,
+    },
+    /// Resolve and verify an IPNS name (`name resolve`).
+    NameResolve {
+        name: String,
+    },
+    /// Accept a claims set (file path, http(s) URL, `ipfs://<cid>` or `ipns://<name>`).
     ImportClaims {
         source: String,
     },
@@ -111,6 +124,17 @@ pub enum AdminRequest {
         only_if_matches: bool,
     },
     Repro,
+}
+
+/// The reply to [`AdminRequest::NameResolve`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameReply {
+    pub name: String,
+    /// `/ipfs/<cid>`.
+    pub value: String,
+    pub sequence: u64,
+    /// Unix seconds.
+    pub validity: u64,
 }
 
 /// The reply to [`AdminRequest::Fetch`].

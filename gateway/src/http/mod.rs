@@ -3,6 +3,7 @@
 //! request, call one function of a lower layer, and map its result.
 pub mod admin;
 pub mod cache;
+pub mod ipns;
 pub mod page;
 pub mod routing;
 pub mod trustless;

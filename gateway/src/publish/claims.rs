@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::publish::anchor::{key_file_name, KeyNameError};
 use crate::publish::Publisher;
 use crate::store::index::Index;
+use crate::store::ipfs::ipns::IpnsName;
 use crate::trust::sync::{verify_and_index, Indexed, Outcome, SetRejected};
 use crate::util::time::unix_now;
 
@@ -44,6 +45,9 @@ pub struct Contribution {
     pub out: PathBuf,
     /// The claims set on IPFS (pinned here): peers import `ipfs://<cid>`.
     pub cid: String,
+    /// Where it was published under the key's IPNS name (`--ipns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipns: Option<crate::publish::names::NamePublished>,
 }
 
 /// What importing one claims set did.
@@ -125,7 +129,7 @@ pub async fn contribute(
             .await
             .with_context(|| format!("while reading back {}", out.display()))?,
     );
-    import_bytes(p, out.display().to_string(), bytes).await?;
+    import_bytes(p, out.display().to_string(), bytes, None).await?;
     let h = header.header();
     Ok(Contribution {
         claimant: h.anchor.to_string(),
@@ -135,6 +139,7 @@ pub async fn contribute(
         digest: header.digest().to_string(),
         out,
         cid: pinned.cid,
+        ipns: None,
     })
 }
 
@@ -146,7 +151,23 @@ pub async fn import_claims(p: &Publisher, source: &str) -> Result<ClaimsImport> 
     let bytes = crate::trust::sync::fetch_source(&parsed, Some(&p.node))
         .await
         .map_err(|e| anyhow!("cannot load claims from {source}: {e}"))?;
-    import_bytes(p, source.to_owned(), bytes).await
+    import_bytes(p, source.to_owned(), bytes, None).await
+}
+
+/// [`import_claims`] of the set an IPNS name resolved to (`source` is its
+/// `ipfs://`): the set must be signed by the key the name derives from, so
+/// a name can only ever deliver its own key's claims.
+pub async fn import_named_claims(
+    p: &Publisher,
+    source: &str,
+    name: &IpnsName,
+) -> Result<ClaimsImport> {
+    let parsed =
+        Source::parse(source).with_context(|| format!("invalid claims source {source}"))?;
+    let bytes = crate::trust::sync::fetch_source(&parsed, Some(&p.node))
+        .await
+        .map_err(|e| anyhow!("cannot load claims from ipns://{name} ({source}): {e}"))?;
+    import_bytes(p, format!("ipns://{name}"), bytes, Some(*name)).await
 }
 
 /// The registry that claims sets are verified against: the one in force,
@@ -164,10 +185,32 @@ fn registry_for_claims(p: &Publisher) -> Result<Registry> {
     )?)
 }
 
-async fn import_bytes(p: &Publisher, source: String, bytes: Bytes) -> Result<ClaimsImport> {
+async fn import_bytes(
+    p: &Publisher,
+    source: String,
+    bytes: Bytes,
+    name: Option<IpnsName>,
+) -> Result<ClaimsImport> {
     let index = p.catalog.index().clone();
     let registry = registry_for_claims(p)?;
-    tokio::task::spawn_blocking(move || import_verified(&index, &registry, source, &bytes)).await?
+    tokio::task::spawn_blocking(move || {
+        if let Some(name) = name {
+            check_named(&name, &source, &bytes)?;
+        }
+        import_verified(&index, &registry, source, &bytes)
+    })
+    .await?
+}
+
+/// Refuses a set whose signing key does not own `name`.
+fn check_named(name: &IpnsName, source: &str, bytes: &[u8]) -> Result<()> {
+    let reader = SetReader::open(bytes).with_context(|| format!("{source}: not a mapping set"))?;
+    let key = &reader.header().header().key;
+    let owner = IpnsName::from_ed25519(key.as_bytes())?;
+    if owner != *name {
+        bail!("{source} resolved to a set signed by {key}, whose IPNS name is {owner}, not {name}: refused");
+    }
+    Ok(())
 }
 
 /// Verifies a claims set and, if every check passed, indexes it. A name

@@ -5,6 +5,7 @@
 
 pub mod anchor;
 mod claims;
+pub mod names;
 pub mod pin;
 mod rebuild;
 mod repro;
@@ -19,8 +20,8 @@ use anyhow::Result;
 
 pub use crate::nix::build::{Mode, NixError};
 pub use claims::{
-    claims_by_path, contribute, default_claims_file, import_claims, import_verified, list, Claim,
-    ClaimsError, ClaimsImport, Contribution, PathClaims,
+    claims_by_path, contribute, default_claims_file, import_claims, import_named_claims,
+    import_verified, list, Claim, ClaimsError, ClaimsImport, Contribution, PathClaims,
 };
 pub use rebuild::{rebuild, RebuildOptions, RebuildReport};
 pub use repro::{OwnResult, Party, PathReport, RebuildRecord, RecordStore, ReproCounts, Verdict};

@@ -1,5 +1,6 @@
 //! Fetching the anchor registry and each anchor's newest mapping set from
-//! where they publish (file, http(s), IPFS), verifying them through
+//! where they publish (file, http(s), IPFS, an IPNS name of the anchor's own
+//! key), verifying them through
 //! `anchor-registry`, and indexing what passed. Nothing is indexed, and no
 //! trusted state moves, unless every check passed.
 
@@ -14,8 +15,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::store::index::{ForkEvidence, Index, IndexError};
+use crate::store::ipfs::ipns::IpnsName;
 use crate::store::ipfs::Node;
 use crate::trust::catalog::Catalog;
+use crate::trust::names::Names;
 use crate::util::metrics::Metrics;
 use crate::util::progress::{Meter, Unit};
 use crate::util::time::unix_now;
@@ -103,6 +106,8 @@ pub struct Syncer {
     pub registry_source: String,
     /// The keys the first registry accepted must be signed by.
     pub root: TrustRoot,
+    /// Routing V1 routers asked for IPNS records (beside the DHT).
+    pub routers: Vec<String>,
     /// Counts the anchors synced, for a progress bar.
     pub meter: Meter,
 }
@@ -273,6 +278,13 @@ impl Syncer {
                 Source::File(path) => std::fs::File::open(path)
                     .map(|f| Document::File(std::io::BufReader::with_capacity(1 << 20, f)))
                     .map_err(|e| e.to_string()),
+                Source::Ipns(name) => match self.resolve_anchor_name(anchor, name).await {
+                    Ok(resolved) => fetch_source(&resolved, self.node.as_ref())
+                        .await
+                        .map(Document::Bytes)
+                        .map_err(|e| format!("{resolved}: {e}")),
+                    Err(e) => Err(e),
+                },
                 _ => fetch_source(source, self.node.as_ref())
                     .await
                     .map(Document::Bytes),
@@ -332,6 +344,36 @@ impl Syncer {
             entries: None,
             errors,
         })
+    }
+}
+
+impl Syncer {
+    /// Resolves an anchor's `ipns://` source to the `ipfs://` of its newest
+    /// set. The name must be the one the anchor's registered key derives:
+    /// anyone may list a name, but only the anchor's own key can sign for
+    /// its name (the set is then still verified as from any source).
+    async fn resolve_anchor_name(&self, anchor: &Anchor, name: &str) -> Result<Source, String> {
+        let name: IpnsName = name.parse().map_err(|e| format!("{e}"))?;
+        let own = IpnsName::from_ed25519(anchor.key.as_bytes()).map_err(|e| e.to_string())?;
+        if name != own {
+            Metrics::inc(&self.metrics.ipns_refused);
+            let reason = format!(
+                "ipns://{name} is not the name of {}'s registered key (that is ipns://{own})",
+                anchor.name
+            );
+            tracing::warn!(anchor = %anchor.name, "refused an IPNS source: {reason}");
+            return Err(reason);
+        }
+        let names = Names {
+            index: &self.index,
+            node: self.node.as_ref(),
+            routers: &self.routers,
+            metrics: &self.metrics,
+        };
+        let resolved = names.resolve(&name).await.map_err(|e| e.to_string())?;
+        anchor_registry::ContentId::parse(&resolved.value.to_string())
+            .map(Source::Ipfs)
+            .map_err(|e| format!("ipns://{name} points at {}: {e}", resolved.value))
     }
 }
 
@@ -482,7 +524,9 @@ pub async fn fetch_source(source: &Source, node: Option<&Node>) -> Result<Bytes,
         }
         Source::Ipfs(cid) => {
             let Some(node) = node else {
-                return Err("ipfs:// sources need the IPFS node (run through `nixpfs serve`)".to_owned());
+                return Err(
+                    "ipfs:// sources need the IPFS node (run through `nixpfs serve`)".to_owned(),
+                );
             };
             let cid: cid::Cid = cid.to_string().parse().map_err(|e| format!("{e}"))?;
             let mut stream = Box::pin(node.cat(cid));
@@ -497,7 +541,7 @@ pub async fn fetch_source(source: &Source, node: Option<&Node>) -> Result<Bytes,
             Ok(Bytes::from(out))
         }
         Source::Ipns(name) => Err(format!(
-            "ipns://{name}: IPNS resolution is not supported yet; publish the set as a file, http(s) URL or ipfs:// CID too"
+            "ipns://{name} must be resolved first (an anchor's source, or `claims import`)"
         )),
     }
 }
@@ -573,6 +617,7 @@ mod tests {
             metrics: Arc::default(),
             registry_source: registry_file.to_str().expect("utf-8").to_owned(),
             root: TrustRoot::of(&registry),
+            routers: Vec::new(),
             meter: Meter::new(),
         };
         World {

@@ -107,6 +107,13 @@ counters! {
     /// Stored anchor sets dropped because the registry no longer lists their
     /// owner under the key that signed them (removed, renamed, re-keyed).
     sets_purged,
+    /// IPNS records resolved and believed (the newest for their name).
+    ipns_resolved,
+    /// IPNS records refused: not signed by the name's key, expired,
+    /// malformed, oversized, or older than the highest sequence seen.
+    ipns_refused,
+    /// IPNS records this gateway signed and published (or republished).
+    ipns_published,
     /// narinfo requests answered from an upstream cache's signed narinfo.
     upstream_narinfo_served,
     /// Upstream narinfos refused: no signature verified under that

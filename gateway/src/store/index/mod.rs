@@ -8,11 +8,14 @@
 //! - `trusted_state`: the newest set each publisher had accepted (see `sync`),
 //!   keyed by kind, name and key (a new key starts a new chain), whose
 //!   entries are kept as files beside the index (see [`sets`]);
-//! - the upstream bridge's narinfos and cache pins (see [`upstream`]).
+//! - the upstream bridge's narinfos and cache pins (see [`upstream`]);
+//! - the newest IPNS record accepted per name (see [`names`]).
 
+mod names;
 mod sets;
 mod upstream;
 
+pub use names::{NameRecord, Offered};
 pub use sets::{SetTee, StagedSet};
 pub use upstream::{CachePin, UpstreamPath};
 
@@ -148,6 +151,7 @@ impl Index {
         txn.open_table(FORKS)?;
         txn.open_table(META)?;
         upstream::create_tables(&txn)?;
+        names::create_tables(&txn)?;
         txn.commit()?;
         let states = {
             let txn = db.begin_write()?;

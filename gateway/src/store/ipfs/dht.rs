@@ -9,8 +9,14 @@
 //! by [`MAX_PROVIDER_KEYS`] instead of libp2p-kad's default 1,024 keys; dial
 //! providers while their query still holds their addresses.
 //!
-//! Non-goals: value records (IPNS comes with its own module), Kubo's dual
-//! WAN+LAN DHT in one node, IPNI and delegated routing.
+//! Value records are IPNS records only (see [`super::ipns`]): a record
+//! another peer stores with us is checked first — its key must be an IPNS
+//! key, the record must verify for that name and not be older than the one
+//! we hold — and any other record is refused and counted. Records we put
+//! are stored locally too, so a GET finds them even with no peer.
+//!
+//! Non-goals: other value records (`/pk/`…), Kubo's dual WAN+LAN DHT in one
+//! node, IPNI and delegated routing.
 //!
 //! The libp2p-kad behaviour runs inside rust-ipfs's swarm as our custom
 //! behaviour, so it cannot be called directly: [`Dht`] sends it commands
@@ -19,13 +25,19 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cid::Cid;
 use futures::Stream;
+use libp2p_kad::store::RecordStore;
 use libp2p_kad::store::{MemoryStore, MemoryStoreConfig};
-use libp2p_kad::{Event, GetProvidersOk, Mode, QueryId, QueryResult, RecordKey, RoutingUpdate};
+use libp2p_kad::{
+    Event, GetProvidersOk, GetRecordOk, InboundRequest, Mode, QueryId, QueryResult, Quorum, Record,
+    RecordKey, RoutingUpdate, StoreInserts,
+};
 use rust_ipfs::swarm::derive_prelude::{
     ConnectionDenied, ConnectionId, Endpoint, FromSwarm, NetworkBehaviour, PortUse, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm,
@@ -34,6 +46,8 @@ use rust_ipfs::swarm::dial_opts::{DialOpts, PeerCondition};
 use rust_ipfs::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+
+use super::ipns::{self, IpnsName};
 
 /// The public IPFS DHT's protocol.
 pub const DEFAULT_PROTOCOL: &str = "/ipfs/kad/1.0.0";
@@ -49,6 +63,9 @@ const MAX_ADDRS_PER_PEER: usize = 8;
 const MAX_IDENTIFIED_PEERS: usize = 4096;
 /// How long one lookup may run.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most value (IPNS) records the store holds, ours and others': at most
+/// 10 KiB each, so at most 40 MiB.
+const MAX_VALUE_RECORDS: usize = 4096;
 
 /// How the node takes part in the DHT (config `dht`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -90,6 +107,12 @@ pub struct DhtConfig {
 pub struct DhtStats {
     pub routing_peers: usize,
     pub provided_keys: usize,
+    /// IPNS records held for others and ourselves.
+    #[serde(default)]
+    pub value_records: usize,
+    /// Records other peers asked us to store that failed the checks.
+    #[serde(default)]
+    pub refused_records: u64,
 }
 
 enum Command {
@@ -97,6 +120,9 @@ enum Command {
     Bootstrap,
     Provide(RecordKey, oneshot::Sender<Result<(), String>>),
     FindProviders(RecordKey, mpsc::UnboundedSender<Provider>),
+    PutRecord(RecordKey, Vec<u8>, oneshot::Sender<Result<usize, String>>),
+    GetRecord(RecordKey, mpsc::UnboundedSender<Vec<u8>>),
+    LocalRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
     Stats(oneshot::Sender<DhtStats>),
     LocalProviders(RecordKey, oneshot::Sender<Vec<Provider>>),
 }
@@ -120,6 +146,9 @@ pub struct Dht {
     commands: mpsc::UnboundedSender<Command>,
 }
 
+/// A value lookup's results, as peers answer.
+pub type RecordValues = futures::stream::BoxStream<'static, Vec<u8>>;
+
 /// Why a DHT request failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DhtError {
@@ -127,6 +156,8 @@ pub enum DhtError {
     Stopped,
     #[error("providing {cid} failed: {reason}")]
     Provide { cid: String, reason: String },
+    #[error("no DHT peer stored the record (it is kept locally): {reason}")]
+    PutRecord { reason: String },
 }
 
 impl Dht {
@@ -180,6 +211,39 @@ impl Dht {
         rx.await.map_err(|_| DhtError::Stopped)
     }
 
+    /// Stores a value record locally and on the closest peers; the number
+    /// of peers that accepted it.
+    pub async fn put_record(&self, key: Vec<u8>, value: Vec<u8>) -> Result<usize, DhtError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::PutRecord(RecordKey::new(&key), value, tx))?;
+        rx.await
+            .map_err(|_| DhtError::Stopped)?
+            .map_err(|reason| DhtError::PutRecord { reason })
+    }
+
+    /// The values peers (and first the local store) hold under `key`, as
+    /// they arrive; unchecked: the caller verifies each. Ends with the
+    /// lookup.
+    pub fn get_record(&self, key: Vec<u8>) -> RecordValues {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rx = self
+            .send(Command::GetRecord(RecordKey::new(&key), tx))
+            .ok()
+            .map(|()| rx);
+        Box::pin(futures::stream::unfold(rx, |rx| async move {
+            let mut rx = rx?;
+            let value = rx.recv().await?;
+            Some((value, Some(rx)))
+        }))
+    }
+
+    /// The value the local store holds under `key`, without asking anyone.
+    pub async fn local_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, DhtError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::LocalRecord(RecordKey::new(&key), tx))?;
+        rx.await.map_err(|_| DhtError::Stopped)
+    }
+
     /// The routing table's size and how many keys we provide.
     pub async fn stats(&self) -> Result<DhtStats, DhtError> {
         let (tx, rx) = oneshot::channel();
@@ -203,6 +267,9 @@ pub struct Behaviour {
     commands: mpsc::UnboundedReceiver<Command>,
     provides: HashMap<QueryId, oneshot::Sender<Result<(), String>>>,
     finds: HashMap<QueryId, Find>,
+    puts: HashMap<QueryId, oneshot::Sender<Result<usize, String>>>,
+    gets: HashMap<QueryId, mpsc::UnboundedSender<Vec<u8>>>,
+    refused_records: Arc<AtomicU64>,
     /// Listen addresses peers reported through identify: libp2p-kad learns
     /// an address only from connections we dialled, so a peer that dialled
     /// us would otherwise never enter the routing table.
@@ -227,7 +294,7 @@ pub fn new(local: PeerId, config: &DhtConfig) -> (Behaviour, Dht) {
     let store = MemoryStore::with_config(
         local,
         MemoryStoreConfig {
-            max_records: 1024,
+            max_records: MAX_VALUE_RECORDS,
             max_value_bytes: 10 * 1024,
             max_providers_per_key: MAX_PROVIDERS_PER_KEY,
             max_provided_keys: MAX_PROVIDER_KEYS,
@@ -235,6 +302,9 @@ pub fn new(local: PeerId, config: &DhtConfig) -> (Behaviour, Dht) {
     );
     let mut kad_config = libp2p_kad::Config::new(config.protocol.clone());
     kad_config.set_query_timeout(QUERY_TIMEOUT);
+    // Every record and provider record another peer sends comes to us to
+    // check before it is stored (see the module docs).
+    kad_config.set_record_filtering(StoreInserts::FilterBoth);
     kad_config.set_replication_factor(
         NonZeroUsize::new(MAX_PROVIDERS_PER_KEY).unwrap_or(NonZeroUsize::MIN),
     );
@@ -249,6 +319,9 @@ pub fn new(local: PeerId, config: &DhtConfig) -> (Behaviour, Dht) {
         commands: rx,
         provides: HashMap::new(),
         finds: HashMap::new(),
+        puts: HashMap::new(),
+        gets: HashMap::new(),
+        refused_records: Arc::new(AtomicU64::new(0)),
         identified: HashMap::new(),
         unroutable: HashSet::new(),
         local,
@@ -288,13 +361,39 @@ impl Behaviour {
                     },
                 );
             }
+            Command::PutRecord(key, value, done) => {
+                let record = Record::new(key, value);
+                match self.kad.put_record(record, Quorum::One) {
+                    Ok(id) => {
+                        self.puts.insert(id, done);
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Command::GetRecord(key, found) => {
+                let id = self.kad.get_record(key);
+                self.gets.insert(id, found);
+            }
+            Command::LocalRecord(key, reply) => {
+                let value = self
+                    .kad
+                    .store_mut()
+                    .get(&key)
+                    .map(|record| record.value.clone());
+                let _ = reply.send(value);
+            }
             Command::Stats(reply) => {
                 let routing_peers = self.kad.kbuckets().map(|bucket| bucket.num_entries()).sum();
-                let provided_keys =
-                    libp2p_kad::store::RecordStore::provided(self.kad.store_mut()).count();
+                let store = self.kad.store_mut();
+                let provided_keys = store.provided().count();
+                let value_records = store.records().count();
                 let _ = reply.send(DhtStats {
                     routing_peers,
                     provided_keys,
+                    value_records,
+                    refused_records: self.refused_records.load(Ordering::Relaxed),
                 });
             }
             Command::LocalProviders(key, reply) => {
@@ -337,6 +436,24 @@ impl Behaviour {
             },
             Event::RoutingUpdated { peer, .. } => {
                 tracing::debug!(%peer, "DHT routing table updated");
+            }
+            Event::InboundRequest {
+                request:
+                    InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => self.on_inbound_record(source, record),
+            Event::InboundRequest {
+                request:
+                    InboundRequest::AddProvider {
+                        record: Some(provider),
+                    },
+            } => {
+                if let Err(e) = self.kad.store_mut().add_provider(provider) {
+                    tracing::debug!("provider record not stored: {e}");
+                }
             }
             _ => {}
         }
@@ -384,6 +501,28 @@ impl Behaviour {
                     }
                 }
             }
+            QueryResult::PutRecord(result) => {
+                if let Some(done) = self.puts.remove(&id) {
+                    let _ = done.send(match result {
+                        Ok(_) => Ok(1),
+                        Err(
+                            libp2p_kad::PutRecordError::QuorumFailed { success, .. }
+                            | libp2p_kad::PutRecordError::Timeout { success, .. },
+                        ) if !success.is_empty() => Ok(success.len()),
+                        Err(e) => Err(e.to_string()),
+                    });
+                }
+            }
+            QueryResult::GetRecord(result) => {
+                if let Some(found) = self.gets.get(&id) {
+                    if let Ok(GetRecordOk::FoundRecord(peer_record)) = result {
+                        let _ = found.send(peer_record.record.value);
+                    }
+                    if last || found.is_closed() {
+                        self.gets.remove(&id);
+                    }
+                }
+            }
             QueryResult::Bootstrap(Err(e)) => tracing::debug!("DHT bootstrap: {e:?}"),
             _ => {}
         }
@@ -408,6 +547,23 @@ impl Behaviour {
             }
         }
         addrs
+    }
+
+    /// A record `source` asked us to store: kept only if it is a valid IPNS
+    /// record for the name its key names, and not older than the one held.
+    fn on_inbound_record(&mut self, source: PeerId, record: Record) {
+        match check_inbound(&record, self.kad.store_mut().get(&record.key).as_deref()) {
+            Ok(true) => {
+                if let Err(e) = self.kad.store_mut().put(record) {
+                    tracing::warn!(peer = %source, "IPNS record not stored: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(reason) => {
+                self.refused_records.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %source, "refused a DHT record: {reason}");
+            }
+        }
     }
 
     fn learn(&mut self, peer: PeerId, addr: &Multiaddr) {
@@ -519,6 +675,17 @@ impl NetworkBehaviour for Behaviour {
     }
 }
 
+/// Whether an inbound record replaces what the store holds (`Ok(false)`:
+/// it is the same or older than a valid one held), or why it is refused.
+fn check_inbound(record: &Record, held: Option<&Record>) -> Result<bool, String> {
+    let name = IpnsName::from_routing_key(record.key.as_ref())
+        .ok_or("only IPNS records (/ipns/<peer id>) are stored")?;
+    let now = crate::util::time::now().map_err(|e| e.to_string())?;
+    let new = ipns::verify(&name, &record.value, now).map_err(|e| e.to_string())?;
+    let held = held.and_then(|held| ipns::verify(&name, &held.value, now).ok());
+    Ok(held.is_none_or(|held| new.supersedes(&held)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,5 +711,46 @@ mod tests {
         assert_eq!(provider_key(&v1), provider_key(&dag_pb_v1));
         assert_eq!(provider_key(&v0), provider_key(&v1));
         assert_eq!(provider_key(&v1).as_ref(), v1.hash().to_bytes().as_slice());
+    }
+
+    #[test]
+    fn only_valid_ipns_records_newer_than_the_held_one_are_stored() {
+        let keypair = ipns::keypair_from_seed([7; 32]).unwrap();
+        let name = IpnsName::from_ed25519(
+            anchor_registry::SecretKey::from_seed("a-1", [7; 32])
+                .unwrap()
+                .public()
+                .as_bytes(),
+        )
+        .unwrap();
+        let cid: Cid = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+            .parse()
+            .unwrap();
+        let valid = crate::util::time::now().unwrap() + 3600;
+        let record = |seq| {
+            Record::new(
+                RecordKey::new(&name.routing_key()),
+                ipns::sign(&keypair, &cid, seq, valid, Duration::from_secs(60)).unwrap(),
+            )
+        };
+        assert_eq!(check_inbound(&record(2), None), Ok(true));
+        assert_eq!(check_inbound(&record(3), Some(&record(2))), Ok(true));
+        assert_eq!(check_inbound(&record(1), Some(&record(2))), Ok(false));
+        assert_eq!(check_inbound(&record(2), Some(&record(2))), Ok(false));
+        let other = Record::new(RecordKey::new(&b"/pk/x".to_vec()), record(2).value);
+        assert!(check_inbound(&other, None)
+            .unwrap_err()
+            .contains("only IPNS"));
+        let stranger = IpnsName::from_ed25519(
+            anchor_registry::SecretKey::from_seed("b-1", [8; 32])
+                .unwrap()
+                .public()
+                .as_bytes(),
+        )
+        .unwrap();
+        let forged = Record::new(RecordKey::new(&stranger.routing_key()), record(9).value);
+        assert!(check_inbound(&forged, None)
+            .unwrap_err()
+            .contains("not signed"));
     }
 }

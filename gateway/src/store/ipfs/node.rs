@@ -28,6 +28,7 @@ use super::dag::{self, BlockSource, Imported};
 use super::dht::{self, Dht, DhtConfig, DhtMode};
 use super::exchange;
 use super::identify;
+use super::ipns;
 use super::pins::{Pin, Pins};
 use super::routers::Routers;
 use super::IpfsError;
@@ -55,6 +56,8 @@ pub struct NodeConfig {
 /// How long a block may be missing from every connected peer before the
 /// DHT is asked who has it (Kubo waits about as long).
 const FIND_DELAY: Duration = Duration::from_secs(1);
+/// Most IPNS records one lookup collects (Kubo asks for 16).
+pub const MAX_RECORD_ANSWERS: usize = 16;
 
 impl NodeConfig {
     /// Defaults: loopback listener, no peers, 60 s fetch timeout, 32 blocks ahead.
@@ -582,6 +585,42 @@ impl Node {
                 }
             });
         futures::future::join_all(dials).await;
+    }
+
+    /// Puts a signed IPNS record on the DHT under its name's routing key
+    /// (the local record store keeps it too); the number of peers that took
+    /// it.
+    pub async fn put_ipns_record(
+        &self,
+        name: &ipns::IpnsName,
+        record: Vec<u8>,
+    ) -> Result<usize, IpfsError> {
+        let dht = self.inner.dht.as_ref().ok_or(IpfsError::NoDht)?;
+        Ok(dht.put_record(name.routing_key(), record).await?)
+    }
+
+    /// Candidate IPNS records for `name` from the local record store and
+    /// the DHT, unverified, as many as came within `timeout` (at most
+    /// [`MAX_RECORD_ANSWERS`]).
+    pub async fn get_ipns_records(
+        &self,
+        name: &ipns::IpnsName,
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>, IpfsError> {
+        let dht = self.inner.dht.as_ref().ok_or(IpfsError::NoDht)?;
+        let mut lookup = dht.get_record(name.routing_key()).take(MAX_RECORD_ANSWERS);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut found = Vec::new();
+        while let Ok(Some(record)) = tokio::time::timeout_at(deadline, lookup.next()).await {
+            found.push(record);
+        }
+        Ok(found)
+    }
+
+    /// The IPNS record the local DHT store holds for `name`, unverified.
+    pub async fn local_ipns_record(&self, name: &ipns::IpnsName) -> Option<Vec<u8>> {
+        let dht = self.inner.dht.as_ref()?;
+        dht.local_record(name.routing_key()).await.ok().flatten()
     }
 
     /// Starts answering other gateways' narinfo questions (see
