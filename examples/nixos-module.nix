@@ -193,6 +193,15 @@ in
               at start and kept connected; none by default.
             '';
           };
+          routers = mkOption {
+            type = types.listOf (types.strMatching "https?://.*");
+            default = [ ];
+            description = ''
+              Routing V1 endpoints (`http://host:port`, IPIP-337) asked for
+              providers beside the DHT when no connected peer has a block;
+              none by default.
+            '';
+          };
           signing_key_file = mkOption {
             type = runtimeFile;
             default = null;

@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 
 /// Files `scripts/install-peers DIR` leaves in DIR.
-const PEER_FILES: [&str; 4] = [
+const PEER_FILES: [&str; 5] = [
     "helia/hash.mjs",
     "helia/car.mjs",
     "helia/vfetch.mjs",
+    "helia/routed.mjs",
     "kubo.py",
 ];
 

@@ -176,6 +176,8 @@ pub enum ConfigError {
     UpstreamUrl { url: String, reason: String },
     #[error("invalid `cache_max_size` {value:?}: {reason}")]
     CacheMaxSize { value: String, reason: String },
+    #[error("invalid router {url:?} in `routers`: {reason}")]
+    Router { url: String, reason: String },
     #[error("invalid `dht_protocol` {0:?}: a protocol name starts with `/`, e.g. \"/ipfs/kad/1.0.0\" or \"/ipfs/lan/kad/1.0.0\"")]
     DhtProtocol(String),
 }
@@ -210,6 +212,7 @@ impl Config {
             return Err(ConfigError::RequireZero(self.require));
         }
         self.dht_protocol()?;
+        self.routers()?;
         self.upstreams()?;
         self.cache_max_size()?;
         self.trust_root()
@@ -257,6 +260,34 @@ impl Config {
                     keys,
                     priority: u.priority.unwrap_or(DEFAULT_UPSTREAM_PRIORITY),
                 })
+            })
+            .collect()
+    }
+
+    /// The `routers`, checked: `http(s)://host[:port][/prefix]`, their
+    /// trailing `/` dropped (requests append `/routing/v1/…`).
+    pub fn routers(&self) -> Result<Vec<String>, ConfigError> {
+        self.routers
+            .iter()
+            .map(|u| {
+                let bad = |reason: &str| ConfigError::Router {
+                    url: u.clone(),
+                    reason: reason.to_owned(),
+                };
+                let url = u.trim_end_matches('/');
+                let rest = url
+                    .strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"))
+                    .ok_or_else(|| bad("it must start with http:// or https://"))?;
+                if rest.is_empty() || rest.starts_with('/') {
+                    return Err(bad("it names no host"));
+                }
+                if url.contains(['?', '#']) || url.chars().any(char::is_whitespace) {
+                    return Err(bad(
+                        "a query, fragment or whitespace has no place in a router URL",
+                    ));
+                }
+                Ok(url.to_owned())
             })
             .collect()
     }
@@ -462,5 +493,27 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(bad.validate(), Err(ConfigError::DhtProtocol(_))));
+    }
+
+    #[test]
+    fn routers_are_http_urls_without_their_trailing_slash() {
+        let config: Config =
+            toml::from_str("routers = [\"http://127.0.0.1:8480/\", \"https://r.example/base\"]\n")
+                .unwrap();
+        assert_eq!(
+            config.routers().unwrap(),
+            vec!["http://127.0.0.1:8480", "https://r.example/base"]
+        );
+        for bad in ["ftp://x", "http://", "http://x/?q=1", "127.0.0.1:8480"] {
+            let config = Config {
+                routers: vec![bad.to_owned()],
+                ..Config::default()
+            };
+            let err = config.validate().unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Router { url, .. } if url == bad),
+                "{bad}: {err}"
+            );
+        }
     }
 }

@@ -18,6 +18,7 @@ pub fn peers_dir() -> PathBuf {
             "helia/hash.mjs",
             "helia/car.mjs",
             "helia/vfetch.mjs",
+            "helia/routed.mjs",
             "kubo.py",
         ]
         .into_iter()

@@ -108,6 +108,11 @@ impl App {
             protocol: config.dht_protocol()?,
             bootstrap: parse_addrs(&config.bootstrap, "bootstrap")?,
         });
+        let metrics = Arc::new(Metrics::default());
+        node_config.routers = Some(Arc::new(crate::store::ipfs::routers::Routers::new(
+            config.routers()?,
+            metrics.clone(),
+        )));
         let node = Node::start(node_config)
             .await
             .context("while starting the IPFS node")?;
@@ -123,7 +128,6 @@ impl App {
             catalog.set_registry(registry);
         }
         let publisher = Publisher::new(data_dir.to_owned(), node.clone(), catalog.clone());
-        let metrics = Arc::new(Metrics::default());
         let upstreams = Arc::new(crate::trust::upstream::Upstreams::new(
             config.upstreams()?,
             metrics.clone(),

@@ -16,6 +16,7 @@ use crate::http::admin::AdminSocket;
 use crate::http::cache::{self, AppState};
 use crate::http::ipns;
 use crate::http::page;
+use crate::http::routing::{self, RoutingState};
 use crate::http::trustless;
 use crate::http::upload::{self, Uploads};
 
@@ -78,6 +79,11 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     let router = cache::router(state)
         .merge(page::router(Arc::new(app.clone())))
         .merge(trustless::router(app.node.clone()))
+        .merge(routing::router(Arc::new(RoutingState::new(
+            app.node.clone(),
+            local,
+            app.metrics.clone(),
+        ))))
         .merge(ipns::router(Arc::new(ipns::IpnsState {
             index: app.index.clone(),
             node: app.node.clone(),

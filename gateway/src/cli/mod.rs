@@ -34,7 +34,8 @@ use serde_json::Value;
 /// The `routing` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum RoutingCommand {
-    /// Peers that provide CID, with their addresses, from the DHT.
+    /// Peers that provide CID, with their addresses, from the DHT and the
+    /// configured routers.
     Findprovs {
         cid: String,
         /// Stop after this many providers.
@@ -104,7 +105,7 @@ pub enum Command {
     #[command(subcommand)]
     Set(registry::SetCommand),
     /// Run the gateway: the binary cache for Nix, the IPFS node, anchor sync.
-    Serve(node::ServeArgs),
+    Serve(Box<node::ServeArgs>),
     /// Print the nix.conf lines that point Nix at this gateway.
     NixConfig,
     /// Pins, anchors, conflicts, peers and counters.
@@ -294,7 +295,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Registry(cmd) => registry::run_registry(cmd),
-        Command::Serve(args) => node::serve(&cli.global, args),
+        Command::Serve(args) => node::serve(&cli.global, *args),
         Command::NixConfig => node::nix_config(&cli.global),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -740,7 +741,7 @@ fn name_published_text(p: &NamePublished) -> String {
 
 /// How `status` groups the counters; a counter not named here goes in the
 /// last group (the one without names).
-const COUNTER_GROUPS: [(&str, &[&str]); 6] = [
+const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
     (
         "served",
         &[
@@ -787,6 +788,15 @@ const COUNTER_GROUPS: [(&str, &[&str]); 6] = [
             "peer_bytes",
             "seeded_fetched",
             "cache_evictions",
+        ],
+    ),
+    (
+        "routing",
+        &[
+            "routing_answered",
+            "routing_refused",
+            "router_providers",
+            "router_errors",
         ],
     ),
     ("other", &[]),
@@ -978,11 +988,13 @@ mod tests {
             anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
             served: narinfo_served 0, narinfo_not_found 0, nar_served 0, nar_bytes 42\n\
             refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, auth_failures 0\n\
-            sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0\n\
+            sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0, \
+            ipns_resolved 0, ipns_refused 0, ipns_published 0\n\
             uploads: uploads_accepted 0, uploads_rejected 0\n\
             upstreams: upstream_narinfo_served 0, upstream_bad_signature 0, upstream_errors 0, \
             upstream_nar_fetched 0, upstream_nar_refused 0, upstream_bytes 0, peer_narinfo_served 0, \
-            peer_answers_refused 0, peer_bytes 0, seeded_fetched 0, cache_evictions 0";
+            peer_answers_refused 0, peer_bytes 0, seeded_fetched 0, cache_evictions 0\n\
+            routing: routing_answered 0, routing_refused 0, router_providers 0, router_errors 0";
         assert_eq!(text, head);
     }
 

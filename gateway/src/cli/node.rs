@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// DHT bootstrap peer ending in /p2p/<id>; repeat (config `bootstrap`).
     #[arg(long = "bootstrap")]
     pub bootstrap: Vec<String>,
+    /// Routing V1 endpoint (http://host:port) asked for providers; repeat
+    /// (config `routers`).
+    #[arg(long = "router")]
+    pub routers: Vec<String>,
 }
 
 impl ServeArgs {
@@ -88,6 +92,9 @@ impl ServeArgs {
         }
         if !self.bootstrap.is_empty() {
             config.bootstrap = self.bootstrap;
+        }
+        if !self.routers.is_empty() {
+            config.routers = self.routers;
         }
         if self.registry.is_some() {
             config.registry = self.registry;

@@ -73,7 +73,7 @@ pub enum AdminRequest {
     Conflicts,
     Peers,
     Id,
-    /// Providers of a CID from the DHT (`routing findprovs`).
+    /// Providers of a CID from the DHT and routers (`routing findprovs`).
     FindProviders {
         cid: String,
         limit: usize,

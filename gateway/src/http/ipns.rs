@@ -86,7 +86,6 @@ async fn preflight() -> Response {
     response
 }
 
-
 async fn get_record(State(state): State<Arc<IpnsState>>, Path(name): Path<String>) -> Response {
     let name = match name.parse::<IpnsName>() {
         Ok(name) => name,

@@ -142,6 +142,17 @@ counters! {
     /// Cache pins (`seed_fetched`, `seed`) evicted to stay within
     /// `cache_max_size`.
     cache_evictions,
+    /// Routing V1 requests (`/routing/v1/providers`, `/routing/v1/peers`)
+    /// answered with records.
+    routing_answered,
+    /// Routing V1 requests refused: over the rate limit (429) or a bad
+    /// CID or peer id (400).
+    routing_refused,
+    /// Providers the configured `routers` named.
+    router_providers,
+    /// Requests to configured `routers` that failed (transport, timeout,
+    /// HTTP status, oversized or unparsable answer).
+    router_errors,
 }
 
 impl Metrics {

@@ -124,6 +124,7 @@ enum Command {
     GetRecord(RecordKey, mpsc::UnboundedSender<Vec<u8>>),
     LocalRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
     Stats(oneshot::Sender<DhtStats>),
+    LocalProviders(RecordKey, oneshot::Sender<Vec<Provider>>),
 }
 
 /// A provider a lookup found, with the addresses the lookup learnt.
@@ -199,6 +200,15 @@ impl Dht {
             let peer = rx.recv().await?;
             Some((peer, Some(rx)))
         })
+    }
+
+    /// Providers of `cid` the local record store holds (ours included),
+    /// with the addresses their records or the routing table give: no
+    /// network lookup, so the Routing V1 server can answer from it.
+    pub async fn local_providers(&self, cid: &Cid) -> Result<Vec<Provider>, DhtError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::LocalProviders(provider_key(cid), tx))?;
+        rx.await.map_err(|_| DhtError::Stopped)
     }
 
     /// Stores a value record locally and on the closest peers; the number
@@ -386,6 +396,25 @@ impl Behaviour {
                     refused_records: self.refused_records.load(Ordering::Relaxed),
                 });
             }
+            Command::LocalProviders(key, reply) => {
+                let records = libp2p_kad::store::RecordStore::providers(self.kad.store_mut(), &key);
+                let providers = records
+                    .into_iter()
+                    .map(|record| {
+                        let mut addrs = record.addresses;
+                        for addr in self.known_addrs(record.provider) {
+                            if !addrs.contains(&addr) {
+                                addrs.push(addr);
+                            }
+                        }
+                        Provider {
+                            peer: record.provider,
+                            addrs,
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(providers);
+            }
         }
     }
 
@@ -497,6 +526,27 @@ impl Behaviour {
             QueryResult::Bootstrap(Err(e)) => tracing::debug!("DHT bootstrap: {e:?}"),
             _ => {}
         }
+    }
+
+    /// Addresses of `peer` from the routing table and identify, without
+    /// dialling.
+    fn known_addrs(&mut self, peer: PeerId) -> Vec<Multiaddr> {
+        // Reads the routing table and running queries; dials nothing.
+        let mut addrs = self
+            .kad
+            .handle_pending_outbound_connection(
+                ConnectionId::new_unchecked(0),
+                Some(peer),
+                &[],
+                Endpoint::Dialer,
+            )
+            .unwrap_or_default();
+        for addr in self.identified.get(&peer).into_iter().flatten() {
+            if !addrs.contains(addr) {
+                addrs.push(addr.clone());
+            }
+        }
+        addrs
     }
 
     /// A record `source` asked us to store: kept only if it is a valid IPNS

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures::AsyncReadExt;
-use rust_ipfs::{Ipfs, PeerId, StreamProtocol};
+use rust_ipfs::{Ipfs, Multiaddr, PeerId, StreamProtocol};
 
 use super::pb::{self, Fields};
 
@@ -22,6 +22,9 @@ pub struct PeerIdentity {
     pub agent_version: String,
     pub protocol_version: String,
     pub protocols: Vec<String>,
+    /// Where the peer says it listens (addresses that do not parse are
+    /// left out).
+    pub listen_addrs: Vec<Multiaddr>,
 }
 
 /// Why a peer could not be identified.
@@ -42,6 +45,11 @@ pub fn decode(buf: &[u8]) -> Result<PeerIdentity, pb::PbError> {
     for field in Fields::new(buf) {
         let (num, value) = field?;
         match num {
+            2 => {
+                if let Ok(addr) = Multiaddr::try_from(value.bytes(2)?.to_vec()) {
+                    out.listen_addrs.push(addr);
+                }
+            }
             3 => out.protocols.push(text(value.bytes(3)?)),
             5 => out.protocol_version = text(value.bytes(5)?),
             6 => out.agent_version = text(value.bytes(6)?),
@@ -101,6 +109,9 @@ mod tests {
     fn encode(id: &PeerIdentity) -> Vec<u8> {
         let mut out = Vec::new();
         pb::put_bytes(&mut out, 1, b"\x08\x01\x12\x20key");
+        for a in &id.listen_addrs {
+            pb::put_bytes(&mut out, 2, &a.to_vec());
+        }
         for p in &id.protocols {
             pb::put_bytes(&mut out, 3, p.as_bytes());
         }
@@ -115,6 +126,7 @@ mod tests {
             agent_version: "kubo/0.22.0/".into(),
             protocol_version: "ipfs/0.1.0".into(),
             protocols: vec!["/ipfs/bitswap/1.2.0".into(), "/ipfs/id/1.0.0".into()],
+            listen_addrs: vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()],
         };
         assert_eq!(decode(&encode(&id)).unwrap(), id);
     }
@@ -122,7 +134,7 @@ mod tests {
     proptest! {
         #[test]
         fn record_round_trips(agent in ".{0,40}", version in ".{0,20}", protocols in proptest::collection::vec("/[a-z/0-9.]{1,30}", 0..5)) {
-            let id = PeerIdentity { agent_version: agent, protocol_version: version, protocols };
+            let id = PeerIdentity { agent_version: agent, protocol_version: version, protocols, listen_addrs: Vec::new() };
             prop_assert_eq!(decode(&encode(&id)).unwrap(), id);
         }
 

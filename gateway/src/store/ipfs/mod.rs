@@ -1,8 +1,8 @@
 //! The embedded IPFS node. rust-ipfs is only the libp2p host (identity,
 //! TCP+noise+yamux, identify, ping, streams); we own the NAR data path:
 //! UnixFS import and reads ([`dag`]), the block store ([`blockstore`]),
-//! bitswap 1.2.0 ([`bitswap`]), recursive pins with GC ([`pins`]) and
-//! Kademlia content routing ([`dht`]).
+//! bitswap 1.2.0 ([`bitswap`]), recursive pins with GC ([`pins`]),
+//! Kademlia content routing ([`dht`]) and Routing V1 routers ([`routers`]).
 
 pub mod bitswap;
 pub mod block;
@@ -15,6 +15,7 @@ pub mod ipns;
 pub mod node;
 pub mod pb;
 pub mod pins;
+pub mod routers;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,6 +70,8 @@ pub enum IpfsError {
     Task { reason: String },
     #[error("the DHT is off: set `dht = \"client\"` or `\"server\"` (or `serve --dht`) to use content routing")]
     NoDht,
+    #[error("the DHT is off and no routers are configured: set `dht = \"client\"` or `\"server\"` (or `serve --dht`), or `routers = [\"http://…\"]` (or `serve --router URL`)")]
+    NoRouting,
     #[error(transparent)]
     Dht(#[from] dht::DhtError),
 }

@@ -1,8 +1,8 @@
 //! The node: one process owns a data directory (`blocks/`, `pins.redb`,
 //! `identity.key`) and a libp2p host (rust-ipfs: TCP+noise+yamux, identify,
 //! ping, streams, and the Kademlia DHT when configured; no mDNS). It ties the
-//! block store, DAG import/reads, bitswap, pins and content routing together
-//! behind one cheap-to-clone handle.
+//! block store, DAG import/reads, bitswap, pins and content routing (the
+//! DHT and Routing V1 routers) together behind one cheap-to-clone handle.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,7 @@ use super::exchange;
 use super::identify;
 use super::ipns;
 use super::pins::{Pin, Pins};
+use super::routers::Routers;
 use super::IpfsError;
 
 /// How to start a [`Node`].
@@ -48,6 +49,8 @@ pub struct NodeConfig {
     pub fetch_window: usize,
     /// Content routing; `None` or mode off: only connected peers are asked.
     pub dht: Option<DhtConfig>,
+    /// Routing V1 routers asked for providers beside the DHT.
+    pub routers: Option<Arc<Routers>>,
 }
 
 /// How long a block may be missing from every connected peer before the
@@ -68,6 +71,7 @@ impl NodeConfig {
             fetch_timeout: Duration::from_secs(60),
             fetch_window: 32,
             dht: None,
+            routers: None,
         }
     }
 }
@@ -79,6 +83,19 @@ pub struct ConnectedPeer {
     /// From identify, once the peer has told us.
     pub agent_version: Option<String>,
 }
+
+/// A peer as [`Node::known_peer`] knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownPeer {
+    /// Without `/p2p/<id>`.
+    pub addrs: Vec<Multiaddr>,
+    /// Whether it speaks bitswap; `None`: not known.
+    pub bitswap: Option<bool>,
+}
+
+/// How long a connected peer may take to say where it listens, when a
+/// Routing V1 client asks about it.
+const KNOWN_PEER_IDENTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What [`Node::gc`] removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -103,6 +120,7 @@ struct Inner {
     fetch_timeout: Duration,
     fetch_window: usize,
     dht: Option<Dht>,
+    routers: Option<Arc<Routers>>,
     /// Questions to and answers from other nixpfs gateways.
     exchange: exchange::Exchange,
     /// Imports and pins hold it shared; GC holds it exclusively, so it never
@@ -237,6 +255,7 @@ impl Node {
                 fetch_timeout: cfg.fetch_timeout,
                 fetch_window: cfg.fetch_window.max(1),
                 dht,
+                routers: cfg.routers.filter(|r| !r.is_empty()),
                 exchange,
                 gc_lock: RwLock::new(()),
                 tasks: Mutex::new(tasks),
@@ -416,22 +435,156 @@ impl Node {
         Ok(dht.provide(&cid).await?)
     }
 
-    /// Providers of `cid` from the DHT (`routing findprovs`), at most
-    /// `limit`, found within `timeout`.
+    /// Providers of `cid` from the configured routers and the DHT
+    /// (`routing findprovs`), at most `limit`, found within `timeout`.
     pub async fn find_providers(
         &self,
         cid: Cid,
         limit: usize,
         timeout: Duration,
     ) -> Result<Vec<dht::Provider>, IpfsError> {
-        let dht = self.inner.dht.as_ref().ok_or(IpfsError::NoDht)?;
-        let mut found = Vec::new();
-        let mut lookup = Box::pin(dht.find_providers(&cid).take(limit));
-        let deadline = tokio::time::Instant::now() + timeout;
-        while let Ok(Some(provider)) = tokio::time::timeout_at(deadline, lookup.next()).await {
-            found.push(provider);
+        if self.inner.dht.is_none() && self.inner.routers.is_none() {
+            return Err(IpfsError::NoRouting);
         }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut found: Vec<dht::Provider> = Vec::new();
+        if let Some(routers) = &self.inner.routers {
+            if let Ok(from_routers) =
+                tokio::time::timeout_at(deadline, routers.find_providers(&cid)).await
+            {
+                found.extend(from_routers);
+            }
+        }
+        if let Some(dht) = &self.inner.dht {
+            let mut lookup = Box::pin(dht.find_providers(&cid));
+            while found.len() < limit {
+                match tokio::time::timeout_at(deadline, lookup.next()).await {
+                    Ok(Some(p)) if !found.iter().any(|f| f.peer == p.peer) => found.push(p),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        found.truncate(limit);
         Ok(found)
+    }
+
+    /// Whether this node holds the whole DAG of `cid`: pinned (a pin is
+    /// recorded only once every block is durable), or every block stored.
+    pub async fn holds(&self, cid: Cid) -> Result<bool, IpfsError> {
+        let pins = self.inner.pins.clone();
+        let store = self.inner.store.clone();
+        let (pinned, has_root) = tokio::task::spawn_blocking(move || {
+            Ok::<_, IpfsError>((pins.get(&cid)?.is_some(), store.has(&cid)?))
+        })
+        .await
+        .map_err(join_err)??;
+        if pinned {
+            return Ok(true);
+        }
+        if !has_root {
+            return Ok(false);
+        }
+        self.has_all(cid).await
+    }
+
+    /// Who provides `cid` as far as this node knows without asking anyone:
+    /// itself when it [holds](Self::holds) the DAG (with its listen
+    /// addresses), then the providers in the DHT's local record store.
+    /// What the Routing V1 server answers; never a network lookup.
+    pub async fn local_providers(&self, cid: Cid) -> Result<Vec<dht::Provider>, IpfsError> {
+        let mut out = Vec::new();
+        if self.holds(cid).await? {
+            out.push(dht::Provider {
+                peer: self.inner.peer_id,
+                addrs: self
+                    .inner
+                    .listen_addrs
+                    .iter()
+                    .map(without_peer_id)
+                    .collect(),
+            });
+        }
+        if let Some(dht) = &self.inner.dht {
+            for p in dht.local_providers(&cid).await? {
+                if !out.iter().any(|o| o.peer == p.peer) {
+                    out.push(dht::Provider {
+                        peer: p.peer,
+                        addrs: p.addrs.iter().map(without_peer_id).collect(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What this node knows of `peer` without a lookup: its own listen
+    /// addresses and bitswap, or for a connected peer what identify says
+    /// over the open connection (listen addresses, whether it speaks
+    /// bitswap), else the connection's addresses; `None` for a peer it is
+    /// not connected to.
+    pub async fn known_peer(&self, peer: PeerId) -> Result<Option<KnownPeer>, IpfsError> {
+        if peer == self.inner.peer_id {
+            return Ok(Some(KnownPeer {
+                addrs: self
+                    .inner
+                    .listen_addrs
+                    .iter()
+                    .map(without_peer_id)
+                    .collect(),
+                bitswap: Some(true),
+            }));
+        }
+        let ipfs = &self.inner.ipfs;
+        if !ipfs.is_connected(peer).await.map_err(host_err)? {
+            return Ok(None);
+        }
+        if let Ok(id) = identify::query(ipfs, peer, KNOWN_PEER_IDENTIFY_TIMEOUT).await {
+            if !id.listen_addrs.is_empty() {
+                return Ok(Some(KnownPeer {
+                    addrs: id.listen_addrs.iter().map(without_peer_id).collect(),
+                    bitswap: Some(id.protocols.iter().any(|p| p.starts_with("/ipfs/bitswap"))),
+                }));
+            }
+        }
+        let addrs = ipfs
+            .addrs()
+            .await
+            .map_err(host_err)?
+            .into_iter()
+            .filter(|(p, _)| *p == peer)
+            .flat_map(|(_, addrs)| addrs)
+            .map(|a| without_peer_id(&a))
+            .collect();
+        Ok(Some(KnownPeer {
+            addrs,
+            bitswap: None,
+        }))
+    }
+
+    /// Asks the routers who provides `cid` and dials each provider at its
+    /// libp2p addresses (bitswap then asks the new peers).
+    async fn dial_router_providers(&self, cid: Cid) {
+        let Some(routers) = self.inner.routers.clone() else {
+            return;
+        };
+        let providers = routers.find_providers(&cid).await;
+        let dials = providers
+            .into_iter()
+            .filter(|p| p.peer != self.inner.peer_id)
+            .map(|p| async move {
+                for addr in p.addrs.iter().filter(|a| is_libp2p_tcp(a)) {
+                    let addr = without_peer_id(addr).with(Protocol::P2p(p.peer));
+                    match self.connect(addr.clone()).await {
+                        Ok(_) => {
+                            tracing::debug!(%cid, peer = %p.peer, %addr, "dialled a provider a router named");
+                            return;
+                        }
+                        Err(e) => tracing::debug!(%cid, peer = %p.peer, "{e}"),
+                    }
+                }
+            });
+        futures::future::join_all(dials).await;
     }
 
     /// Puts a signed IPNS record on the DHT under its name's routing key
@@ -513,6 +666,7 @@ impl Node {
 
     fn source(&self, batch: Option<WriteBatch>) -> Arc<NodeSource> {
         Arc::new(NodeSource(Arc::new(SourceInner {
+            node: self.clone(),
             store: self.inner.store.clone(),
             bitswap: self.inner.bitswap.clone(),
             dht: self.inner.dht.clone(),
@@ -745,12 +899,27 @@ async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap, agents: &mut Agents) {
     bitswap.set_peers(&caps).await;
 }
 
-/// Keeps bitswap's peer set in step with the swarm's connections.
 /// `addr` without its `/p2p/<id>` part: how the DHT stores an address.
 fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
     addr.iter()
         .filter(|p| !matches!(p, Protocol::P2p(_)))
         .collect()
+}
+
+/// Whether libp2p's TCP transport dials `addr` (not an HTTP gateway or
+/// WebSocket address a router may list beside it).
+fn is_libp2p_tcp(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::Tcp(_)))
+        && !addr.iter().any(|p| {
+            matches!(
+                p,
+                Protocol::Http
+                    | Protocol::Https
+                    | Protocol::Tls
+                    | Protocol::Ws(_)
+                    | Protocol::Wss(_)
+            )
+        })
 }
 
 /// Provides every pin's root at start: provider records live in memory
@@ -776,6 +945,7 @@ async fn provide_pins(node: Node) {
     tracing::info!(provided, "pins provided on the DHT");
 }
 
+/// Keeps bitswap's peer set in step with the swarm's connections.
 async fn track_peers(ipfs: Ipfs, bitswap: Bitswap) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut agents = Agents::new();
@@ -790,6 +960,8 @@ async fn track_peers(ipfs: Ipfs, bitswap: Bitswap) {
 struct NodeSource(Arc<SourceInner>);
 
 struct SourceInner {
+    /// For dialling providers that routers name.
+    node: Node,
     store: BlockStore,
     bitswap: Bitswap,
     dht: Option<Dht>,
@@ -809,25 +981,39 @@ impl NodeSource {
                 return Ok(b.into_data());
             }
             let get = this.bitswap.get(cid, this.timeout);
-            let data = match &this.dht {
-                None => get.await?,
-                Some(dht) => {
-                    tokio::pin!(get);
-                    tokio::select! {
-                        got = &mut get => got?,
-                        () = tokio::time::sleep(FIND_DELAY) => {
-                            // Nobody connected had it: ask the DHT. The
-                            // behaviour dials each provider it finds, and
-                            // bitswap asks every newly connected peer.
-                            let lookup = tokio::spawn(
-                                dht.find_providers(&cid).for_each(move |p| async move {
-                                    tracing::debug!(%cid, peer = %p.peer, "found a provider");
-                                }),
-                            );
-                            let got = get.await;
+            let data = if this.dht.is_none() && this.node.inner.routers.is_none() {
+                get.await?
+            } else {
+                // With no peer connected, bitswap cannot deliver: ask at once.
+                let alone = this
+                    .node
+                    .inner
+                    .ipfs
+                    .connected()
+                    .await
+                    .is_ok_and(|p| p.is_empty());
+                let delay = if alone { Duration::ZERO } else { FIND_DELAY };
+                tokio::pin!(get);
+                tokio::select! {
+                    got = &mut get => got?,
+                    () = tokio::time::sleep(delay) => {
+                        // Nobody connected had it: ask the DHT and the
+                        // routers. The DHT behaviour dials each provider it
+                        // finds, we dial those the routers name, and
+                        // bitswap asks every newly connected peer.
+                        let dht_lookup = this.dht.clone().map(|dht| {
+                            tokio::spawn(dht.find_providers(&cid).for_each(move |p| async move {
+                                tracing::debug!(%cid, peer = %p.peer, "found a provider");
+                            }))
+                        });
+                        let node = this.node.clone();
+                        let routed = tokio::spawn(async move { node.dial_router_providers(cid).await });
+                        let got = get.await;
+                        if let Some(lookup) = dht_lookup {
                             lookup.abort();
-                            got?
                         }
+                        routed.abort();
+                        got?
                     }
                 }
             };
