@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+use super::routing::{cors, preflight};
 use crate::store::index::Index;
 use crate::store::ipfs::ipns::{IpnsName, MAX_RECORD_BYTES};
 use crate::store::ipfs::Node;
@@ -56,34 +57,12 @@ pub fn router(state: Arc<IpnsState>) -> Router {
             get(get_record).put(put_record).options(preflight),
         )
         .layer(DefaultBodyLimit::max(MAX_RECORD_BYTES + 1))
+        .layer(axum::middleware::from_fn(cors))
         .with_state(state)
 }
 
 fn text(status: StatusCode, message: String) -> Response {
-    let mut response = (status, format!("{message}\n")).into_response();
-    cors(response.headers_mut());
-    response
-}
-
-fn cors(headers: &mut HeaderMap) {
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, PUT, OPTIONS"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Content-Type, Accept"),
-    );
-}
-
-async fn preflight() -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    cors(response.headers_mut());
-    response
+    (status, format!("{message}\n")).into_response()
 }
 
 async fn get_record(State(state): State<Arc<IpnsState>>, Path(name): Path<String>) -> Response {
@@ -106,7 +85,6 @@ async fn get_record(State(state): State<Arc<IpnsState>>, Path(name): Path<String
                 HeaderValue::from_static("public, max-age=60"),
             );
             headers.insert(header::VARY, HeaderValue::from_static("Accept"));
-            cors(headers);
             response
         }
         Ok(None) => text(

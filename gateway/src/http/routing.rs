@@ -141,7 +141,7 @@ pub fn router(state: Arc<RoutingState>) -> Router {
 
 /// CORS for every origin on every routing response (the spec's "CORS and
 /// Web Browsers").
-async fn cors(request: Request, next: Next) -> Response {
+pub(crate) async fn cors(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
     h.insert(
@@ -155,7 +155,7 @@ async fn cors(request: Request, next: Next) -> Response {
     response
 }
 
-async fn preflight() -> Response {
+pub(crate) async fn preflight() -> Response {
     (
         StatusCode::NO_CONTENT,
         [
