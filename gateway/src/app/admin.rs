@@ -103,6 +103,7 @@ impl App {
                 crate::publish::seed::seed(
                     &self.node,
                     self.index.clone(),
+                    &self.metrics,
                     &anchors,
                     max_size,
                     meter

@@ -139,6 +139,9 @@ counters! {
     peer_narinfo_served,
     /// NARs pinned because `seed_fetched` is on.
     seeded_fetched,
+    /// Seed candidates refused because the DAG behind the CID held more
+    /// bytes than the `--max-size` budget left (whatever its declared size).
+    seed_refused,
     /// Cache pins (`seed_fetched`, `seed`) evicted to stay within
     /// `cache_max_size`.
     cache_evictions,
