@@ -548,19 +548,23 @@ impl Node {
 
     /// Whether every block of the DAG is stored locally.
     pub async fn has_all(&self, cid: Cid) -> Result<bool, IpfsError> {
-        let mut walk = Box::pin(dag::walk_blocks(
+        match self.check_local_dag(cid).await {
+            Ok(_) => Ok(true),
+            Err(IpfsError::BlockMissing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Walks the DAG over the local store only (never asking peers):
+    /// its block count, or the first block missing or malformed.
+    pub async fn check_local_dag(&self, cid: Cid) -> Result<u64, IpfsError> {
+        dag::walk_blocks(
             Arc::new(self.inner.store.clone()),
             cid,
             self.inner.fetch_window,
-        ));
-        while let Some(item) = walk.next().await {
-            match item {
-                Ok(_) => {}
-                Err(IpfsError::BlockMissing { .. }) => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
+        )
+        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+        .await
     }
 
     /// Holds garbage collection off while alive, for callers that write
@@ -1104,6 +1108,24 @@ mod tests {
         assert_eq!(b.open_wants(), 0);
         a.shutdown().await;
         b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn pin_at_most_refuses_a_dag_over_the_limit_and_pins_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), Duration::from_secs(1)).await;
+        let len = 4 * CHUNK_SIZE as u64;
+        let added = node.add(noise(6, len)).await.unwrap();
+        let err = node.pin_at_most(added.cid, len / 2).await.unwrap_err();
+        assert!(
+            matches!(err, IpfsError::DagTooLarge { cid, limit } if cid == added.cid && limit == len / 2),
+            "{err}"
+        );
+        assert!(node.pins().await.unwrap().is_empty());
+        let pin = node.pin_at_most(added.cid, 2 * len).await.unwrap();
+        assert!(pin.dag_size > len && pin.dag_size < 2 * len, "{pin:?}");
+        assert_eq!(node.pins().await.unwrap(), vec![pin]);
+        node.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
