@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod cache;
 pub mod page;
+pub mod server;
 pub mod trustless;
 pub mod upload;

@@ -91,6 +91,9 @@ counters! {
     nar_hash_mismatch,
     /// NAR streams aborted because a block could not be fetched or verified.
     nar_fetch_failed,
+    /// HTTP connections closed because the client did not send a request
+    /// header within the header read timeout (slowloris).
+    http_header_timeouts,
     /// Requests rejected for a missing or wrong token.
     auth_failures,
     /// Uploaded store paths accepted (narinfo matched its NAR; pinned).
