@@ -107,6 +107,9 @@ counters! {
     /// Registries refused during sync (not by the trust root, rollback,
     /// fork, expired, unauthorised rotation…).
     registry_refused,
+    /// Set sources refused before reading: not a regular file (a FIFO, a
+    /// device, a directory) or over the 1 GiB document limit.
+    sources_refused,
     /// Stored anchor sets dropped because the registry no longer lists their
     /// owner under the key that signed them (removed, renamed, re-keyed).
     sets_purged,
