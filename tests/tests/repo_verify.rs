@@ -15,9 +15,7 @@ use serde_json::Value;
 
 fn verify(data_dir: &Path, json: bool) -> Output {
     let mut cmd = nixpfs();
-    cmd.arg("--data-dir")
-        .arg(data_dir)
-        .args(["repo", "verify"]);
+    cmd.arg("--data-dir").arg(data_dir).args(["repo", "verify"]);
     if json {
         cmd.arg("--json");
     }
@@ -79,7 +77,11 @@ fn repo_verify_is_clean_after_a_pin_and_names_a_flipped_and_a_deleted_block() {
 
     let out = verify(&dir, false);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("clean"), "{text}");
 
     // Through a running gateway's admin API: the same report.
@@ -120,11 +122,15 @@ fn repo_verify_is_clean_after_a_pin_and_names_a_flipped_and_a_deleted_block() {
                 .contains("does not match"),
             "{r}"
         );
-        assert!(!damaged(&r, "pin").is_empty(), "the deleted block breaks a pin: {r}");
         assert!(
-            damaged(&r, "pin")
-                .iter()
-                .any(|d| d["problem"].as_str().unwrap().contains("not in the local store")),
+            !damaged(&r, "pin").is_empty(),
+            "the deleted block breaks a pin: {r}"
+        );
+        assert!(
+            damaged(&r, "pin").iter().any(|d| d["problem"]
+                .as_str()
+                .unwrap()
+                .contains("not in the local store")),
             "{r}"
         );
         assert!(!damaged(&r, "path").is_empty(), "{r}");

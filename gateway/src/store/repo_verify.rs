@@ -105,10 +105,11 @@ pub async fn verify_repo(
     }
 
     let idx = index.clone();
-    let (locals, cache_pins) =
-        tokio::task::spawn_blocking(move || Ok::<_, IndexError>((idx.locals()?, idx.cache_pins()?)))
-            .await
-            .map_err(|e| RepoVerifyError::Task(e.to_string()))??;
+    let (locals, cache_pins) = tokio::task::spawn_blocking(move || {
+        Ok::<_, IndexError>((idx.locals()?, idx.cache_pins()?))
+    })
+    .await
+    .map_err(|e| RepoVerifyError::Task(e.to_string()))??;
     let held = locals
         .iter()
         .map(|l| (l.narinfo.store_path.to_string(), l.cid.clone()))

@@ -16,7 +16,8 @@
 //! drops an inbound stream when its one-slot channel is full). Received
 //! blocks are hashed on the blocking pool; only bytes that hash to a wanted
 //! CID count; verified blocks nobody waits for any more are counted as
-//! duplicates.
+//! duplicates. A want lives as long as someone waits for it: when its last
+//! waiter times out or drops its fetch, it is cancelled with the peers asked.
 //!
 //! # Goals
 //! - Speak `/ipfs/bitswap/1.2.0` as Kubo and Helia do, in both roles, so any
