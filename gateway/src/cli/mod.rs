@@ -807,6 +807,9 @@ const COUNTER_GROUPS: [(&str, &[&str]); 6] = [
             "nar_hash_mismatch",
             "nar_fetch_failed",
             "auth_failures",
+            "http_header_timeouts",
+            "sources_refused",
+            "seed_refused",
         ],
     ),
     (
@@ -1026,8 +1029,10 @@ mod tests {
             anchor anchor-a: version 6, 8 entries, expires 1970-01-01 00:00:07 UTC (53 s ago), last sync accepted\n\
             anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
             served: narinfo_served 0, narinfo_not_found 0, nar_served 0, nar_bytes 42\n\
-            refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, auth_failures 0\n\
-            sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0\n\
+            refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, auth_failures 0, \
+            http_header_timeouts 0, sources_refused 0, seed_refused 0\n\
+            sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0, \
+            ipns_resolved 0, ipns_refused 0, ipns_published 0\n\
             uploads: uploads_accepted 0, uploads_rejected 0\n\
             upstreams: upstream_narinfo_served 0, upstream_bad_signature 0, upstream_errors 0, \
             upstream_nar_fetched 0, upstream_nar_refused 0, upstream_bytes 0, peer_narinfo_served 0, \
