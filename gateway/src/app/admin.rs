@@ -68,6 +68,10 @@ impl App {
                 json!(crate::store::car::import_file(&self.node, &path, meter).await?)
             }
             AdminRequest::Gc => json!(self.gc().await?),
+            AdminRequest::RepoVerify => json!(
+                crate::store::repo_verify::verify_repo(&self.node, self.index.clone(), meter)
+                    .await?
+            ),
             AdminRequest::Sync => json!(self.sync_counted(meter).await?),
             AdminRequest::Status => json!(self.status().await?),
             AdminRequest::Conflicts => json!(self.conflicts().await?),
@@ -103,6 +107,7 @@ impl App {
                 crate::publish::seed::seed(
                     &self.node,
                     self.index.clone(),
+                    &self.metrics,
                     &anchors,
                     max_size,
                     meter

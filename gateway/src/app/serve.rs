@@ -113,14 +113,14 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     println!("add to nix.conf (or run `nixpfs nix-config`):");
     println!("  extra-substituters = http://{local}");
     println!("  extra-trusted-public-keys = {}", app.key.public());
-    // Without TCP_NODELAY a streamed response (headers, then body chunks)
-    // waits on the client's delayed ACK: ~40 ms per NAR in `nix copy`.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    crate::http::server::serve(
+        listener,
+        router,
+        crate::http::server::Limits::default(),
+        app.metrics.clone(),
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     let admin_served = admin.await;
     if let Some(task) = syncing {
@@ -128,7 +128,6 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     }
     republishing.abort();
     app.node.shutdown().await;
-    served.context("while serving HTTP")?;
     admin_served
         .context("the admin socket's server failed")?
         .context("while serving the admin socket")

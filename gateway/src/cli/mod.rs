@@ -27,6 +27,7 @@ use gateway::http::admin::{
 };
 use gateway::publish::names::NamePublished;
 use gateway::publish::pin::PinEntry;
+use gateway::store::repo_verify::RepoReport;
 use gateway::trust::sync::SyncReport;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -163,6 +164,9 @@ pub enum Command {
     },
     /// Delete blocks no pin needs; reports what was freed.
     Gc,
+    /// Check the data directory itself (`repo verify`).
+    #[command(subcommand)]
+    Repo(RepoCommand),
     /// Act as a trust anchor: sign mappings and publish mapping sets.
     #[command(subcommand)]
     Anchor(AnchorCommand),
@@ -228,6 +232,17 @@ pub enum AnchorCommand {
 pub enum AnchorsCommand {
     /// Fetch and verify the registry and every anchor's newest set now.
     Sync,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Re-hash every block, check every pin's DAG is complete, every indexed
+    /// path's CID held and every stored mapping set equal to its digest;
+    /// print what is damaged and exit 1 if anything is.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -402,6 +417,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pins { json } => {
             node::dispatch(&cli.global, AdminRequest::Pins)?.print(json, render_pins)
         }
+        Command::Repo(RepoCommand::Verify { json }) => {
+            let reply = node::dispatch(&cli.global, AdminRequest::RepoVerify)?;
+            reply.print(json, render_repo_report)?;
+            let report: RepoReport = reply.typed()?;
+            if !report.is_clean() {
+                bail!("repo verify: {} damaged", report.damaged.len());
+            }
+            Ok(())
+        }
         Command::Gc => node::dispatch(&cli.global, AdminRequest::Gc)?.print(
             false,
             |gc: gateway::app::GcOutcome| {
@@ -573,6 +597,31 @@ impl Reply {
         }
         Ok(())
     }
+}
+
+/// One line per damaged item, then what was checked.
+fn render_repo_report(r: RepoReport) -> String {
+    let mut out: String = r
+        .damaged
+        .iter()
+        .map(|d| {
+            let part = serde_json::to_value(d.part)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("damaged {part} {}: {}\n", d.item, d.problem)
+        })
+        .collect();
+    out.push_str(&format!(
+        "checked {} blocks ({} bytes), {} pins, {} indexed paths, {} mapping sets: {}",
+        r.blocks,
+        r.block_bytes,
+        r.pins,
+        r.paths,
+        r.sets,
+        if r.is_clean() { "clean" } else { "DAMAGED" }
+    ));
+    out
 }
 
 /// One line per item.
@@ -759,6 +808,9 @@ const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
             "nar_hash_mismatch",
             "nar_fetch_failed",
             "auth_failures",
+            "http_header_timeouts",
+            "sources_refused",
+            "seed_refused",
         ],
     ),
     (
@@ -987,7 +1039,8 @@ mod tests {
             anchor anchor-a: version 6, 8 entries, expires 1970-01-01 00:00:07 UTC (53 s ago), last sync accepted\n\
             anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
             served: narinfo_served 0, narinfo_not_found 0, nar_served 0, nar_bytes 42\n\
-            refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, auth_failures 0\n\
+            refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, auth_failures 0, \
+            http_header_timeouts 0, sources_refused 0, seed_refused 0\n\
             sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0, \
             ipns_resolved 0, ipns_refused 0, ipns_published 0\n\
             uploads: uploads_accepted 0, uploads_rejected 0\n\

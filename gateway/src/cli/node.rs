@@ -202,6 +202,7 @@ fn runs_long(request: &AdminRequest) -> bool {
             | AdminRequest::CarExport { .. }
             | AdminRequest::CarImport { .. }
             | AdminRequest::Sync
+            | AdminRequest::RepoVerify
             | AdminRequest::Seed { .. }
             | AdminRequest::AnchorSign { .. }
             | AdminRequest::Contribute { .. }

@@ -68,6 +68,8 @@ pub enum AdminRequest {
         path: PathBuf,
     },
     Gc,
+    /// Re-check every block, pin, indexed path and stored set (`repo verify`).
+    RepoVerify,
     Sync,
     Status,
     Conflicts,

@@ -105,12 +105,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "Wants sent again to another peer after the first did not deliver.",
             &bitswap.rewants,
         ),
+        (
+            "released_wants",
+            "Wants withdrawn because every fetch waiting for them gave up or was dropped.",
+            &bitswap.released,
+        ),
     ] {
         let n = counter.load(std::sync::atomic::Ordering::Relaxed);
         out.counter(&format!("nixpfs_bitswap_{name}"), help, n);
     }
     // Gauges of what the node holds; a part that cannot be read now is left
     // out of this scrape rather than reported as zero.
+    out.gauge(
+        "nixpfs_bitswap_open_wants",
+        "Blocks being fetched from peers now.",
+        state.node.open_wants() as u64,
+    );
     if let Ok(peers) = state.node.connected_peers().await {
         out.gauge(
             "nixpfs_connected_peers",

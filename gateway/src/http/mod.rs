@@ -6,5 +6,6 @@ pub mod cache;
 pub mod ipns;
 pub mod page;
 pub mod routing;
+pub mod server;
 pub mod trustless;
 pub mod upload;

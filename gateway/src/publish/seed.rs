@@ -6,11 +6,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use anchor_registry::SetKind;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::publish::pin::{parse_cid, PinEntry};
 use crate::store::index::{Index, IndexError};
-use crate::store::ipfs::Node;
+use crate::store::ipfs::{IpfsError, Node};
+use crate::util::metrics::Metrics;
 use crate::util::progress::{Meter, Unit};
 
 /// One NAR an anchor signed, as a seeding candidate.
@@ -50,28 +51,44 @@ pub fn candidates(index: &Index, anchors: &[String]) -> Result<Vec<Candidate>, I
     Ok(out)
 }
 
-/// The candidates, in order, whose declared sizes fit in `budget` bytes: one
-/// that would overflow it is skipped, and smaller ones after it still count.
-pub fn within_budget(candidates: Vec<Candidate>, budget: u64) -> Vec<Candidate> {
-    let mut used = 0u64;
-    candidates
-        .into_iter()
-        .filter(|c| {
-            let total = used.saturating_add(c.nar_size);
-            let fits = total <= budget;
-            if fits {
-                used = total;
-            }
-            fits
-        })
-        .collect()
+/// What is left of a seeding budget. A candidate is tried only if its
+/// declared size fits what is left; what its pin then holds on disk, not
+/// what it declared, is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    left: u64,
 }
 
-/// Pins what registry anchors signed, up to `max_size` bytes of NARs; each
+impl Budget {
+    pub fn new(bytes: u64) -> Self {
+        Self { left: bytes }
+    }
+
+    /// Bytes still free: the most the next pin may hold.
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// Whether a NAR declaring `declared` bytes is worth trying.
+    pub fn admits(&self, declared: u64) -> bool {
+        declared <= self.left
+    }
+
+    /// Counts `pinned` bytes (never more than is left: the pin was bounded).
+    pub fn spend(&mut self, pinned: u64) {
+        self.left = self.left.saturating_sub(pinned);
+    }
+}
+
+/// Pins what registry anchors signed, up to `max_size` bytes of blocks
+/// pinned (each pin bounded by what is left, so a CID whose DAG is larger
+/// than its declared NarSize is refused, counted in
+/// [`Metrics::seed_refused`], instead of overrunning the budget); each
 /// NAR's declared size counts into `meter` once it is pinned.
 pub async fn seed(
     node: &Node,
     index: Arc<Index>,
+    metrics: &Metrics,
     anchors: &[String],
     max_size: Option<u64>,
     meter: &Meter,
@@ -85,17 +102,38 @@ pub async fn seed(
             anchors.join(", ")
         );
     }
-    let picked = within_budget(all, max_size.unwrap_or(u64::MAX));
-    let total = picked.iter().map(|c| c.nar_size).sum();
+    let mut budget = Budget::new(max_size.unwrap_or(u64::MAX));
+    let total = all
+        .iter()
+        .map(|c| c.nar_size)
+        .fold(0u64, u64::saturating_add)
+        .min(budget.left());
     meter.start("seeding", Unit::Bytes, Some(total));
     let mut pinned = Vec::new();
-    for candidate in picked {
-        let pin = node
-            .pin(parse_cid(&candidate.cid)?)
-            .await
-            .with_context(|| {
-                format!("while seeding {} ({})", candidate.store_path, candidate.cid)
-            })?;
+    for candidate in all {
+        if !budget.admits(candidate.nar_size) {
+            continue;
+        }
+        let cid = parse_cid(&candidate.cid)?;
+        let pin = match node.pin_at_most(cid, budget.left()).await {
+            Ok(pin) => pin,
+            Err(IpfsError::DagTooLarge { limit, .. }) => {
+                Metrics::inc(&metrics.seed_refused);
+                tracing::warn!(
+                    store_path = %candidate.store_path,
+                    %cid,
+                    declared = candidate.nar_size,
+                    limit,
+                    "seed: refused, the DAG behind the CID is larger than the budget left"
+                );
+                continue;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("while seeding {} ({cid})", candidate.store_path)))
+            }
+        };
+        budget.spend(pin.dag_size);
         // A cache pin: retention (`cache_max_size`) may evict it.
         crate::publish::retention::record(&index, pin, candidate.nar_hash).await;
         pinned.push(PinEntry {
@@ -112,28 +150,26 @@ pub async fn seed(
 mod tests {
     use super::*;
 
-    fn candidate(n: u8, nar_size: u64) -> Candidate {
-        Candidate {
-            store_path: format!("/nix/store/{n}"),
-            cid: String::new(),
-            nar_size,
-            nar_hash: anchor_registry::NarHash::digest(&[n]),
-        }
+    #[test]
+    fn budget_admits_what_fits_and_spends_what_was_pinned() {
+        let mut budget = Budget::new(100);
+        assert!(budget.admits(60));
+        // Declared 60, but the pin held 70: 30 left, not 40.
+        budget.spend(70);
+        assert_eq!(budget.left(), 30);
+        assert!(!budget.admits(40));
+        assert!(budget.admits(30));
+        budget.spend(500);
+        assert_eq!(budget.left(), 0);
+        assert!(budget.admits(0));
+        assert!(!budget.admits(1));
     }
 
     #[test]
-    fn budget_skips_what_overflows_and_keeps_smaller_later_nars() {
-        let picked = within_budget(
-            vec![candidate(1, 60), candidate(2, 50), candidate(3, 40)],
-            100,
-        );
-        assert_eq!(picked, vec![candidate(1, 60), candidate(3, 40)]);
-    }
-
-    #[test]
-    fn no_budget_takes_everything_and_a_zero_budget_nothing() {
-        let all = vec![candidate(1, u64::MAX), candidate(2, 1)];
-        assert_eq!(within_budget(all.clone(), u64::MAX), all);
-        assert!(within_budget(all, 0).is_empty());
+    fn no_budget_admits_anything() {
+        let mut budget = Budget::new(u64::MAX);
+        assert!(budget.admits(u64::MAX));
+        budget.spend(1 << 40);
+        assert!(budget.admits(1 << 50));
     }
 }

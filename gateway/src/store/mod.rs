@@ -5,4 +5,5 @@ pub mod car;
 pub mod index;
 pub mod ipfs;
 pub mod nar;
+pub mod repo_verify;
 pub mod verify;

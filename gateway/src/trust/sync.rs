@@ -4,6 +4,7 @@
 //! `anchor-registry`, and indexing what passed. Nothing is indexed, and no
 //! trusted state moves, unless every check passed.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anchor_registry::{
@@ -275,9 +276,18 @@ impl Syncer {
         for source in &anchor.sources {
             // Files are streamed; other sources arrive whole (bounded).
             let document = match source {
-                Source::File(path) => std::fs::File::open(path)
-                    .map(|f| Document::File(std::io::BufReader::with_capacity(1 << 20, f)))
-                    .map_err(|e| e.to_string()),
+                Source::File(path) => match open_source_file(Path::new(path)) {
+                    Ok(f) => Ok(Document::File(std::io::BufReader::with_capacity(
+                        1 << 20,
+                        f,
+                    ))),
+                    Err(OpenError::Refused(reason)) => {
+                        Metrics::inc(&self.metrics.sources_refused);
+                        tracing::warn!(anchor = %anchor.name, %source, %reason, "set source refused");
+                        Err(reason)
+                    }
+                    Err(OpenError::Io(e)) => Err(e.to_string()),
+                },
                 Source::Ipns(name) => match self.resolve_anchor_name(anchor, name).await {
                     Ok(resolved) => fetch_source(&resolved, self.node.as_ref())
                         .await
@@ -390,8 +400,65 @@ pub fn stored_registry(index: &Index) -> Result<Option<Registry>, SyncError> {
 
 /// A fetched set: streamed from a file, or held whole.
 enum Document {
-    File(std::io::BufReader<std::fs::File>),
+    File(std::io::BufReader<std::io::Take<std::fs::File>>),
     Bytes(Bytes),
+}
+
+/// Why a file source was not read.
+#[derive(Debug)]
+enum OpenError {
+    Io(std::io::Error),
+    /// Not a document at all, or too large: refused before reading.
+    Refused(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => e.fmt(f),
+            Self::Refused(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Opens a file source, refusing what is not a regular file (a FIFO would
+/// hold a worker until someone writes to it, a device may never end) and
+/// what is over [`MAX_DOCUMENT`]. Opened non-blocking, so even a FIFO swapped
+/// in cannot hang the open, and read through a limit, so a file growing while
+/// it is read stops at the bound (the verifier then refuses the cut set).
+fn open_source_file(path: &Path) -> Result<std::io::Take<std::fs::File>, OpenError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(OpenError::Io)?;
+    let meta = file.metadata().map_err(OpenError::Io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(OpenError::Refused(format!(
+            "{} is {what}, not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_DOCUMENT {
+        return Err(OpenError::Refused(format!(
+            "{} is {} bytes, over the {MAX_DOCUMENT}-byte limit",
+            path.display(),
+            meta.len()
+        )));
+    }
+    Ok(file.take(MAX_DOCUMENT))
 }
 
 /// What became of one fetched set.
@@ -507,14 +574,16 @@ async fn fetch_location(location: &str, node: Option<&Node>) -> Result<Bytes, St
 pub async fn fetch_source(source: &Source, node: Option<&Node>) -> Result<Bytes, String> {
     match source {
         Source::File(path) => {
-            let meta = tokio::fs::metadata(path).await.map_err(|e| e.to_string())?;
-            if meta.len() > MAX_DOCUMENT {
-                return Err(format!("larger than {MAX_DOCUMENT} bytes"));
-            }
-            tokio::fs::read(path)
-                .await
-                .map(Bytes::from)
-                .map_err(|e| e.to_string())
+            let path = PathBuf::from(path);
+            tokio::task::spawn_blocking(move || {
+                use std::io::Read as _;
+                let mut file = open_source_file(&path).map_err(|e| e.to_string())?;
+                let mut out = Vec::new();
+                file.read_to_end(&mut out).map_err(|e| e.to_string())?;
+                Ok(Bytes::from(out))
+            })
+            .await
+            .map_err(|e| e.to_string())?
         }
         Source::Http(url) => {
             let url = url.clone();
@@ -726,6 +795,35 @@ mod tests {
                 .map(|s| s.version()),
             Some(2)
         );
+    }
+
+    #[tokio::test]
+    async fn a_fifo_at_a_set_source_is_refused_at_once_and_counted() {
+        let w = world();
+        let made = std::process::Command::new("mkfifo")
+            .arg(set_file(&w))
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success());
+        let report = tokio::time::timeout(std::time::Duration::from_secs(10), w.syncer.sync())
+            .await
+            .expect("a FIFO must not hang the sync")
+            .expect("sync");
+        let alpha = &report.anchors[0];
+        assert_ne!(alpha.outcome, Outcome::Accepted);
+        assert!(
+            alpha
+                .errors
+                .iter()
+                .any(|e| e.contains("a FIFO, not a regular file")),
+            "{:?}",
+            alpha.errors
+        );
+        assert_eq!(w.syncer.metrics.snapshot().sources_refused, 1);
+        let err = fetch_source(&Source::File(set_file(&w).display().to_string()), None)
+            .await
+            .expect_err("fetch_source refuses it too");
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[tokio::test]

@@ -91,6 +91,9 @@ counters! {
     nar_hash_mismatch,
     /// NAR streams aborted because a block could not be fetched or verified.
     nar_fetch_failed,
+    /// HTTP connections closed because the client did not send a request
+    /// header within the header read timeout (slowloris).
+    http_header_timeouts,
     /// Requests rejected for a missing or wrong token.
     auth_failures,
     /// Uploaded store paths accepted (narinfo matched its NAR; pinned).
@@ -104,6 +107,9 @@ counters! {
     /// Registries refused during sync (not by the trust root, rollback,
     /// fork, expired, unauthorised rotation…).
     registry_refused,
+    /// Set sources refused before reading: not a regular file (a FIFO, a
+    /// device, a directory) or over the 1 GiB document limit.
+    sources_refused,
     /// Stored anchor sets dropped because the registry no longer lists their
     /// owner under the key that signed them (removed, renamed, re-keyed).
     sets_purged,
@@ -139,6 +145,9 @@ counters! {
     peer_narinfo_served,
     /// NARs pinned because `seed_fetched` is on.
     seeded_fetched,
+    /// Seed candidates refused because the DAG behind the CID held more
+    /// bytes than the `--max-size` budget left (whatever its declared size).
+    seed_refused,
     /// Cache pins (`seed_fetched`, `seed`) evicted to stay within
     /// `cache_max_size`.
     cache_evictions,

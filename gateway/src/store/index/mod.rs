@@ -96,6 +96,14 @@ pub struct NarLocation {
     pub verified: bool,
 }
 
+/// One stored set's re-verification: entries counted, or what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSetCheck {
+    pub owner: String,
+    pub file: std::path::PathBuf,
+    pub result: Result<u64, String>,
+}
+
 /// A store path the user pinned from their own Nix store: always served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalPath {
@@ -502,6 +510,21 @@ impl Index {
         txn.open_table(META)?.insert("registry", text.as_bytes())?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// Every stored set re-verified against its trusted digest (see
+    /// `repo verify`): per publisher, its file and the entry count, or the
+    /// first problem found. Slow: reads every set file whole.
+    pub fn verify_sets(&self) -> Vec<StoredSetCheck> {
+        self.sets
+            .all()
+            .iter()
+            .map(|set| StoredSetCheck {
+                owner: state_owner(&set.state),
+                file: set.entries_path().to_path_buf(),
+                result: set.verify_file(),
+            })
+            .collect()
     }
 
     /// Every mapping of the set `state` names, if it is the one stored, in

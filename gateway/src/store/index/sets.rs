@@ -135,6 +135,39 @@ impl StoredSet {
         Ok(out)
     }
 
+    /// Re-reads the kept file through the set verifier: its header must be
+    /// the trusted one (same digest) and every entry byte must hash to it.
+    /// `Err` is the first problem found, in words.
+    pub(crate) fn verify_file(&self) -> Result<u64, String> {
+        let reader = BufReader::with_capacity(1 << 20, AtReader::new(&self.entries, 0));
+        let set = anchor_registry::SetReader::open_with(
+            reader,
+            anchor_registry::EntryChecks::DeferNixSignatures,
+        )
+        .map_err(|e| e.to_string())?;
+        if set.header().digest() != self.state.digest() {
+            return Err(format!(
+                "header digest {} is not the trusted {}",
+                set.header().digest().to_hex(),
+                self.state.digest().to_hex()
+            ));
+        }
+        let mut entries = 0u64;
+        set.for_each(|_| entries += 1).map_err(|e| e.to_string())?;
+        if entries != self.count {
+            return Err(format!(
+                "{entries} entries, the sidecar indexes {}",
+                self.count
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// Where the kept set file is.
+    pub(crate) fn entries_path(&self) -> &Path {
+        &self.entries_path
+    }
+
     /// The store-path hashes of this set, in order, read sequentially.
     fn path_keys(&self) -> PathKeys<'_> {
         PathKeys {
@@ -839,6 +872,26 @@ mod tests {
         assert_eq!(index.multi_asserted_paths().unwrap(), expected);
         let both = index.assertions(&expected[7], 2).unwrap();
         assert_eq!(both.len(), 2);
+    }
+
+    #[test]
+    fn verify_sets_passes_a_kept_set_and_names_one_with_a_flipped_byte() {
+        let (dir, index, alpha, registry) = world();
+        let (bytes, _) = publish(&alpha, None, (0..300).map(|i| mapping(&alpha, i, i)));
+        sync(&index, &registry, &alpha, &bytes);
+        let checks = index.verify_sets();
+        assert_eq!(checks.len(), 1);
+        assert_eq!(checks[0].result, Ok(300));
+
+        let file = checks[0].file.clone();
+        assert!(file.starts_with(dir.path()));
+        let mut data = std::fs::read(&file).unwrap();
+        let at = data.len() / 2;
+        data[at] = if data[at] == b'a' { b'b' } else { b'a' };
+        std::fs::write(&file, data).unwrap();
+        let checks = index.verify_sets();
+        assert!(checks[0].result.is_err(), "{:?}", checks[0]);
+        assert!(checks[0].owner.contains("alpha"), "{:?}", checks[0]);
     }
 
     #[test]

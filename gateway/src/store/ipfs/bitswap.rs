@@ -16,7 +16,8 @@
 //! drops an inbound stream when its one-slot channel is full). Received
 //! blocks are hashed on the blocking pool; only bytes that hash to a wanted
 //! CID count; verified blocks nobody waits for any more are counted as
-//! duplicates.
+//! duplicates. A want lives as long as someone waits for it: when its last
+//! waiter times out or drops its fetch, it is cancelled with the peers asked.
 //!
 //! # Goals
 //! - Speak `/ipfs/bitswap/1.2.0` as Kubo and Helia do, in both roles, so any
@@ -410,6 +411,9 @@ pub struct Stats {
     /// Inbound messages cut short by the sender (seen from Helia 7 when it
     /// has to send several MiB at once).
     pub truncated: AtomicU64,
+    /// Wants withdrawn because every caller waiting for them gave up
+    /// (timed out or dropped its fetch).
+    pub released: AtomicU64,
 }
 
 /// A block we are waiting for.
@@ -783,32 +787,73 @@ impl Bitswap {
                 st.pump()
             }
         };
+        // From here on, however this future ends (block, timeout, or dropped
+        // because its caller went away), the guard releases our interest.
+        let mut guard = Waiting {
+            shared: self.shared.clone(),
+            key,
+            rx,
+        };
         send_all(out).await;
-        match tokio::time::timeout(timeout, rx).await {
+        let got = tokio::time::timeout(timeout, &mut guard.rx).await;
+        drop(guard);
+        match got {
             Ok(Ok(data)) => Ok(data),
-            Ok(Err(_)) | Err(_) => {
-                self.give_up(&key).await;
-                Err(IpfsError::FetchTimeout { cid, timeout })
-            }
+            Ok(Err(_)) | Err(_) => Err(IpfsError::FetchTimeout { cid, timeout }),
         }
     }
 
-    /// Drops a timed-out waiter; the last one out cancels the want.
-    async fn give_up(&self, key: &[u8]) {
+    /// Wants still registered (waiting for a block), for tests and `status`.
+    pub fn open_wants(&self) -> usize {
+        self.shared.lock().wants.len()
+    }
+}
+
+/// One caller's interest in a want. Dropped when [`Bitswap::get`] returns or
+/// its future is dropped (client gone, error elsewhere, prefetch aborted):
+/// the last waiter out removes the want and cancels it with the peers asked,
+/// so an abandoned fetch is not re-broadcast forever and does not hold, as
+/// the oldest want, the slots real fetches need.
+struct Waiting {
+    shared: Arc<Shared>,
+    key: Vec<u8>,
+    rx: oneshot::Receiver<Bytes>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        // Closed first, so our own sender counts as gone below.
+        self.rx.close();
         let out = {
             let mut st = self.shared.lock();
-            let Some(w) = st.wants.get_mut(key) else {
+            let Some(w) = st.wants.get_mut(&self.key) else {
                 return;
             };
             w.waiters.retain(|t| !t.is_closed());
             if !w.waiters.is_empty() {
                 return;
             }
-            let mut out = st.remove_want(key).map(|r| r.1).unwrap_or_default();
+            let mut out = st.remove_want(&self.key).map(|r| r.1).unwrap_or_default();
+            self.shared.stats.released.fetch_add(1, Ordering::Relaxed);
             out.extend(st.pump());
             out
         };
-        send_all(out).await;
+        if out.is_empty() {
+            return;
+        }
+        // Drop cannot await: hand the cancels (and wants the freed slots
+        // went to) to a task; outside a runtime, send what fits now (a want
+        // not sent is re-sent by the ticker after REWANT_IDLE).
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(send_all(out));
+            }
+            Err(_) => {
+                for (tx, msg) in out {
+                    let _ = tx.try_send(msg);
+                }
+            }
+        }
     }
 }
 

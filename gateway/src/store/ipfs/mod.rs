@@ -56,6 +56,8 @@ pub enum IpfsError {
     RangeOutOfBounds { cid: Cid, offset: u64, size: u64 },
     #[error("pin database {path}: {reason}")]
     PinDb { path: PathBuf, reason: String },
+    #[error("the DAG of {cid} holds more than {limit} bytes of blocks, the most allowed")]
+    DagTooLarge { cid: Cid, limit: u64 },
     #[error("{cid} is not pinned")]
     NotPinned { cid: Cid },
     #[error("multiaddr {addr} does not end in /p2p/<peer id>")]

@@ -312,6 +312,11 @@ impl Node {
         self.inner.bitswap.stats()
     }
 
+    /// Blocks being fetched from peers now (wants someone still waits for).
+    pub fn open_wants(&self) -> usize {
+        self.inner.bitswap.open_wants()
+    }
+
     /// Dials `addr` (which must end in `/p2p/<id>`) and waits until connected.
     pub async fn connect(&self, addr: Multiaddr) -> Result<PeerId, IpfsError> {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
@@ -697,19 +702,23 @@ impl Node {
 
     /// Whether every block of the DAG is stored locally.
     pub async fn has_all(&self, cid: Cid) -> Result<bool, IpfsError> {
-        let mut walk = Box::pin(dag::walk_blocks(
+        match self.check_local_dag(cid).await {
+            Ok(_) => Ok(true),
+            Err(IpfsError::BlockMissing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Walks the DAG over the local store only (never asking peers):
+    /// its block count, or the first block missing or malformed.
+    pub async fn check_local_dag(&self, cid: Cid) -> Result<u64, IpfsError> {
+        dag::walk_blocks(
             Arc::new(self.inner.store.clone()),
             cid,
             self.inner.fetch_window,
-        ));
-        while let Some(item) = walk.next().await {
-            match item {
-                Ok(_) => {}
-                Err(IpfsError::BlockMissing { .. }) => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
+        )
+        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+        .await
     }
 
     /// Holds garbage collection off while alive, for callers that write
@@ -724,21 +733,37 @@ impl Node {
     /// [`Node::pin`] under a [`GcHold`] the caller already has (taking the
     /// lock again could wait behind a queued GC forever).
     pub async fn pin_held(&self, _hold: &GcHold<'_>, cid: Cid) -> Result<Pin, IpfsError> {
-        self.pin_locked(cid).await
+        self.pin_locked(cid, u64::MAX).await
     }
 
     /// Pins `cid` recursively, fetching missing blocks from peers first; the
     /// pin is recorded only after every block is durable.
     pub async fn pin(&self, cid: Cid) -> Result<Pin, IpfsError> {
         let _guard = self.inner.gc_lock.read().await;
-        self.pin_locked(cid).await
+        self.pin_locked(cid, u64::MAX).await
     }
 
-    async fn pin_locked(&self, cid: Cid) -> Result<Pin, IpfsError> {
+    /// [`Node::pin`], refused with [`IpfsError::DagTooLarge`] (nothing
+    /// pinned) as soon as the DAG's blocks exceed `limit` bytes: the size a
+    /// record declares for a CID says nothing about the DAG behind it, so a
+    /// budget must count the blocks themselves. At most a fetch window of
+    /// blocks beyond the limit is fetched; unpinned, they go at the next GC.
+    pub async fn pin_at_most(&self, cid: Cid, limit: u64) -> Result<Pin, IpfsError> {
+        let _guard = self.inner.gc_lock.read().await;
+        self.pin_locked(cid, limit).await
+    }
+
+    async fn pin_locked(&self, cid: Cid, limit: u64) -> Result<Pin, IpfsError> {
         block::check_supported(&cid)?;
         let source = self.source(Some(self.inner.store.batch()));
         let dag_size = dag::walk_blocks(source.clone(), cid, self.inner.fetch_window)
-            .try_fold(0u64, |acc, (_, n)| async move { Ok(acc + n) })
+            .try_fold(0u64, |acc, (_, n)| async move {
+                let total = acc.saturating_add(n);
+                if total > limit {
+                    return Err(IpfsError::DagTooLarge { cid, limit });
+                }
+                Ok(total)
+            })
             .await?;
         let size = dag::file_size(&*source, cid).await?;
         let batch = source
@@ -1224,6 +1249,69 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(4));
         a.shutdown().await;
         b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_fetches_leave_no_wants_and_a_real_fetch_still_completes() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = node(da.path(), Duration::from_secs(5)).await;
+        // A timeout far beyond the test: only dropping can end these wants.
+        let b = node(db.path(), Duration::from_secs(600)).await;
+        let len = 8 * CHUNK_SIZE as u64 + 1;
+        let pinned = a.add_and_pin(noise(5, len)).await.unwrap();
+        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+
+        let source = b.blocks();
+        let fetches: Vec<_> = (0..100u32)
+            .map(|i| {
+                let data = Bytes::from(format!("nobody has block {i}"));
+                let cid = *Block::from_data(block::RAW, data).cid();
+                tokio::spawn(source.get(cid))
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.open_wants() < 100 {
+            assert!(Instant::now() < deadline, "{} wants", b.open_wants());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for f in &fetches {
+            f.abort();
+        }
+        for f in fetches {
+            assert!(f.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(b.open_wants(), 0, "aborted fetches left their wants");
+        let released = b
+            .bitswap_stats()
+            .released
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(released, 100);
+
+        let t0 = Instant::now();
+        let (sha, n) = sha_of(b.cat(pinned.cid)).await.unwrap();
+        assert_eq!((n, sha), (len, sha_of_noise(5, len).await));
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert_eq!(b.open_wants(), 0);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn pin_at_most_refuses_a_dag_over_the_limit_and_pins_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), Duration::from_secs(1)).await;
+        let len = 4 * CHUNK_SIZE as u64;
+        let added = node.add(noise(6, len)).await.unwrap();
+        let err = node.pin_at_most(added.cid, len / 2).await.unwrap_err();
+        assert!(
+            matches!(err, IpfsError::DagTooLarge { cid, limit } if cid == added.cid && limit == len / 2),
+            "{err}"
+        );
+        assert!(node.pins().await.unwrap().is_empty());
+        let pin = node.pin_at_most(added.cid, 2 * len).await.unwrap();
+        assert!(pin.dag_size > len && pin.dag_size < 2 * len, "{pin:?}");
+        assert_eq!(node.pins().await.unwrap(), vec![pin]);
+        node.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
