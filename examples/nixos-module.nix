@@ -198,7 +198,8 @@ in
             default = [ ];
             description = ''
               Routing V1 endpoints (`http://host:port`, IPIP-337) asked for
-              providers beside the DHT when no connected peer has a block;
+              providers beside the DHT when no connected peer has a block, and
+              for IPNS records; the IPNS records we publish are sent to them;
               none by default.
             '';
           };
