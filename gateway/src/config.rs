@@ -68,6 +68,11 @@ pub struct Config {
     pub signing_key_file: Option<PathBuf>,
     /// Binary caches asked for what the index cannot answer (`[[upstreams]]`).
     pub upstreams: Vec<UpstreamConfig>,
+    /// For a path an upstream signed, fetch the NAR from gateways that hold
+    /// it (over IPFS, verified) before asking the upstream: the upstream's
+    /// bandwidth is spared and nearby peers are often faster. `false` asks
+    /// the upstream first and peers only when it fails.
+    pub prefer_peers: bool,
     /// Budget for pins made by `seed_fetched` and `seed` (e.g. `"50G"`):
     /// beyond it the least recently accessed are evicted. User pins and
     /// uploads never are. None: no budget.
@@ -142,6 +147,7 @@ impl Default for Config {
             routers: Vec::new(),
             signing_key_file: None,
             upstreams: Vec::new(),
+            prefer_peers: true,
             cache_max_size: None,
             log_format: LogFormat::Text,
         }
@@ -225,22 +231,10 @@ impl Config {
             .iter()
             .map(|u| {
                 let url = u.url.trim_end_matches('/').to_owned();
-                let bad = |reason: &str| ConfigError::UpstreamUrl {
+                check_base_url(&url, "cache").map_err(|reason| ConfigError::UpstreamUrl {
                     url: u.url.clone(),
-                    reason: reason.to_owned(),
-                };
-                let rest = url
-                    .strip_prefix("http://")
-                    .or_else(|| url.strip_prefix("https://"))
-                    .ok_or_else(|| bad("it must start with http:// or https://"))?;
-                if rest.is_empty() || rest.starts_with('/') {
-                    return Err(bad("it names no host"));
-                }
-                if url.contains(['?', '#']) || url.chars().any(char::is_whitespace) {
-                    return Err(bad(
-                        "a query, fragment or whitespace has no place in a cache URL",
-                    ));
-                }
+                    reason,
+                })?;
                 if u.keys.is_empty() {
                     return Err(ConfigError::UpstreamNoKeys { url: u.url.clone() });
                 }
@@ -270,23 +264,11 @@ impl Config {
         self.routers
             .iter()
             .map(|u| {
-                let bad = |reason: &str| ConfigError::Router {
-                    url: u.clone(),
-                    reason: reason.to_owned(),
-                };
                 let url = u.trim_end_matches('/');
-                let rest = url
-                    .strip_prefix("http://")
-                    .or_else(|| url.strip_prefix("https://"))
-                    .ok_or_else(|| bad("it must start with http:// or https://"))?;
-                if rest.is_empty() || rest.starts_with('/') {
-                    return Err(bad("it names no host"));
-                }
-                if url.contains(['?', '#']) || url.chars().any(char::is_whitespace) {
-                    return Err(bad(
-                        "a query, fragment or whitespace has no place in a router URL",
-                    ));
-                }
+                check_base_url(url, "router").map_err(|reason| ConfigError::Router {
+                    url: u.clone(),
+                    reason,
+                })?;
                 Ok(url.to_owned())
             })
             .collect()
@@ -334,6 +316,24 @@ pub fn default_data_dir() -> PathBuf {
         return PathBuf::from(home).join(".local/share/nixpfs");
     }
     PathBuf::from("nixpfs-data")
+}
+
+/// Why `url` is not a base URL requests can be appended to
+/// (`http(s)://host[:port][/prefix]`); `what` names it in the reason.
+fn check_base_url(url: &str, what: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("it must start with http:// or https://")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("it names no host".to_owned());
+    }
+    if url.contains(['?', '#']) || url.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "a query, fragment or whitespace has no place in a {what} URL"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

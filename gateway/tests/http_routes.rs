@@ -138,6 +138,7 @@ impl Gateway {
                 Vec::new(),
                 metrics.clone(),
             )),
+            prefer_peers: true,
             retention: None,
         });
         let uploads = Uploads::configured(

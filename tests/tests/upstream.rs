@@ -629,10 +629,52 @@ fn peers_share_what_an_unreachable_upstream_served_and_liars_change_nothing() {
     let out = substitute(&env, &l.url, &liar_key, &env.empty_store("via-l"), &top);
     assert_ok(&out, "nix copy through L", &l);
     let upstream_url = nginx.url("zstd");
+
+    // P and Q reach the upstream and peer A. P (peers preferred, the
+    // default) gets the NARs from A; Q (`prefer_peers = false`) from the
+    // upstream.
+    let (a_peer, _, _) = a.id();
+    let nar_requests = |nginx: &Nginx| nginx.access_log().matches("GET /zstd/nar/").count();
+    let before = nar_requests(&nginx);
+    let p_dir = env.path().join("p");
+    write_config(
+        &p_dir,
+        &upstream_config(
+            &upstream_url,
+            &u,
+            &format!("peers = [\"{}\"]", a.multiaddr()),
+        ),
+    );
+    let p = Gateway::start(&p_dir, &[]);
+    wait_connected(&p, &[&a_peer]);
+    let out = substitute(&env, &p.url, &u, &env.empty_store("via-p"), &top);
+    assert_ok(&out, "nix copy through P, peers preferred", &p);
+    assert_eq!(
+        nar_requests(&nginx),
+        before,
+        "P asked the upstream for NARs"
+    );
+    assert_eq!(p.metric("upstream_bytes"), 0);
+    assert!(p.metric("peer_bytes") > 0);
+    let q_dir = env.path().join("q");
+    write_config(
+        &q_dir,
+        &upstream_config(
+            &upstream_url,
+            &u,
+            &format!("prefer_peers = false\npeers = [\"{}\"]", a.multiaddr()),
+        ),
+    );
+    let q = Gateway::start(&q_dir, &[]);
+    wait_connected(&q, &[&a_peer]);
+    let out = substitute(&env, &q.url, &u, &env.empty_store("via-q"), &top);
+    assert_ok(&out, "nix copy through Q, upstream preferred", &q);
+    assert!(nar_requests(&nginx) > before, "Q asked the upstream");
+    assert!(q.metric("upstream_bytes") > 0);
+    assert_eq!(q.metric("peer_bytes"), 0);
     nginx.stop();
 
     // B: the same upstream entry, now unreachable, and static peers L and A.
-    let (a_peer, _, _) = a.id();
     let (l_peer, _, _) = l.id();
     let b_dir = env.path().join("b");
     write_config(

@@ -53,6 +53,7 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
         metrics: app.metrics.clone(),
         cache_info,
         seed_fetched: app.config.seed_fetched,
+        prefer_peers: app.config.prefer_peers,
         upstreams: app.upstreams.clone(),
         retention: app.config.cache_max_size()?.map(|budget| {
             Arc::new(crate::publish::retention::Retention::new(

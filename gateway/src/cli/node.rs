@@ -10,7 +10,7 @@ use super::{GlobalArgs, Reply};
 use anyhow::{Context, Result};
 use clap::Args;
 use gateway::app::App;
-use gateway::config::{default_data_dir, Config};
+use gateway::config::{default_data_dir, Config, UpstreamConfig};
 use gateway::http::admin::{AdminRequest, Client};
 use gateway::store::ipfs::dht::DhtMode;
 use gateway::util::progress::Meter;
@@ -58,6 +58,15 @@ pub struct ServeArgs {
     /// Priority in nix-cache-info (config `priority`).
     #[arg(long)]
     pub priority: Option<u32>,
+    /// WantMassQuery in nix-cache-info: `true` or `false` (config `want_mass_query`).
+    #[arg(long)]
+    pub want_mass_query: Option<bool>,
+    /// Seconds to wait for a block nobody has (config `fetch_timeout_secs`).
+    #[arg(long = "fetch-timeout")]
+    pub fetch_timeout_secs: Option<u64>,
+    /// The gateway's narinfo signing key (config `signing_key_file`).
+    #[arg(long)]
+    pub signing_key_file: Option<PathBuf>,
     /// Kademlia DHT: off, client or server (config `dht`).
     #[arg(long)]
     pub dht: Option<DhtMode>,
@@ -71,6 +80,17 @@ pub struct ServeArgs {
     /// (config `routers`).
     #[arg(long = "router")]
     pub routers: Vec<String>,
+    /// An upstream binary cache and the keys whose signatures make its
+    /// paths servable, as `URL=KEY[,KEY…]`; repeat (config `[[upstreams]]`).
+    #[arg(long = "upstream", value_parser = parse_upstream)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Fetch upstream-signed NARs from peer gateways before the upstream:
+    /// `true` or `false` (config `prefer_peers`).
+    #[arg(long)]
+    pub prefer_peers: Option<bool>,
+    /// Budget for pins made by seeding, e.g. `50G` (config `cache_max_size`).
+    #[arg(long)]
+    pub cache_max_size: Option<String>,
 }
 
 impl ServeArgs {
@@ -95,6 +115,15 @@ impl ServeArgs {
         }
         if !self.routers.is_empty() {
             config.routers = self.routers;
+        }
+        if !self.upstreams.is_empty() {
+            config.upstreams = self.upstreams;
+        }
+        if let Some(prefer) = self.prefer_peers {
+            config.prefer_peers = prefer;
+        }
+        if self.cache_max_size.is_some() {
+            config.cache_max_size = self.cache_max_size;
         }
         if self.registry.is_some() {
             config.registry = self.registry;
@@ -126,7 +155,33 @@ impl ServeArgs {
         if let Some(priority) = self.priority {
             config.priority = priority;
         }
+        if let Some(want) = self.want_mass_query {
+            config.want_mass_query = want;
+        }
+        if let Some(secs) = self.fetch_timeout_secs {
+            config.fetch_timeout_secs = secs;
+        }
+        if self.signing_key_file.is_some() {
+            config.signing_key_file = self.signing_key_file;
+        }
     }
+}
+
+/// `URL=KEY[,KEY…]`: the URL and keys are checked with the rest of the
+/// configuration, which names what is wrong.
+fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
+    let (url, keys) = text
+        .split_once('=')
+        .ok_or("expected URL=KEY[,KEY…], e.g. https://cache.nixos.org=cache.nixos.org-1:6NCH…")?;
+    Ok(UpstreamConfig {
+        url: url.to_owned(),
+        keys: keys
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        priority: None,
+    })
 }
 
 fn parse_public_key(text: &str) -> Result<anchor_registry::PublicKey, String> {
@@ -256,4 +311,24 @@ pub fn nix_config(global: &GlobalArgs) -> Result<()> {
 /// Makes a user-given path absolute: the gateway may run in another directory.
 pub fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("invalid path {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_flags_become_config_entries_the_config_checks() {
+        let key = "cache-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+        let up = parse_upstream(&format!("http://127.0.0.1:9/c={key},{key}")).unwrap();
+        assert_eq!(up.url, "http://127.0.0.1:9/c");
+        assert_eq!(up.keys, vec![key.to_owned(), key.to_owned()]);
+        assert!(parse_upstream("http://127.0.0.1:9/c")
+            .unwrap_err()
+            .contains("URL=KEY"));
+        let mut config = Config::default();
+        config.upstreams = vec![parse_upstream("ftp://x=").unwrap()];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("ftp://x"), "{err}");
+    }
 }

@@ -36,6 +36,8 @@ pub struct AppState {
     pub seed_fetched: bool,
     /// Upstream caches asked for what the index cannot answer.
     pub upstreams: Arc<Upstreams>,
+    /// Ask peer gateways for an upstream path's NAR before the upstream.
+    pub prefer_peers: bool,
     /// Retention of cache pins (`cache_max_size`), if a budget is set.
     pub retention: Option<Arc<Retention>>,
 }
@@ -294,10 +296,11 @@ async fn nar_answer(
         Ok(Err(e)) => return internal("while looking up a NAR", e),
         Err(e) => return internal("while looking up a NAR", e),
     };
-    // Each candidate in turn until one delivers: a CID nobody has, or whose
-    // bytes are not this NAR, does not hide the NAR behind it.
     let mut failures = Vec::new();
     let mut locations = locations;
+    // The upstream, when it is asked only after the peers that hold the NAR
+    // failed to deliver it.
+    let mut upstream_after_peers = None;
     if let Some(path) = from_upstream {
         // Bytes an upstream served are local while they are pinned (or not
         // yet collected): serve them from here; otherwise the upstream
@@ -315,23 +318,80 @@ async fn nar_answer(
             Some(location) => locations = vec![location],
             None => {
                 locations.retain(|l| !l.verified);
-                match serve_from_upstream(&state, path.clone(), nar_hash, &headers).await {
-                    Ok(response) => return response,
-                    Err(e) => failures.push(e),
+                // Gateways that fetched the NAR from the upstream may hold
+                // it, verified, on IPFS: asked first when peers are
+                // preferred, else only once the upstream failed.
+                let mut from_peers = Vec::new();
+                if state.prefer_peers {
+                    from_peers =
+                        upstream::peer_locations(&state.upstreams, &state.node, &path).await;
                 }
-                // The upstream is out of reach: gateways that fetched the
-                // NAR from it may hold it, verified, on IPFS.
-                let from_peers =
-                    upstream::peer_locations(&state.upstreams, &state.node, &path).await;
+                if from_peers.is_empty() {
+                    match serve_from_upstream(&state, path.clone(), nar_hash, &headers).await {
+                        Ok(response) => return response,
+                        Err(e) => failures.push(e),
+                    }
+                    if !state.prefer_peers {
+                        from_peers =
+                            upstream::peer_locations(&state.upstreams, &state.node, &path).await;
+                    }
+                } else {
+                    upstream_after_peers = Some(path);
+                }
+                let from_peers_cids: Vec<String> =
+                    from_peers.iter().map(|l| l.cid.clone()).collect();
                 for location in from_peers.into_iter().rev() {
                     if !locations.iter().any(|l| l.cid == location.cid) {
                         locations.insert(0, location);
                     }
                 }
                 state.catalog.refuted_last(&nar_hash, &mut locations);
+                if upstream_after_peers.is_some() {
+                    // Only the peers' CIDs come before the upstream; the
+                    // index's other candidates may need a slow search.
+                    let (peers, rest) = locations
+                        .into_iter()
+                        .partition(|l| from_peers_cids.contains(&l.cid));
+                    locations = rest;
+                    if let Some(response) =
+                        serve_first_of(&state, peers, nar_hash, &headers, &mut failures).await
+                    {
+                        return response;
+                    }
+                }
             }
         }
     }
+    if let Some(path) = upstream_after_peers {
+        match serve_from_upstream(&state, path, nar_hash, &headers).await {
+            Ok(response) => return response,
+            Err(e) => failures.push(e),
+        }
+    }
+    if let Some(response) =
+        serve_first_of(&state, locations, nar_hash, &headers, &mut failures).await
+    {
+        return response;
+    }
+    text(
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "cannot serve NAR {file}: every known location failed: {}",
+            failures.join("; ")
+        ),
+    )
+}
+
+/// Serves the NAR from the first of `locations` that delivers, each in
+/// turn: a CID nobody has, or whose bytes are not this NAR, does not hide
+/// the ones behind it. `None` (with `failures` extended) when none did.
+async fn serve_first_of(
+    state: &Arc<AppState>,
+    locations: Vec<crate::store::index::NarLocation>,
+    nar_hash: NarHash,
+    headers: &HeaderMap,
+    failures: &mut Vec<String>,
+) -> Option<Response> {
     for location in locations {
         let cid = match location.cid.parse::<cid::Cid>() {
             Ok(cid) => cid,
@@ -345,32 +405,34 @@ async fn nar_answer(
             None => None,
             Some(Ok(range)) => range,
             Some(Err(Unsatisfiable)) => {
-                return (
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-                    "requested range not satisfiable\n",
+                return Some(
+                    (
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+                        "requested range not satisfiable\n",
+                    )
+                        .into_response(),
                 )
-                    .into_response()
             }
         };
         if location.verified {
             if let Some(retention) = &state.retention {
                 retention.touch(cid);
             }
-            return match range {
-                Some((start, end)) => serve_range(&state, &cid, start, end, size),
+            return Some(match range {
+                Some((start, end)) => serve_range(state, &cid, start, end, size),
                 None => {
                     Metrics::inc(&state.metrics.nar_served);
                     let body = Body::from_stream(Box::pin(state.node.cat(cid)));
                     nar_response(StatusCode::OK, size, None, body)
                 }
-            };
+            });
         }
         // First fetch of these bytes: a range of unverified bytes cannot be
         // checked, so it waits for the whole NAR to be verified.
         if let Some((start, end)) = range {
-            match verify_whole(&state, &cid, nar_hash, size).await {
-                Ok(()) => return serve_range(&state, &cid, start, end, size),
+            match verify_whole(state, &cid, nar_hash, size).await {
+                Ok(()) => return Some(serve_range(state, &cid, start, end, size)),
                 Err(e) => {
                     failures.push(e);
                     continue;
@@ -391,14 +453,19 @@ async fn nar_answer(
                 chunks,
                 nar_hash,
                 size,
-                refuter(&state, nar_hash, cid),
+                refuter(state, nar_hash, cid),
                 None,
             );
             match body.next().await {
                 Some(Ok(first)) => {
                     Metrics::inc(&state.metrics.nar_served);
                     let body = futures::stream::once(async move { Ok(first) }).chain(body);
-                    return nar_response(StatusCode::OK, size, None, Body::from_stream(body));
+                    return Some(nar_response(
+                        StatusCode::OK,
+                        size,
+                        None,
+                        Body::from_stream(body),
+                    ));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(nar = %nar_hash, %cid, "NAR candidate failed, trying the next: {e}");
@@ -424,7 +491,7 @@ async fn nar_answer(
             Box::pin(counted),
             nar_hash,
             size,
-            refuter(&state, nar_hash, cid),
+            refuter(state, nar_hash, cid),
         );
         let first = match verified.next().await {
             Some(Ok(chunk)) => chunk,
@@ -450,15 +517,14 @@ async fn nar_answer(
                 .await;
                 Ok(bytes::Bytes::new())
             }));
-        return nar_response(StatusCode::OK, size, None, Body::from_stream(body));
+        return Some(nar_response(
+            StatusCode::OK,
+            size,
+            None,
+            Body::from_stream(body),
+        ));
     }
-    text(
-        StatusCode::BAD_GATEWAY,
-        format!(
-            "cannot serve NAR {file}: every known location failed: {}",
-            failures.join("; ")
-        ),
-    )
+    None
 }
 
 /// A narinfo from the upstreams (recorded or fetched), on a blocking thread:

@@ -26,10 +26,10 @@ use cid::multibase::Base;
 use cid::Cid;
 use rust_ipfs::{Keypair, PeerId};
 
+use super::routers::LIBP2P_KEY;
+
 /// Records larger than this are refused unread (the spec's limit).
 pub const MAX_RECORD_BYTES: usize = 10 * 1024;
-/// The multicodec of a libp2p public key, the codec of an IPNS name's CID.
-const LIBP2P_KEY: u64 = 0x72;
 /// The prefix of an IPNS record's key on the DHT.
 const ROUTING_PREFIX: &[u8] = b"/ipns/";
 
@@ -105,14 +105,7 @@ impl FromStr for IpnsName {
             .strip_prefix("ipns://")
             .or_else(|| input.strip_prefix("/ipns/"))
             .unwrap_or(input);
-        if let Ok(peer) = PeerId::from_str(s) {
-            return Ok(Self(peer));
-        }
-        let cid = Cid::from_str(s).map_err(|_| bad())?;
-        if cid.codec() != LIBP2P_KEY {
-            return Err(bad());
-        }
-        PeerId::from_bytes(&cid.hash().to_bytes())
+        super::routers::parse_peer_id(s)
             .map(Self)
             .map_err(|_| bad())
     }

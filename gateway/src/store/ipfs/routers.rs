@@ -85,8 +85,8 @@ pub fn parse_peer_id(text: &str) -> Result<PeerId, String> {
     PeerId::from_bytes(&cid.hash().to_bytes()).map_err(|e| format!("{text:?}: {e}"))
 }
 
-/// The multicodec of a CID that names a peer id.
-const LIBP2P_KEY: u64 = 0x72;
+/// The multicodec of a CID that names a peer id (and an IPNS name).
+pub(crate) const LIBP2P_KEY: u64 = 0x72;
 
 /// Providers in an answer: `application/x-ndjson` (one record per line)
 /// or a JSON object with `Providers`; records that are not `peer`, or
