@@ -326,8 +326,10 @@ mod tests {
         assert!(parse_upstream("http://127.0.0.1:9/c")
             .unwrap_err()
             .contains("URL=KEY"));
-        let mut config = Config::default();
-        config.upstreams = vec![parse_upstream("ftp://x=").unwrap()];
+        let config = Config {
+            upstreams: vec![parse_upstream("ftp://x=").unwrap()],
+            ..Config::default()
+        };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("ftp://x"), "{err}");
     }
