@@ -75,8 +75,7 @@ impl Gateway {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if gateway.get_ok("/nix-cache-info") && data_dir.join("admin.sock").exists()
-            {
+            if gateway.get_ok("/nix-cache-info") && data_dir.join("admin.sock").exists() {
                 return gateway;
             }
             if let Ok(Some(status)) = gateway.child.try_wait() {

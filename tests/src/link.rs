@@ -179,7 +179,11 @@ impl Link {
         let chunk = config
             .rate
             .map_or(MAX_CHUNK, |r| (r as usize / 100).clamp(1024, MAX_CHUNK));
-        let bucket = || config.rate.map(|r| Mutex::new(Bucket::new(r.max(1), chunk)));
+        let bucket = || {
+            config
+                .rate
+                .map(|r| Mutex::new(Bucket::new(r.max(1), chunk)))
+        };
         let shared = Arc::new(Shared {
             target,
             delay: config.delay,
@@ -438,7 +442,10 @@ mod tests {
         let took = started.elapsed();
         let floor = Duration::from_secs_f64(n as f64 / rate as f64 * 0.95);
         assert!(took >= floor, "{n} bytes at {rate} B/s took {took:?}");
-        assert!(took < floor * 3, "the cap is not far below itself: {took:?}");
+        assert!(
+            took < floor * 3,
+            "the cap is not far below itself: {took:?}"
+        );
         assert_eq!(link.bytes_to_target(), n as u64);
     }
 
