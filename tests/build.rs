@@ -26,6 +26,14 @@ fn peers_installed() -> bool {
         .is_some_and(|dir| PEER_FILES.iter().all(|f| Path::new(&dir).join(f).is_file()))
 }
 
+/// Whether the tests will run as root (they run as whoever builds them).
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(missing_nix)");
     println!("cargo::rustc-check-cfg=cfg(missing_peers)");
@@ -34,6 +42,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(missing_promtool)");
     println!("cargo::rustc-check-cfg=cfg(missing_systemd_analyze)");
     println!("cargo::rustc-check-cfg=cfg(missing_nix_instantiate)");
+    println!("cargo::rustc-check-cfg=cfg(missing_root)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=NIXPFS_PEERS_DIR");
     println!("cargo::rerun-if-env-changed=CI");
@@ -59,6 +68,10 @@ fn main() {
             println!("cargo::rustc-cfg={cfg}");
             println!("cargo::warning={tool} not on PATH: the tests that need it are ignored (Debian package {package})");
         }
+    }
+    if !is_root() {
+        println!("cargo::rustc-cfg=missing_root");
+        println!("cargo::warning=not root: the fault tests that mount a tmpfs or make network namespaces are ignored");
     }
     if !peers_installed() {
         println!("cargo::rustc-cfg=missing_peers");

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::netns::Netns;
 use crate::{nixpfs, run_ok_str};
 
 /// One running gateway.
@@ -14,6 +15,8 @@ pub struct Gateway {
     pub url: String,
     child: Child,
     log: PathBuf,
+    /// The network namespace it runs in, if not the test's own.
+    netns: Option<PathBuf>,
 }
 
 /// A port free right now on 127.0.0.1.
@@ -28,11 +31,31 @@ impl Gateway {
     /// Starts `nixpfs --data-dir DIR serve --listen … EXTRA…` and waits until
     /// `nix-cache-info` answers.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn(data_dir, extra, None)
+    }
+
+    /// [`start`](Self::start) inside `netns`: its HTTP and IPFS listeners
+    /// exist only there (reach its IPFS node through a [`crate::link::Link`]
+    /// into the namespace); [`get`](Self::get) and the CLI (a Unix socket)
+    /// still work from the test.
+    pub fn start_in(netns: &Netns, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn(data_dir, extra, Some(netns))
+    }
+
+    fn spawn(data_dir: &Path, extra: &[&str], netns: Option<&Netns>) -> Self {
         let port = free_port();
         let log = data_dir.with_extension("log");
         std::fs::create_dir_all(data_dir).expect("data dir");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = nixpfs()
+        let log_file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut cmd = match netns {
+            Some(ns) => ns.command(crate::nixpfs_bin()),
+            None => nixpfs(),
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(data_dir)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -48,14 +71,11 @@ impl Gateway {
             url: format!("http://127.0.0.1:{port}"),
             child,
             log,
+            netns: netns.map(Netns::path),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if ureq::get(&format!("{}/nix-cache-info", gateway.url))
-                .call()
-                .is_ok()
-                && data_dir.join("admin.sock").exists()
-            {
+            if gateway.get_ok("/nix-cache-info") && data_dir.join("admin.sock").exists() {
                 return gateway;
             }
             if let Ok(Some(status)) = gateway.child.try_wait() {
@@ -70,9 +90,59 @@ impl Gateway {
         }
     }
 
-    /// The gateway's log so far (for assertion messages).
+    /// The gateway's log so far (for assertion messages). Restarts on the
+    /// same data directory append to it.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The listening TCP port of the IPFS node (from `nixpfs id`), e.g. to
+    /// put a [`crate::link::Link`] in front of it.
+    pub fn ipfs_port(&self) -> u16 {
+        let (_, addr, _) = self.id();
+        addr.split('/')
+            .skip_while(|p| *p != "tcp")
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no /tcp/PORT in {addr}"))
+    }
+
+    /// The peer id of the IPFS node.
+    pub fn peer_id(&self) -> String {
+        self.id().0
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn get_ok(&self, path: &str) -> bool {
+        let url = format!("{}{path}", self.url);
+        self.in_netns(move || ureq::get(&url).call().is_ok())
+    }
+
+    /// Runs `f` where this gateway's listeners are: here, or on a thread
+    /// inside its namespace.
+    fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        match &self.netns {
+            None => f(),
+            Some(path) => {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    crate::netns::enter(&path).expect("enter the gateway's namespace");
+                    f()
+                })
+                .join()
+                .expect("request inside the namespace")
+            }
+        }
     }
 
     /// A `nixpfs --data-dir DIR …` command (goes through the admin API).
@@ -127,24 +197,36 @@ impl Gateway {
 
     /// GET with extra headers: (status, body).
     pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-        let mut req = ureq::get(&format!("{}{path}", self.url));
-        for (k, v) in headers {
-            req = req.set(k, v);
-        }
-        let resp = match req.call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("GET {path}: {e}"),
-        };
-        let status = resp.status();
-        let mut body = Vec::new();
-        std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).ok();
-        (status, body)
+        let url = format!("{}{path}", self.url);
+        let path = path.to_owned();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.in_netns(move || {
+            let mut req = ureq::get(&url);
+            for (k, v) in &headers {
+                req = req.set(k, v);
+            }
+            let resp = match req.call() {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("GET {path}: {e}"),
+            };
+            let status = resp.status();
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).ok();
+            (status, body)
+        })
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if !self.is_running() {
+            // Reaped already (e.g. by `kill_9`): its pid may be someone else's now.
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

@@ -4,6 +4,8 @@
 
 pub mod anchors;
 pub mod gateway;
+pub mod link;
+pub mod netns;
 pub mod nginx;
 pub mod nix;
 pub mod peers;

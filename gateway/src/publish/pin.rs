@@ -205,6 +205,13 @@ impl Pinner {
                     parse_cid(&local.cid)?
                 }
             };
+            // A seeded or fetched CID is also a cache pin: forget that record
+            // first, so a crash in between leaves an unrecorded pin (harmless,
+            // `gc` keeps it) rather than a record of a pin that is gone
+            // (which `repo verify` reports as damage).
+            let index = self.catalog.index().clone();
+            let key = cid.to_string();
+            tokio::task::spawn_blocking(move || index.remove_cache_pin(&key, true)).await??;
             self.node.unpin(cid).await?;
             done.push(target.clone());
         }
