@@ -21,7 +21,7 @@ pub use keys::{fingerprint, KeyError, PublicKey, SecretKey, Signature};
 pub use mapping::{ContentAddress, Mapping, MappingData, MappingError};
 pub use mapping_set::{
     read_set, write_set, EntryChecks, MappingSetBuilder, SetError, SetHeader, SetKind, SetParams,
-    SetReader, SignedHeader,
+    SetReader, SignedHeader, MAX_BATCH_BYTES,
 };
 pub use narinfo::{CacheInfo, NarInfo, NarInfoError};
 pub use policy::{Assertion, Decision, Policy, PolicyError, Vouch};

@@ -623,15 +623,21 @@ pub enum EntryChecks {
     DeferNixSignatures,
 }
 
-/// Entries parsed and verified together; bounds memory to a few MiB.
+/// Entries parsed and verified together, at most.
 const BATCH: usize = 2048;
+/// Entry bytes parsed ahead of what has been handed out, at most (plus the
+/// line that crosses it): entries may be up to [`MAX_LINE_LEN`] each, and
+/// are read before the entries digest at the end can be checked, so the
+/// batch is bounded by bytes as well as by count.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// Reads a set one entry at a time, verifying as it goes: the header (format,
 /// canonical form, signature) on open; each entry's form, order and (with
 /// [`EntryChecks::All`]) Nix signature before it is yielded; count, digest and
 /// the absence of trailing bytes when the entries end. Memory: one batch of
-/// entries. Entries yielded before an error are not trustworthy as a set:
-/// stage them and commit only once the reader has returned `Ok(None)`.
+/// entries, at most [`MAX_BATCH_BYTES`] of lines. Entries yielded before an
+/// error are not trustworthy as a set: stage them and commit only once the
+/// reader has returned `Ok(None)`.
 #[derive(Debug)]
 pub struct SetReader<R> {
     reader: R,
@@ -719,13 +725,18 @@ impl<R: BufRead> SetReader<R> {
         Ok(self.header)
     }
 
-    /// Reads up to [`BATCH`] entries, verifies their signatures together, and
-    /// queues those before the first failure; the earliest error is kept.
+    /// Reads up to [`BATCH`] entries or [`MAX_BATCH_BYTES`] of them, verifies
+    /// their signatures together, and queues those before the first failure;
+    /// the earliest error is kept.
     fn fill(&mut self) {
         let mut batch = Vec::with_capacity(BATCH);
-        while batch.len() < BATCH {
+        let mut bytes = 0usize;
+        while batch.len() < BATCH && bytes < MAX_BATCH_BYTES {
             match self.read_entry() {
-                Ok(Some(entry)) => batch.push(entry),
+                Ok(Some(entry)) => {
+                    bytes += self.line.len();
+                    batch.push(entry);
+                }
                 Ok(None) => {
                     self.at_end = true;
                     break;

@@ -28,7 +28,7 @@
 //! [`versioned_location`]: `registry.json` → `7.registry.json` in the same
 //! folder (or URL path), as TUF names `7.root.json`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -651,6 +651,10 @@ impl Registry {
             return Err(RegistryError::NotSorted { what: "root keys" });
         }
         check_root_keys(&body.root_keys, body.threshold)?;
+        // Key bytes and key names seen so far, to the anchor that has them:
+        // one lookup per anchor, not a scan of all before it.
+        let mut by_bytes: BTreeMap<&[u8], &AnchorName> = BTreeMap::new();
+        let mut by_name: BTreeMap<&str, &AnchorName> = BTreeMap::new();
         for (i, anchor) in body.anchors.iter().enumerate() {
             check_anchor(anchor)?;
             if let Some(prev) = i.checked_sub(1).map(|p| &body.anchors[p]) {
@@ -663,13 +667,15 @@ impl Registry {
                     return Err(RegistryError::NotSorted { what: "anchors" });
                 }
             }
-            if let Some(other) = body.anchors[..i]
-                .iter()
-                .find(|o| same_key_or_name(&o.key, &anchor.key))
-            {
+            // As `same_key_or_name` against every anchor before this one.
+            let bytes: &[u8] = anchor.key.as_bytes();
+            let other = by_bytes
+                .insert(bytes, &anchor.name)
+                .or(by_name.insert(anchor.key.name(), &anchor.name));
+            if let Some(other) = other {
                 return Err(RegistryError::DuplicateAnchorKey {
                     name: anchor.name.clone(),
-                    other: other.name.clone(),
+                    other: other.clone(),
                     key: anchor.key.to_string(),
                 });
             }

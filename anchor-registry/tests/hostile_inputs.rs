@@ -1,12 +1,20 @@
 //! 100,000 random, truncated and mutated inputs to every parser of untrusted
-//! text: each must return an error or a value, never panic.
+//! text: each must return an error or a value, never panic. And inputs that
+//! are valid but large: a set of big entries is read a bounded number of
+//! bytes ahead of what it yields; a registry of 50,000 anchors is checked
+//! for duplicate keys in one pass.
 
 // Test fixtures built from constants: a failure is a bug in the test itself.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{BufReader, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use anchor_registry::{
-    read_set, CacheInfo, ContentId, MappingData, MappingSetBuilder, NarHash, NarInfo, PublicKey,
-    Registry, SecretKey, SetKind, Signature, SignedHeader, StorePath,
+    read_set, Anchor, CacheInfo, ContentId, MappingData, MappingSetBuilder, NarHash, NarInfo,
+    PublicKey, Registry, RegistryError, SecretKey, SetKind, SetReader, Signature, SignedHeader,
+    StorePath, MAX_BATCH_BYTES,
 };
 
 /// xorshift64*: deterministic, dependency-free input generator.
@@ -125,4 +133,146 @@ fn hundred_thousand_hostile_inputs_never_panic_any_parser() {
     }
     // Unchanged truncations of full samples parse; mutated ones mostly not.
     assert!(accepted > 0, "the generator never produced a valid input");
+}
+
+/// A reader that counts the bytes taken from it.
+struct Counting<'a> {
+    inner: &'a [u8],
+    taken: Arc<AtomicUsize>,
+}
+
+impl Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.taken.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// A valid store path `/nix/store/<hash>-<name>` whose hash encodes `i`.
+fn numbered_path(i: u64, name: &str) -> StorePath {
+    const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let mut hash = [b'0'; 32];
+    let mut v = i;
+    for c in hash.iter_mut().rev() {
+        *c = NIX32[(v % 32) as usize];
+        v /= 32;
+    }
+    let hash = String::from_utf8(hash.to_vec()).unwrap();
+    StorePath::parse(&format!("/nix/store/{hash}-{name}")).unwrap()
+}
+
+#[test]
+fn a_set_of_big_entries_is_read_at_most_a_batch_of_bytes_ahead() {
+    // 800 entries of ~12 KiB (300 references each): ~10 MiB, more than
+    // twice what the reader may parse before handing entries out.
+    let key = SecretKey::generate("big-1").unwrap();
+    let refs: std::collections::BTreeSet<StorePath> = (0..300)
+        .map(|i| numbered_path(1_000_000 + i, "ref"))
+        .collect();
+    let mut builder = MappingSetBuilder::first(SetKind::Anchor, "big".parse().unwrap());
+    for i in 0..800 {
+        let path = numbered_path(i, "big");
+        let mapping = MappingData {
+            nar_hash: NarHash::digest(path.to_string().as_bytes()),
+            path,
+            nar_size: 1,
+            references: refs.clone(),
+            deriver: None,
+            ca: None,
+            cid: ContentId::parse("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
+                .unwrap(),
+            profile: anchor_registry::ImportProfile::unixfs_v1_2025(),
+        }
+        .sign(&key);
+        builder.insert(mapping);
+    }
+    let mut set = Vec::new();
+    builder
+        .write(&key, 1, u64::from(u32::MAX), &mut set)
+        .unwrap();
+    let line = set.len() / 801;
+    assert!(set.len() > 2 * MAX_BATCH_BYTES, "{} bytes", set.len());
+
+    let taken = Arc::new(AtomicUsize::new(0));
+    let buffer = 64 << 10;
+    let counting = Counting {
+        inner: &set,
+        taken: taken.clone(),
+    };
+    let mut reader = SetReader::open(BufReader::with_capacity(buffer, counting)).unwrap();
+    assert!(reader.next_entry().unwrap().is_some());
+    let ahead = taken.load(Ordering::Relaxed);
+    assert!(
+        ahead <= MAX_BATCH_BYTES + 2 * line + buffer,
+        "read {ahead} bytes of a {} byte set before the first entry",
+        set.len()
+    );
+    let mut count = 1;
+    while reader.next_entry().unwrap().is_some() {
+        count += 1;
+    }
+    assert_eq!(count, 800);
+}
+
+/// `n` anchors named `a00000`…, each with its own key.
+fn numbered_anchors(n: usize) -> Vec<Anchor> {
+    (0..n)
+        .map(|i| Anchor {
+            key: SecretKey::generate(&format!("a{i:05}-1")).unwrap().public(),
+            name: format!("a{i:05}").parse().unwrap(),
+            note: None,
+            sources: Vec::new(),
+        })
+        .collect()
+}
+
+/// A signed registry's text with `anchors` in that order, built as JSON:
+/// `add_anchor` checks each new anchor against all the others, too slow for
+/// tens of thousands (the signature no longer matches; parsing does not
+/// check it).
+fn registry_text(anchors: &[Anchor]) -> String {
+    let root = SecretKey::generate("root-1").unwrap();
+    let mut registry = Registry::init(vec![root.public()], 1, u64::from(u32::MAX)).unwrap();
+    registry.add_anchor(anchors[0].clone()).unwrap();
+    registry.sign(&root);
+    let mut json: serde_json::Value = serde_json::from_str(&registry.render()).unwrap();
+    let template = json["signed"]["anchors"][0].clone();
+    let list: Vec<serde_json::Value> = anchors
+        .iter()
+        .map(|a| {
+            let mut v = template.clone();
+            v["key"] = serde_json::Value::String(a.key.to_string());
+            v["name"] = serde_json::Value::String(a.name.to_string());
+            v
+        })
+        .collect();
+    json["signed"]["anchors"] = serde_json::Value::Array(list);
+    serde_json::to_string(&json).unwrap()
+}
+
+#[test]
+fn a_registry_of_50000_anchors_is_checked_and_a_reused_key_at_its_end_refused() {
+    // Checked pairwise, this is 1.25e9 key comparisons (tens of seconds);
+    // with one lookup per anchor, well under a second.
+    let mut anchors = numbered_anchors(50_000);
+    let registry = Registry::parse(&registry_text(&anchors)).unwrap();
+    assert_eq!(registry.anchors().len(), anchors.len());
+
+    // The last anchor reuses the first one's key bytes under a new key name.
+    let first = anchors[0].key.to_string();
+    let bytes = first.split_once(':').unwrap().1;
+    anchors.push(Anchor {
+        key: PublicKey::parse(&format!("zz-1:{bytes}")).unwrap(),
+        name: "zz".parse().unwrap(),
+        note: None,
+        sources: Vec::new(),
+    });
+    match Registry::parse(&registry_text(&anchors)) {
+        Err(RegistryError::DuplicateAnchorKey { name, other, .. }) => {
+            assert_eq!(name.to_string(), "zz");
+            assert_eq!(other.to_string(), "a00000");
+        }
+        other => panic!("expected DuplicateAnchorKey, got {other:?}"),
+    }
 }

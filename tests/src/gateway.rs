@@ -27,6 +27,19 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Resident memory of process `pid` in bytes (`VmRSS` in
+/// `/proc/PID/status`); panics if the process is gone.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
 impl Gateway {
     /// Starts `nixpfs --data-dir DIR serve --listen … EXTRA…` and waits until
     /// `nix-cache-info` answers.
@@ -88,6 +101,16 @@ impl Gateway {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The process id of `nixpfs serve` (to read its memory use).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the gateway process now, in bytes (VmRSS).
+    pub fn rss(&self) -> u64 {
+        rss_of(self.pid())
     }
 
     /// The gateway's log so far (for assertion messages). Restarts on the

@@ -112,6 +112,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "Wants withdrawn because every fetch waiting for them gave up or was dropped.",
             &bitswap.released,
         ),
+        (
+            "streams_refused",
+            "Inbound bitswap streams reset because their peer, or all peers together, had as many open as allowed.",
+            &bitswap.streams_refused,
+        ),
+        (
+            "write_timeouts",
+            "Bitswap messages dropped because the peer did not read them within the write timeout.",
+            &bitswap.write_timeouts,
+        ),
     ] {
         let n = counter.load(std::sync::atomic::Ordering::Relaxed);
         out.counter(&format!("nixpfs_bitswap_{name}"), help, n);

@@ -35,6 +35,7 @@ use futures::StreamExt;
 use crate::store::car::{self, DagScope, EntityBytes, Selection, SelectionError};
 use crate::store::ipfs::block;
 use crate::store::ipfs::dag::BlockSource;
+use crate::store::ipfs::prefetch::PrefetchBudget;
 use crate::store::ipfs::{Cid, IpfsError, Node};
 
 const RAW_TYPE: &str = "application/vnd.ipld.raw";
@@ -385,6 +386,10 @@ impl BlockSource for Primed {
             return Box::pin(async move { Ok(data) });
         }
         self.inner.get(cid)
+    }
+
+    fn prefetch(&self) -> Option<&PrefetchBudget> {
+        self.inner.prefetch()
     }
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anchor_registry::{KeyError, NarHash, NarInfo, PublicKey, StorePathHash};
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{head, put};
 use axum::Router;
@@ -243,6 +243,13 @@ impl IntoResponse for Rejection {
     }
 }
 
+/// A NAR whose every block is here (see [`Uploads::held_nar`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldNar {
+    /// Its size, for an uncompressed `.nar` (what `GET` sends).
+    pub size: Option<u64>,
+}
+
 /// A NAR that arrived complete and canonical, waiting for its narinfo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Staged {
@@ -453,28 +460,32 @@ impl Uploads {
         Ok((imported.cid, summary))
     }
 
-    /// `HEAD nar/<file>`: whether Nix may skip uploading these bytes.
-    pub async fn has_nar(&self, file: &str) -> bool {
-        let Some(nar_file) = NarFile::parse(file) else {
-            return false;
-        };
+    /// `HEAD nar/<file>`: whether Nix may skip uploading these bytes, i.e.
+    /// every block of them is here, and for an uncompressed `.nar` its size
+    /// (what `GET` would send as `Content-Length`). A pinned DAG is whole
+    /// by construction (a pin is recorded once every block is durable), so
+    /// this costs two lookups; only unpinned bytes are walked.
+    pub async fn held_nar(&self, file: &str) -> Option<HeldNar> {
+        let nar_file = NarFile::parse(file)?;
         let staged = self.staging().by_url(&nar_file.url(), Instant::now());
-        let cid = match staged {
-            Some(s) => Some(s.cid),
+        let (cid, size) = match staged {
+            Some(s) => (s.cid, None),
             None if nar_file.compression() == Compression::None => {
-                self.verified_local(&nar_file.stem).await
+                let (cid, size) = self.verified_local(&nar_file.stem).await?;
+                (cid, Some(size))
             }
-            None => None,
+            None => return None,
         };
-        match cid {
-            Some(cid) => self.node.has_all(cid).await.unwrap_or(false),
-            None => false,
-        }
+        self.node
+            .holds(cid)
+            .await
+            .unwrap_or(false)
+            .then_some(HeldNar { size })
     }
 
-    /// The CID of a NAR (named by its nix32 NarHash) that was hashed whole
-    /// here before.
-    async fn verified_local(&self, nix32: &str) -> Option<Cid> {
+    /// The CID and size of a NAR (named by its nix32 NarHash) that was
+    /// hashed whole here before.
+    async fn verified_local(&self, nix32: &str) -> Option<(Cid, u64)> {
         let nar_hash = NarHash::parse(&format!("sha256:{nix32}")).ok()?;
         let index = self.index.clone();
         let location = tokio::task::spawn_blocking(move || index.nar_location(&nar_hash))
@@ -485,6 +496,7 @@ impl Uploads {
             .verified
             .then(|| location.cid.parse::<Cid>().ok())
             .flatten()
+            .map(|cid| (cid, location.nar_size))
     }
 
     /// `PUT <hash>.narinfo`: checks the narinfo against the NAR that arrived,
@@ -801,11 +813,24 @@ async fn put_cache_info(
     reply(&uploads, result)
 }
 
-async fn head_nar(State(uploads): State<Arc<Uploads>>, Path(file): Path<String>) -> StatusCode {
-    if uploads.has_nar(&file).await {
-        StatusCode::OK
-    } else {
-        StatusCode::NOT_FOUND
+/// 200 with the headers a `GET` would send when the NAR is held here, 404
+/// otherwise; no body either way.
+async fn head_nar(State(uploads): State<Arc<Uploads>>, Path(file): Path<String>) -> Response {
+    match uploads.held_nar(&file).await {
+        Some(HeldNar { size: Some(size) }) => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-nix-nar"),
+                ),
+                (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
+                (header::CONTENT_LENGTH, HeaderValue::from(size)),
+            ],
+            Body::empty(),
+        )
+            .into_response(),
+        Some(HeldNar { size: None }) => StatusCode::OK.into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
@@ -1000,9 +1025,9 @@ mod tests {
                 .put_nar(file, &auth, Body::from(body))
                 .await
                 .unwrap();
-            assert!(f.uploads.has_nar(file).await, "{file}");
+            assert!(f.uploads.held_nar(file).await.is_some(), "{file}");
         }
-        assert!(!f.uploads.has_nar("dddd.nar.xz").await);
+        assert!(f.uploads.held_nar("dddd.nar.xz").await.is_none());
         assert!(
             f.node.pins().await.unwrap().is_empty(),
             "staged, not pinned"
@@ -1026,11 +1051,15 @@ mod tests {
             format!("nar/{}.nar", summary.nar_hash.to_nix32())
         );
         assert_eq!(local.narinfo.compression.as_deref(), Some("none"));
-        // The verified local NAR now answers HEAD under its NarHash name.
-        assert!(
+        // The verified local NAR now answers HEAD under its NarHash name,
+        // with the size GET sends.
+        assert_eq!(
             f.uploads
-                .has_nar(&format!("{}.nar", summary.nar_hash.to_nix32()))
-                .await
+                .held_nar(&format!("{}.nar", summary.nar_hash.to_nix32()))
+                .await,
+            Some(HeldNar {
+                size: Some(summary.nar_size)
+            })
         );
     }
 
@@ -1144,7 +1173,7 @@ mod tests {
             "{err}"
         );
         for file in ["bbbb.nar", "cccc.nar.xz", "dddd.nar", "eeee.nar"] {
-            assert!(!f.uploads.has_nar(file).await, "{file}");
+            assert!(f.uploads.held_nar(file).await.is_none(), "{file}");
         }
         assert!(f.node.pins().await.unwrap().is_empty());
         assert!(f.index.locals().unwrap().is_empty());

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::store::ipfs::block::{self, Block, DAG_PB, RAW};
 use crate::store::ipfs::dag::{BlockSource, PbNode, UnixfsData};
 use crate::store::ipfs::pb;
+use crate::store::ipfs::prefetch::Charge;
 use crate::store::ipfs::{Cid, IpfsError, Node};
 use crate::util::progress::{Meter, Unit};
 
@@ -519,6 +520,8 @@ struct Pending {
     /// Whether this block's links are followed.
     follow: bool,
     ahead: Option<Ahead>,
+    /// Its share of the source's prefetch budget, when fetched ahead.
+    charge: Option<Charge>,
 }
 
 /// Depth-first, pre-order walk of a selection, blocks verified on arrival.
@@ -575,8 +578,16 @@ impl Exporter {
 
     async fn step(&mut self) -> Result<Option<Bytes>, CarError> {
         loop {
-            for p in self.queue.iter_mut().take(EXPORT_WINDOW) {
+            for (i, p) in self.queue.iter_mut().take(EXPORT_WINDOW).enumerate() {
                 if p.ahead.is_none() && block::inline_data(&p.cid).is_none() {
+                    // Beyond the next block, charged to the source's budget
+                    // (as reads are, see dag::Walker).
+                    if let (true, Some(budget)) = (i > 0, self.source.prefetch()) {
+                        match budget.try_charge() {
+                            Some(charge) => p.charge = Some(charge),
+                            None => break,
+                        }
+                    }
                     p.ahead = Some(fetch_verified(&self.source, p.cid));
                 }
             }
@@ -679,6 +690,7 @@ fn child(cid: Cid, range: Option<(u64, u64)>) -> Pending {
         range,
         follow: cid.codec() == DAG_PB,
         ahead: None,
+        charge: None,
     }
 }
 
@@ -701,6 +713,7 @@ pub fn export(
             range: None,
             follow: selection.scope != DagScope::Block && root.codec() != RAW,
             ahead: None,
+            charge: None,
         }]),
         seen,
         root: true,

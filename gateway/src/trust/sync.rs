@@ -180,12 +180,20 @@ impl Syncer {
         let text = self.fetch_registry_text(source).await?;
         let previous = stored_registry(&self.index)?;
         let now = unix_now();
-        let verified = match Registry::parse(&text) {
+        // Parsed and checked on the blocking pool: a registry may be as
+        // large as the document limit, and is untrusted until verified.
+        let (root, trusted) = (self.root.clone(), previous.clone());
+        let (text, parsed) = tokio::task::spawn_blocking(move || {
+            let parsed = Registry::parse(&text).map(|registry| {
+                let verdict = registry.verify_from(&root, trusted.as_ref(), now);
+                (registry, verdict)
+            });
+            (text, parsed)
+        })
+        .await?;
+        let verified = match parsed {
             Err(error) => Err((source.clone(), error)),
-            Ok(registry) => match (
-                registry.verify_from(&self.root, previous.as_ref(), now),
-                &previous,
-            ) {
+            Ok((registry, verdict)) => match (verdict, &previous) {
                 (Ok(()), _) => Ok(registry),
                 (Err(RegistryError::SkippedVersion { .. }), Some(trusted)) => {
                     self.walk(trusted, registry, now).await?
@@ -240,13 +248,17 @@ impl Syncer {
                     ),
                 })?;
             let text = self.fetch_registry_text(&location).await?;
-            let step = match Registry::parse(&text)
-                .and_then(|step| step.verify_successor(&current).map(|()| step))
-            {
+            // Parsed and checked on the blocking pool, as in load_registry.
+            let (_previous, step) = tokio::task::spawn_blocking(move || {
+                let step = Registry::parse(&text)
+                    .and_then(|step| step.verify_successor(&current).map(|()| step));
+                (current, step)
+            })
+            .await?;
+            current = match step {
                 Ok(step) => step,
                 Err(error) => return Ok(Err((location, error))),
             };
-            current = step;
         }
         Ok(newest
             .verify_from(&self.root, Some(&current), now)

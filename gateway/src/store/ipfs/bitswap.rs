@@ -19,6 +19,14 @@
 //! duplicates. A want lives as long as someone waits for it: when its last
 //! waiter times out or drops its fetch, it is cancelled with the peers asked.
 //!
+//! Inbound work is bounded whatever a peer does: streams per peer and in
+//! total are capped (more are reset and counted), message bytes read but not
+//! yet handled are capped per peer and in total, one wantlist per peer is
+//! answered at a time, and its answers wait while [`QUEUE_BYTES`] of them are
+//! queued unwritten; a write that takes longer than [`WRITE_TIMEOUT`] resets
+//! its stream. A peer that opens hundreds of streams and never reads costs a
+//! few MiB.
+//!
 //! # Goals
 //! - Speak `/ipfs/bitswap/1.2.0` as Kubo and Helia do, in both roles, so any
 //!   IPFS peer can fetch our NARs and we can fetch theirs.
@@ -43,7 +51,7 @@ use cid::Cid;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p_stream::{Control, IncomingStreams};
 use rust_ipfs::{PeerId, Stream, StreamProtocol};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::block::{self, Block};
 use super::blockstore::BlockStore;
@@ -56,6 +64,27 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/bitswap/1.2.0");
 const MAX_MESSAGE: usize = 4 * 1024 * 1024 + 64 * 1024;
 /// Block bytes per outbound message before it is flushed.
 const RESPONSE_BYTES: usize = 1024 * 1024;
+/// Inbound streams one peer may have open at once; more are reset. Kubo and
+/// Helia open one per message and close it, so a handful is plenty.
+pub const STREAMS_PER_PEER: usize = 32;
+/// Inbound streams of all peers at once (each may hold a 256 KiB yamux
+/// window of unread bytes).
+pub const STREAMS_TOTAL: usize = 256;
+/// Bytes of inbound messages one peer may have read but not handled yet:
+/// two of the largest, so a peer's blocks keep flowing while one of its
+/// wantlists waits.
+const FRAME_BYTES_PER_PEER: usize = 2 * MAX_MESSAGE;
+/// The same for all peers together.
+const FRAME_BYTES_TOTAL: usize = 64 * 1024 * 1024;
+/// How long the body of a message may take to arrive once its length has.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// Block bytes of answers queued for one peer and not yet written; its next
+/// blocks (and so its further wantlists) wait while this is used up.
+pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// How long opening a stream and writing one message to a peer may take
+/// before the stream is reset and the message dropped (1 MiB in 30 s is a
+/// link below 300 kbit/s, or a peer that does not read).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often wants are checked for re-sending and peers refreshed.
 const TICK: Duration = Duration::from_millis(50);
 /// A want overtaken by later blocks is re-sent after this long.
@@ -353,7 +382,12 @@ fn decode_entry(buf: &[u8]) -> Result<WantEntry, MessageError> {
 }
 
 /// Reads one length-prefixed message; `Ok(None)` at a clean end of stream.
-async fn read_frame(stream: &mut Stream) -> std::io::Result<Option<Bytes>> {
+/// Its bytes are taken from `budget` before they are read, and given back
+/// when the returned permit is dropped.
+async fn read_frame(
+    stream: &mut Stream,
+    budget: &FrameBudget,
+) -> std::io::Result<Option<(Bytes, FramePermit)>> {
     let mut len: u64 = 0;
     for i in 0..10 {
         let mut b = [0u8; 1];
@@ -371,20 +405,63 @@ async fn read_frame(stream: &mut Stream) -> std::io::Result<Option<Bytes>> {
         .ok()
         .filter(|l| *l <= MAX_MESSAGE)
         .ok_or_else(|| std::io::Error::other(format!("bitswap message of {len} bytes")))?;
+    let permit = budget.take(len).await?;
     let mut buf = BytesMut::zeroed(len);
     let mut filled = 0;
-    while filled < len {
-        match stream.read(&mut buf[filled..]).await? {
-            0 => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("stream ended after {filled} of {len} message bytes"),
-                ))
+    let body = async {
+        while filled < len {
+            match stream.read(&mut buf[filled..]).await? {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("stream ended after {filled} of {len} message bytes"),
+                    ))
+                }
+                n => filled += n,
             }
-            n => filled += n,
         }
+        Ok(())
+    };
+    tokio::time::timeout(FRAME_TIMEOUT, body)
+        .await
+        .map_err(|_| std::io::Error::other(format!("bitswap message of {len} bytes too slow")))??;
+    Ok(Some((buf.freeze(), permit)))
+}
+
+/// Where inbound message bytes are accounted: the peer's share and the total.
+struct FrameBudget {
+    peer: Arc<Semaphore>,
+    total: Arc<Semaphore>,
+}
+
+/// Message bytes taken from a [`FrameBudget`], given back on drop.
+struct FramePermit {
+    _peer: OwnedSemaphorePermit,
+    _total: OwnedSemaphorePermit,
+}
+
+impl FrameBudget {
+    async fn take(&self, len: usize) -> std::io::Result<FramePermit> {
+        // `len` is at most MAX_MESSAGE, within both budgets and u32.
+        let n = u32::try_from(len).map_err(std::io::Error::other)?;
+        let closed = |_| std::io::Error::other("bitswap shutting down");
+        let peer = self
+            .peer
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(closed)?;
+        let total = self
+            .total
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(closed)?;
+        Ok(FramePermit {
+            _peer: peer,
+            _total: total,
+        })
     }
-    Ok(Some(buf.freeze()))
 }
 
 async fn write_frame(stream: &mut Stream, body: &[u8]) -> std::io::Result<()> {
@@ -414,6 +491,12 @@ pub struct Stats {
     /// Wants withdrawn because every caller waiting for them gave up
     /// (timed out or dropped its fetch).
     pub released: AtomicU64,
+    /// Inbound streams reset because their peer (or all peers together)
+    /// had as many open as allowed.
+    pub streams_refused: AtomicU64,
+    /// Messages dropped because writing them to the peer took longer than
+    /// [`WRITE_TIMEOUT`] (a peer that does not read, or a dead link).
+    pub write_timeouts: AtomicU64,
 }
 
 /// A block we are waiting for.
@@ -458,6 +541,9 @@ impl Want {
 #[derive(Debug)]
 struct PeerState {
     tx: mpsc::Sender<Message>,
+    /// Block bytes of answers this peer's writer may still queue
+    /// ([`QUEUE_BYTES`] when all are written).
+    queue: Arc<Semaphore>,
     /// Wants in flight at once, and how to re-send one.
     policy: PeerPolicy,
     /// Wants sent to this peer and not answered yet.
@@ -471,9 +557,10 @@ struct PeerState {
 }
 
 impl PeerState {
-    fn new(tx: mpsc::Sender<Message>, policy: PeerPolicy) -> Self {
+    fn new(tx: mpsc::Sender<Message>, queue: Arc<Semaphore>, policy: PeerPolicy) -> Self {
         Self {
             tx,
+            queue,
             policy,
             in_flight: HashSet::new(),
             delivered_at: None,
@@ -688,6 +775,44 @@ struct Shared {
     control: Control,
     hashers: Arc<Semaphore>,
     stats: Stats,
+    /// Peers with inbound streams open, and what each may still use.
+    inbound: Mutex<HashMap<PeerId, Inbound>>,
+    /// Inbound streams of all peers ([`STREAMS_TOTAL`]).
+    streams: Arc<Semaphore>,
+    /// Inbound message bytes of all peers ([`FRAME_BYTES_TOTAL`]).
+    frame_bytes: Arc<Semaphore>,
+}
+
+/// One peer's inbound streams.
+struct Inbound {
+    open: usize,
+    /// Whether a refusal was logged since its streams were last all closed
+    /// (one warning per burst, every refusal counted).
+    warned: bool,
+    frame_bytes: Arc<Semaphore>,
+    /// Held while one of its wantlists is answered.
+    serving: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// An admitted inbound stream: its place in the caps, given back on drop.
+struct InboundSlot {
+    shared: Arc<Shared>,
+    peer: PeerId,
+    budget: FrameBudget,
+    serving: Arc<tokio::sync::Mutex<()>>,
+    _total: OwnedSemaphorePermit,
+}
+
+impl Drop for InboundSlot {
+    fn drop(&mut self) {
+        let mut inbound = self.shared.lock_inbound();
+        if let Some(entry) = inbound.get_mut(&self.peer) {
+            entry.open = entry.open.saturating_sub(1);
+            if entry.open == 0 {
+                inbound.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Handle to the bitswap engine; cheap to clone.
@@ -714,6 +839,54 @@ impl Shared {
         // A panic while holding the lock leaves consistent data (plain maps).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_inbound(&self) -> MutexGuard<'_, HashMap<PeerId, Inbound>> {
+        self.inbound.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for a new inbound stream of `peer`, or why there is none.
+    fn admit(self: &Arc<Self>, peer: PeerId) -> Result<InboundSlot, &'static str> {
+        let mut inbound = self.lock_inbound();
+        let entry = inbound.entry(peer).or_insert_with(|| Inbound {
+            open: 0,
+            warned: false,
+            frame_bytes: Arc::new(Semaphore::new(FRAME_BYTES_PER_PEER)),
+            serving: Arc::new(tokio::sync::Mutex::new(())),
+        });
+        let total = if entry.open >= STREAMS_PER_PEER {
+            Err("the peer has as many bitswap streams open as one peer may")
+        } else {
+            self.streams
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| "all peers together have as many bitswap streams open as allowed")
+        };
+        let total = match total {
+            Ok(total) => total,
+            Err(reason) => {
+                self.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
+                if !entry.warned {
+                    entry.warned = true;
+                    tracing::warn!(%peer, open = entry.open, "bitswap: inbound streams refused: {reason}");
+                }
+                if entry.open == 0 {
+                    inbound.remove(&peer);
+                }
+                return Err(reason);
+            }
+        };
+        entry.open += 1;
+        Ok(InboundSlot {
+            shared: self.clone(),
+            peer,
+            budget: FrameBudget {
+                peer: entry.frame_bytes.clone(),
+                total: self.frame_bytes.clone(),
+            },
+            serving: entry.serving.clone(),
+            _total: total,
+        })
+    }
 }
 
 impl Bitswap {
@@ -731,6 +904,9 @@ impl Bitswap {
             control,
             hashers: Arc::new(Semaphore::new(HASHERS)),
             stats: Stats::default(),
+            inbound: Mutex::new(HashMap::new()),
+            streams: Arc::new(Semaphore::new(STREAMS_TOTAL)),
+            frame_bytes: Arc::new(Semaphore::new(FRAME_BYTES_TOTAL)),
         });
         let accept = tokio::spawn(accept_loop(shared.clone(), incoming));
         let ticker = tokio::spawn(tick_loop(shared.clone()));
@@ -757,8 +933,9 @@ impl Bitswap {
                 match st.peers.get_mut(p) {
                     Some(ps) => ps.policy = policy,
                     None => {
-                        let tx = spawn_writer(self.shared.clone(), *p);
-                        st.peers.insert(*p, PeerState::new(tx, policy));
+                        let queue = Arc::new(Semaphore::new(QUEUE_BYTES));
+                        let tx = spawn_writer(self.shared.clone(), *p, queue.clone());
+                        st.peers.insert(*p, PeerState::new(tx, queue, policy));
                     }
                 }
             }
@@ -891,8 +1068,9 @@ fn cancel(cid: Cid) -> WantEntry {
 /// is closed right after (as Kubo and Helia do: Helia only handles a stream's
 /// messages once the sender closes it), or, for peers whose policy says
 /// [`PeerPolicy::reuse_stream`], all on one stream kept open. A failed send
-/// is retried once on a new stream.
-fn spawn_writer(shared: Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
+/// is retried once on a new stream; a send that times out is dropped. Block
+/// bytes are given back to `queue` once their message is written or dropped.
+fn spawn_writer(shared: Arc<Shared>, peer: PeerId, queue: Arc<Semaphore>) -> mpsc::Sender<Message> {
     let (tx, mut rx) = mpsc::channel::<Message>(PEER_QUEUE);
     tokio::spawn(async move {
         let mut control = shared.control.clone();
@@ -916,53 +1094,80 @@ fn spawn_writer(shared: Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
                 kept = None;
             }
             for attempt in 0..2 {
-                let stream = match kept.take() {
-                    Some(s) => Ok(s),
-                    None => control
-                        .open_stream(peer, PROTOCOL)
-                        .await
-                        .map_err(|e| std::io::Error::other(e.to_string())),
-                };
-                let sent = match stream {
-                    Ok(mut s) => match write_frame(&mut s, &body).await {
-                        Ok(()) if reuse => {
-                            kept = Some(s);
-                            Ok(())
-                        }
-                        Ok(()) => s.close().await,
+                let send = async {
+                    let stream = match kept.take() {
+                        Some(s) => Ok(s),
+                        None => control
+                            .open_stream(peer, PROTOCOL)
+                            .await
+                            .map_err(|e| std::io::Error::other(e.to_string())),
+                    };
+                    match stream {
+                        Ok(mut s) => match write_frame(&mut s, &body).await {
+                            Ok(()) if reuse => {
+                                kept = Some(s);
+                                Ok(())
+                            }
+                            Ok(()) => s.close().await,
+                            Err(e) => Err(e),
+                        },
                         Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
+                    }
                 };
-                match sent {
-                    Ok(()) => {
+                // On timeout the stream is dropped, which resets it.
+                match tokio::time::timeout(WRITE_TIMEOUT, send).await {
+                    Ok(Ok(())) => {
                         shared
                             .stats
                             .blocks_sent
                             .fetch_add(msg.blocks.len() as u64, Ordering::Relaxed);
                         break;
                     }
-                    Err(e) => tracing::debug!(%peer, attempt, error = %e, "bitswap: send failed"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, attempt, error = %e, "bitswap: send failed")
+                    }
+                    Err(_) => {
+                        shared.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%peer, timeout = ?WRITE_TIMEOUT, blocks = msg.blocks.len(), "bitswap: message dropped, the peer did not read it in time");
+                        break;
+                    }
                 }
             }
+            queue.add_permits(queued_bytes(&msg) as usize);
         }
     });
     tx
 }
 
+/// The bytes of `queue` the blocks of `msg` hold.
+fn queued_bytes(msg: &Message) -> u32 {
+    msg.blocks.iter().map(|(_, d)| block_charge(d.len())).sum()
+}
+
+/// What one block of `len` bytes takes of a peer's queue: its size, within
+/// what the queue holds in total so it can always be taken.
+fn block_charge(len: usize) -> u32 {
+    len.min(QUEUE_BYTES) as u32
+}
+
 /// Drains inbound streams as fast as possible (libp2p-stream keeps only one
-/// waiting) and reads each in its own task.
+/// waiting) and reads each in its own task, within the stream caps; a
+/// stream beyond them is dropped, which resets it.
 async fn accept_loop(shared: Arc<Shared>, mut incoming: IncomingStreams) {
     while let Some((peer, stream)) = incoming.next().await {
-        tokio::spawn(read_stream(shared.clone(), peer, stream));
+        if let Ok(slot) = shared.admit(peer) {
+            tokio::spawn(read_stream(shared.clone(), slot, stream));
+        }
     }
 }
 
-async fn read_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
+async fn read_stream(shared: Arc<Shared>, slot: InboundSlot, mut stream: Stream) {
+    let peer = slot.peer;
     loop {
-        match read_frame(&mut stream).await {
-            Ok(Some(frame)) => match Message::decode(&frame) {
-                Ok(msg) => handle_message(&shared, peer, msg).await,
+        match read_frame(&mut stream, &slot.budget).await {
+            // The permit is held until the message is handled.
+            Ok(Some((frame, _permit))) => match Message::decode(&frame) {
+                Ok(msg) => handle_message(&shared, peer, msg, &slot.serving).await,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "bitswap: bad message");
                     return;
@@ -980,7 +1185,12 @@ async fn read_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
     }
 }
 
-async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
+async fn handle_message(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    msg: Message,
+    serving: &tokio::sync::Mutex<()>,
+) {
     for (prefix, data) in msg.blocks {
         if shared.lock().wants.is_empty() {
             // Not even hashed: nobody waits for anything.
@@ -1039,6 +1249,8 @@ async fn handle_message(shared: &Arc<Shared>, peer: PeerId, msg: Message) {
         send_all(out).await;
     }
     if !msg.wantlist.is_empty() {
+        // One wantlist of a peer at a time: the others wait, unread.
+        let _serving = serving.lock().await;
         serve_wants(shared, peer, msg.wantlist).await;
     }
 }
@@ -1075,9 +1287,10 @@ async fn deliver(shared: &Shared, peer: PeerId, cid: Cid, data: Bytes) {
     send_all(out).await;
 }
 
-/// Answers a peer's wantlist from the local store.
+/// Answers a peer's wantlist from the local store; each block waits for
+/// room in the peer's queue of unwritten answers.
 async fn serve_wants(shared: &Arc<Shared>, peer: PeerId, wants: Vec<WantEntry>) {
-    let tx = peer_sender(shared, peer);
+    let (tx, queue) = peer_sender(shared, peer);
     let mut out = Message::default();
     let mut bytes = 0usize;
     for e in wants.into_iter().filter(|e| !e.cancel) {
@@ -1097,6 +1310,11 @@ async fn serve_wants(shared: &Arc<Shared>, peer: PeerId, wants: Vec<WantEntry>) 
         };
         match found {
             Ok(Ok(Some(data))) if e.want_type == WantType::Block => {
+                // Given back by the writer once written or dropped.
+                match queue.acquire_many(block_charge(data.len())).await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return,
+                }
                 bytes += data.len();
                 out.blocks.push((block::prefix(&cid), data));
             }
@@ -1119,16 +1337,20 @@ async fn serve_wants(shared: &Arc<Shared>, peer: PeerId, wants: Vec<WantEntry>) 
     }
 }
 
-/// The writer for `peer`, created if the peer is new (it reached us first).
-fn peer_sender(shared: &Arc<Shared>, peer: PeerId) -> mpsc::Sender<Message> {
+/// The writer for `peer` and its queue's room, created if the peer is new
+/// (it reached us first).
+fn peer_sender(shared: &Arc<Shared>, peer: PeerId) -> (mpsc::Sender<Message>, Arc<Semaphore>) {
     let mut st = shared.lock();
     if let Some(ps) = st.peers.get(&peer).filter(|ps| !ps.tx.is_closed()) {
-        return ps.tx.clone();
+        return (ps.tx.clone(), ps.queue.clone());
     }
-    let tx = spawn_writer(shared.clone(), peer);
-    st.peers
-        .insert(peer, PeerState::new(tx.clone(), PeerPolicy::for_agent("")));
-    tx
+    let queue = Arc::new(Semaphore::new(QUEUE_BYTES));
+    let tx = spawn_writer(shared.clone(), peer, queue.clone());
+    st.peers.insert(
+        peer,
+        PeerState::new(tx.clone(), queue.clone(), PeerPolicy::for_agent("")),
+    );
+    (tx, queue)
 }
 
 /// Re-sends wants that look lost: overtaken by later blocks, or idle.
@@ -1203,7 +1425,8 @@ mod tests {
         for (i, p) in peers.iter().enumerate() {
             let (tx, rx) = mpsc::channel(1);
             std::mem::forget(rx);
-            let mut ps = PeerState::new(tx, PeerPolicy::for_agent("nixpfs/0.1.0"));
+            let queue = Arc::new(Semaphore::new(QUEUE_BYTES));
+            let mut ps = PeerState::new(tx, queue, PeerPolicy::for_agent("nixpfs/0.1.0"));
             if i < proven {
                 ps.delivered_at = Some(Instant::now());
             }

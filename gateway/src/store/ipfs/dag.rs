@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use super::block::{Block, DAG_PB, RAW};
 use super::blockstore::{BlockStore, WriteBatch, Written};
 use super::pb::{self, Fields};
+use super::prefetch::{Charge, PrefetchBudget};
 use super::IpfsError;
 
 /// Name of the only import profile, recorded beside every CID.
@@ -544,6 +545,12 @@ pub trait BlockSource: Send + Sync + 'static {
         let fut = self.get(cid);
         Box::pin(async move { Ok(fut.await?.len() as u64) })
     }
+
+    /// The budget blocks fetched ahead of a reader are charged to; by
+    /// default none (reads of a local store hold no more than their window).
+    fn prefetch(&self) -> Option<&PrefetchBudget> {
+        None
+    }
 }
 
 /// A spawned fetch that is cancelled when the walk is dropped.
@@ -571,6 +578,8 @@ struct Slot {
     /// File bytes the parent says this subtree holds.
     expect: Option<u64>,
     task: Option<Task<Result<Got, IpfsError>>>,
+    /// Its share of the prefetch budget, when it was fetched ahead.
+    charge: Option<Charge>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -614,6 +623,7 @@ impl<S: BlockSource> Walker<S> {
             take,
             expect: None,
             task: None,
+            charge: None,
         });
         Walker {
             source,
@@ -627,8 +637,17 @@ impl<S: BlockSource> Walker<S> {
     }
 
     fn start_window(&mut self) {
-        for slot in self.queue.iter_mut().take(self.window) {
+        for (i, slot) in self.queue.iter_mut().take(self.window).enumerate() {
             if slot.task.is_none() {
+                // Blocks beyond the one the reader waits for are charged to
+                // the source's budget; with none free, fetch no further
+                // ahead for now.
+                if let (true, Some(budget)) = (i > 0, self.source.prefetch()) {
+                    match budget.try_charge() {
+                        Some(charge) => slot.charge = Some(charge),
+                        None => break,
+                    }
+                }
                 let fut: BoxFuture<'static, Result<Got, IpfsError>> =
                     if self.mode == Mode::Walk && slot.cid.codec() == RAW {
                         let f = self.source.ensure(slot.cid);
@@ -701,6 +720,7 @@ impl<S: BlockSource> Walker<S> {
                         take: 0,
                         expect: None,
                         task: None,
+                        charge: None,
                     });
                 let children: Vec<Slot> = children.collect();
                 for c in children.into_iter().rev() {
@@ -771,6 +791,7 @@ impl<S: BlockSource> Walker<S> {
                 take: child_take,
                 expect: Some(*bs),
                 task: None,
+                charge: None,
             });
         }
         for c in children.into_iter().rev() {

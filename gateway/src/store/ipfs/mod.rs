@@ -15,6 +15,7 @@ pub mod ipns;
 pub mod node;
 pub mod pb;
 pub mod pins;
+pub mod prefetch;
 pub mod routers;
 
 use std::path::PathBuf;

@@ -30,6 +30,7 @@ use super::exchange;
 use super::identify;
 use super::ipns;
 use super::pins::{Pin, Pins};
+use super::prefetch::{self, PrefetchBudget};
 use super::routers::Routers;
 use super::IpfsError;
 
@@ -47,6 +48,9 @@ pub struct NodeConfig {
     pub fetch_timeout: Duration,
     /// Blocks fetched ahead of the reader (memory: up to this many MiB).
     pub fetch_window: usize,
+    /// Bytes all reads together may hold fetched ahead of their readers
+    /// (each block ahead counts as [`prefetch::BLOCK_CHARGE`]).
+    pub prefetch_bytes: usize,
     /// Content routing; `None` or mode off: only connected peers are asked.
     pub dht: Option<DhtConfig>,
     /// Routing V1 routers asked for providers beside the DHT.
@@ -70,6 +74,7 @@ impl NodeConfig {
             peers: Vec::new(),
             fetch_timeout: Duration::from_secs(60),
             fetch_window: 32,
+            prefetch_bytes: prefetch::DEFAULT_BUDGET,
             dht: None,
             routers: None,
         }
@@ -119,6 +124,7 @@ struct Inner {
     listen_addrs: Vec<Multiaddr>,
     fetch_timeout: Duration,
     fetch_window: usize,
+    prefetch: PrefetchBudget,
     dht: Option<Dht>,
     routers: Option<Arc<Routers>>,
     /// Questions to and answers from other nixpfs gateways.
@@ -254,6 +260,7 @@ impl Node {
                 listen_addrs,
                 fetch_timeout: cfg.fetch_timeout,
                 fetch_window: cfg.fetch_window.max(1),
+                prefetch: PrefetchBudget::new(cfg.prefetch_bytes),
                 dht,
                 routers: cfg.routers.filter(|r| !r.is_empty()),
                 exchange,
@@ -355,19 +362,24 @@ impl Node {
     /// Connected peers, with agent versions where identify has run.
     pub async fn connected_peers(&self) -> Result<Vec<ConnectedPeer>, IpfsError> {
         let ipfs = &self.inner.ipfs;
-        let mut out = Vec::new();
-        for peer_id in ipfs.connected().await.map_err(host_err)? {
-            let agent_version = identify::query(ipfs, peer_id, IDENTIFY_TIMEOUT)
-                .await
-                .ok()
-                .map(|i| i.agent_version)
-                .filter(|a| !a.is_empty());
-            out.push(ConnectedPeer {
-                peer_id,
-                agent_version,
-            });
-        }
-        Ok(out)
+        // Asked several at a time, so a peer that never answers costs one
+        // IDENTIFY_TIMEOUT in all, not one each.
+        let peers = ipfs.connected().await.map_err(host_err)?;
+        Ok(futures::stream::iter(peers)
+            .map(|peer_id| async move {
+                let agent_version = identify::query(ipfs, peer_id, IDENTIFY_TIMEOUT)
+                    .await
+                    .ok()
+                    .map(|i| i.agent_version)
+                    .filter(|a| !a.is_empty());
+                ConnectedPeer {
+                    peer_id,
+                    agent_version,
+                }
+            })
+            .buffered(IDENTIFY_CONCURRENCY)
+            .collect()
+            .await)
     }
 
     /// Imports a byte stream (profile `unixfs-v1-2025`), durably, unpinned:
@@ -899,6 +911,8 @@ async fn keep_connected(node: Node, addr: Multiaddr) {
 
 /// How long a peer may take to answer an identify request.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Identify requests to new peers in flight at once.
+const IDENTIFY_CONCURRENCY: usize = 16;
 
 /// Agent versions learned from identify, so each peer is asked only once.
 type Agents = std::collections::HashMap<PeerId, String>;
@@ -910,14 +924,26 @@ async fn refresh_peers(ipfs: &Ipfs, bitswap: &Bitswap, agents: &mut Agents) {
         return;
     };
     agents.retain(|p, _| peers.contains(p));
+    // New peers are asked once per connection, several at a time, so peers
+    // that never answer (each costs IDENTIFY_TIMEOUT) delay the others by
+    // one timeout, not one each; a peer that does not answer counts as
+    // foreign.
+    let new: Vec<PeerId> = peers
+        .iter()
+        .filter(|p| !agents.contains_key(p))
+        .copied()
+        .collect();
+    let identified: Vec<(PeerId, String)> = futures::stream::iter(new)
+        .map(|p| async move {
+            let agent = identify::query(ipfs, p, IDENTIFY_TIMEOUT).await;
+            (p, agent.map(|i| i.agent_version).unwrap_or_default())
+        })
+        .buffer_unordered(IDENTIFY_CONCURRENCY)
+        .collect()
+        .await;
+    agents.extend(identified);
     let mut caps = Vec::with_capacity(peers.len());
     for p in peers {
-        if let std::collections::hash_map::Entry::Vacant(slot) = agents.entry(p) {
-            // Asked once per connection; a peer that does not answer counts
-            // as foreign.
-            let agent = identify::query(ipfs, p, IDENTIFY_TIMEOUT).await;
-            slot.insert(agent.map(|i| i.agent_version).unwrap_or_default());
-        }
         let agent = agents.get(&p).map_or("", String::as_str);
         caps.push((p, bitswap::PeerPolicy::for_agent(agent)));
     }
@@ -1060,6 +1086,10 @@ impl NodeSource {
 impl BlockSource for NodeSource {
     fn get(&self, cid: Cid) -> BoxFuture<'static, Result<Bytes, IpfsError>> {
         self.fetch(cid)
+    }
+
+    fn prefetch(&self) -> Option<&PrefetchBudget> {
+        Some(&self.0.node.inner.prefetch)
     }
 
     fn ensure(&self, cid: Cid) -> BoxFuture<'static, Result<u64, IpfsError>> {
