@@ -1,7 +1,8 @@
 //! The embedded IPFS node. rust-ipfs is only the libp2p host (identity,
 //! TCP+noise+yamux, identify, ping, streams); we own the NAR data path:
 //! UnixFS import and reads ([`dag`]), the block store ([`blockstore`]),
-//! bitswap 1.2.0 ([`bitswap`]), recursive pins with GC ([`pins`]),
+//! bitswap 1.2.0 ([`bitswap`]), recursive pins with GC ([`pins`]), leaves
+//! rebuilt from the Nix store instead of stored twice ([`storeblocks`]),
 //! Kademlia content routing ([`dht`]) and Routing V1 routers ([`routers`]).
 
 pub mod bitswap;
@@ -16,6 +17,7 @@ pub mod node;
 pub mod pb;
 pub mod pins;
 pub mod routers;
+pub mod storeblocks;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -44,6 +46,12 @@ pub enum IpfsError {
     HashMismatch { cid: Cid },
     #[error("block {cid} is {size} bytes, over the 2 MiB block limit")]
     BlockTooLarge { cid: Cid, size: usize },
+    #[error("block {cid} is not served: {} {reason}", path.display())]
+    StoreBlockRefused {
+        cid: Cid,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("block {cid} is not in the local store")]
     BlockMissing { cid: Cid },
     #[error("no connected peer delivered block {cid} within {timeout:?}")]
