@@ -56,8 +56,7 @@ pub fn add(dir: &Path, store_path: &str) -> Result<PathBuf, GcRootError> {
         let text = String::from_utf8_lossy(&out.stderr);
         let stderr = text
             .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with("warning:"))
-            .next_back()
+            .rfind(|l| !l.trim().is_empty() && !l.starts_with("warning:"))
             .unwrap_or("no message")
             .to_owned();
         return Err(GcRootError::Failed {

@@ -46,12 +46,9 @@ pub enum IpfsError {
     HashMismatch { cid: Cid },
     #[error("block {cid} is {size} bytes, over the 2 MiB block limit")]
     BlockTooLarge { cid: Cid, size: usize },
-    #[error("block {cid} is not served: {} {reason}", path.display())]
-    StoreBlockRefused {
-        cid: Cid,
-        path: PathBuf,
-        reason: String,
-    },
+    /// `reason` names the store path's file and what became of it.
+    #[error("block {cid} is not served: {reason}")]
+    StoreBlockRefused { cid: Cid, reason: Box<str> },
     #[error("block {cid} is not in the local store")]
     BlockMissing { cid: Cid },
     #[error("no connected peer delivered block {cid} within {timeout:?}")]
