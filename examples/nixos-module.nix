@@ -166,6 +166,11 @@ in
             default = 60;
             description = "Seconds to wait for a block nobody has before giving up.";
           };
+          store_blocks_rehash = mkOption {
+            type = types.bool;
+            default = false;
+            description = "Re-hash every block rebuilt from a pinned store path on each read, beside the check that its files are unchanged since the pin.";
+          };
           dht = mkOption {
             type = types.enum [ "off" "client" "server" ];
             default = "off";

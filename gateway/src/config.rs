@@ -50,6 +50,9 @@ pub struct Config {
     pub seed_fetched: bool,
     /// Seconds to wait for a block nobody has before giving up.
     pub fetch_timeout_secs: u64,
+    /// Re-hash every block rebuilt from a pinned store path on each read,
+    /// beside the check that its files are unchanged since the pin.
+    pub store_blocks_rehash: bool,
     /// The Kademlia DHT: `off` (only `peers` are asked), `client` (ask the
     /// DHT for providers, provide what we seed) or `server` (also store
     /// records and answer queries: for reachable hosts). Off by default, so
@@ -141,6 +144,7 @@ impl Default for Config {
             sync_interval_secs: 600,
             seed_fetched: false,
             fetch_timeout_secs: 60,
+            store_blocks_rehash: false,
             dht: DhtMode::Off,
             dht_protocol: DEFAULT_PROTOCOL.to_owned(),
             bootstrap: Vec::new(),

@@ -1,8 +1,10 @@
-//! `nixpfs repo verify` on a data directory holding a real Nix closure:
-//! clean after the pin (exit 0, directly and through a running gateway);
-//! after one block file is flipped and another deleted, the flipped block,
-//! the broken pin and the paths it held are reported and the exit code is 1,
-//! in text and in JSON.
+//! `nixpfs repo verify` on a data directory holding a real Nix closure
+//! (its leaves backed by the store, only the inner node a block file) and
+//! an added file (ordinary blocks): clean after the pin (exit 0, directly
+//! and through a running gateway); after the closure's inner node is
+//! flipped and a leaf of the file deleted, the flipped block, the broken
+//! pins and the path they held are reported and the exit code is 1, in
+//! text and in JSON.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -74,6 +76,22 @@ fn repo_verify_is_clean_after_a_pin_and_names_a_flipped_and_a_deleted_block() {
             .arg(&dir)
             .args(["pin", "--closure", &top]),
     );
+    let pinned = block_files(&dir);
+    assert_eq!(
+        pinned.len(),
+        1,
+        "only top's inner node is a file: {pinned:?}"
+    );
+    let flipped = pinned[0].0.clone();
+    let extra = env.path().join("extra");
+    fs::write(
+        &extra,
+        (0..3 << 20)
+            .map(|i: u32| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    run_ok_str(nixpfs().arg("--data-dir").arg(&dir).arg("add").arg(&extra));
 
     let out = verify(&dir, false);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -92,16 +110,18 @@ fn repo_verify_is_clean_after_a_pin_and_names_a_flipped_and_a_deleted_block() {
         let r = report(&out);
         assert_eq!(r["damaged"], serde_json::json!([]));
         assert!(r["blocks"].as_u64().unwrap() >= 3, "{r}");
-        assert_eq!(r["pins"], 2, "top and dep: {r}");
+        assert_eq!(r["pins"], 3, "top, dep and the file: {r}");
         assert_eq!(r["paths"], 2, "{r}");
     }
 
     let blocks = block_files(&dir);
-    let (flipped, _) = &blocks[0];
-    let (deleted, _) = &blocks[1];
-    let mut bytes = fs::read(flipped).unwrap();
-    bytes[1000] ^= 0x20;
-    fs::write(flipped, bytes).unwrap();
+    let (deleted, _) = &blocks[0];
+    assert_eq!(blocks[0].1, 1 << 20, "a leaf of the file");
+    // A byte of the first link's CID digest (after the link's tag, length,
+    // the Hash tag, length and the 4-byte CID prefix).
+    let mut bytes = fs::read(&flipped).unwrap();
+    bytes[12] ^= 0x20;
+    fs::write(&flipped, bytes).unwrap();
     fs::remove_file(deleted).unwrap();
     let flipped_cid = flipped.file_name().unwrap().to_str().unwrap();
 

@@ -109,6 +109,8 @@ impl App {
             bootstrap: parse_addrs(&config.bootstrap, "bootstrap")?,
         });
         let metrics = Arc::new(Metrics::default());
+        node_config.metrics = metrics.clone();
+        node_config.store_blocks_rehash = config.store_blocks_rehash;
         node_config.routers = Some(Arc::new(crate::store::ipfs::routers::Routers::new(
             config.routers()?,
             metrics.clone(),

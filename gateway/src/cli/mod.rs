@@ -807,6 +807,7 @@ const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
             "narinfo_registry_expired",
             "nar_hash_mismatch",
             "nar_fetch_failed",
+            "store_blocks_refused",
             "auth_failures",
             "http_header_timeouts",
             "sources_refused",
@@ -1039,7 +1040,7 @@ mod tests {
             anchor anchor-a: version 6, 8 entries, expires 1970-01-01 00:00:07 UTC (53 s ago), last sync accepted\n\
             anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
             served: narinfo_served 0, narinfo_not_found 0, nar_served 0, nar_bytes 42\n\
-            refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, auth_failures 0, \
+            refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, store_blocks_refused 0, auth_failures 0, \
             http_header_timeouts 0, sources_refused 0, seed_refused 0\n\
             sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0, \
             ipns_resolved 0, ipns_refused 0, ipns_published 0\n\

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Pin what was fetched for Nix, to seed it (config `seed_fetched`).
     #[arg(long)]
     pub seed_fetched: bool,
+    /// Re-hash blocks rebuilt from pinned store paths on every read
+    /// (config `store_blocks_rehash`).
+    #[arg(long)]
+    pub store_blocks_rehash: bool,
     /// Priority in nix-cache-info (config `priority`).
     #[arg(long)]
     pub priority: Option<u32>,
@@ -151,6 +155,9 @@ impl ServeArgs {
         }
         if self.seed_fetched {
             config.seed_fetched = true;
+        }
+        if self.store_blocks_rehash {
+            config.store_blocks_rehash = true;
         }
         if let Some(priority) = self.priority {
             config.priority = priority;

@@ -46,7 +46,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(data_dir: PathBuf, node: Node, catalog: Catalog) -> Self {
-        let pinner = Pinner::new(node.clone(), catalog.clone());
+        let pinner = Pinner::new(node.clone(), catalog.clone(), data_dir.join("gcroots"));
         Self {
             data_dir,
             node,

@@ -1,19 +1,24 @@
 //! The user's own paths: NARs of local store paths (or any file, or a CID
 //! from peers) imported, pinned and, for store paths, checked against the
-//! NarHash the Nix store recorded before they are indexed as served.
+//! NarHash the Nix store recorded before they are indexed as served. A
+//! store path's leaves are not copied: they are rebuilt from its files
+//! (`store::ipfs::storeblocks`), and a Nix GC root keeps the path alive
+//! while it is pinned.
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anchor_registry::{NarInfo, StorePath};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::nix::gcroots;
 use crate::store::index::LocalPath;
+use crate::store::ipfs::storeblocks::Backing;
 use crate::store::ipfs::{dag::CHUNK_SIZE, Cid, Node, Pin};
-use crate::store::nar::{NarReader, Sha256Tee};
+use crate::store::nar::{NarReader, NarSummary, Sha256Tee};
 use crate::trust::catalog::Catalog;
 use crate::util::progress::{Meter, Unit};
 
@@ -77,15 +82,19 @@ pub struct NotPinned {
 pub struct Pinner {
     node: Node,
     catalog: Catalog,
+    /// Where the Nix GC roots of pinned store paths live.
+    gc_roots: PathBuf,
     /// Counts the NAR bytes imported, for a progress bar.
     meter: Meter,
 }
 
 impl Pinner {
-    pub fn new(node: Node, catalog: Catalog) -> Self {
+    /// A pinner keeping the GC roots of pinned store paths in `gc_roots`.
+    pub fn new(node: Node, catalog: Catalog, gc_roots: PathBuf) -> Self {
         Self {
             node,
             catalog,
+            gc_roots,
             meter: Meter::new(),
         }
     }
@@ -123,19 +132,45 @@ impl Pinner {
     }
 
     /// Pins one store path whose metadata the caller already has; its NAR
-    /// bytes count into the meter as they are imported.
+    /// bytes count into the meter as they are imported. The path becomes a
+    /// Nix GC root first, so Nix cannot delete it while it is pinned.
     pub async fn pin_store_path(&self, info: NarInfo) -> Result<PinEntry> {
         let path = info.store_path.to_string();
-        let (pin, summary) = import_pinned(
-            &self.node,
-            Sha256Tee::new(NarReader::new(Path::new(&path))),
-            Sha256Tee::summary,
-            &path,
-            &self.meter,
-        )
-        .await?;
+        let (dir, p) = (self.gc_roots.clone(), path.clone());
+        let had_root = tokio::task::spawn_blocking(move || {
+            let had = gcroots::root_of(&dir, &p)?.symlink_metadata().is_ok();
+            gcroots::add(&dir, &p)?;
+            Ok::<_, gcroots::GcRootError>(had)
+        })
+        .await?
+        .with_context(|| format!("while making {path} a Nix GC root"))?;
+        let pinned = self.pin_backed(info).await;
+        if pinned.is_err() && !had_root {
+            let (dir, p) = (self.gc_roots.clone(), path.clone());
+            let _ = tokio::task::spawn_blocking(move || gcroots::remove(&dir, &p)).await;
+        }
+        pinned
+    }
+
+    /// Imports the NAR of a store path keeping only the DAG's inner nodes,
+    /// checks it against the store's NarHash, then pins it with the leaves
+    /// backed by the path's files, and indexes it.
+    async fn pin_backed(&self, info: NarInfo) -> Result<PinEntry> {
+        let path = info.store_path.to_string();
+        let reader = Sha256Tee::new(NarReader::recording(Path::new(&path)));
+        let (stream, producer) = produce_chunks(reader, &self.meter, |r: &Sha256Tee<NarReader>| {
+            (
+                r.summary(),
+                r.get_ref().layout().cloned().unwrap_or_default(),
+            )
+        });
+        let hold = self.node.hold_gc().await;
+        let imported = self.node.add_chunks_without_leaves(&hold, stream).await;
+        let (summary, layout): (NarSummary, _) = producer
+            .await?
+            .with_context(|| format!("while serialising {path}"))?;
+        let (imported, leaves) = imported.with_context(|| format!("while importing {path}"))?;
         if summary.nar_hash != info.nar_hash || summary.nar_size != info.nar_size {
-            let _ = self.node.unpin(pin.cid).await;
             bail!(
                 "{path} changed on disk: the store says {} ({} bytes), its NAR is {} ({} bytes); run `nix-store --verify --check-contents`",
                 info.nar_hash,
@@ -144,6 +179,14 @@ impl Pinner {
                 summary.nar_size
             );
         }
+        let backing = Backing::new(Path::new(&path), &layout, &leaves)
+            .map_err(|e| anyhow!("while mapping the NAR of {path} onto its files: {e}"))?;
+        let pin = self
+            .node
+            .pin_backed(&hold, imported, backing)
+            .await
+            .with_context(|| format!("while pinning {path}"))?;
+        drop(hold);
         let local = LocalPath {
             narinfo: info,
             cid: pin.cid.to_string(),
@@ -192,8 +235,8 @@ impl Pinner {
     pub async fn unpin(&self, targets: &[String]) -> Result<Vec<String>> {
         let mut done = Vec::new();
         for target in targets {
-            let cid = match Target::parse(target)? {
-                Target::Cid(cid) => cid,
+            let (cid, store_path) = match Target::parse(target)? {
+                Target::Cid(cid) => (cid, None),
                 Target::StorePath(text) => {
                     let hash = *StorePath::parse(&text)?.hash();
                     let index = self.catalog.index().clone();
@@ -202,7 +245,10 @@ impl Pinner {
                     let Some(local) = removed else {
                         return Err(NotPinned { path: text }.into());
                     };
-                    parse_cid(&local.cid)?
+                    (
+                        parse_cid(&local.cid)?,
+                        Some(local.narinfo.store_path.to_string()),
+                    )
                 }
             };
             // A seeded or fetched CID is also a cache pin: forget that record
@@ -213,6 +259,12 @@ impl Pinner {
             let key = cid.to_string();
             tokio::task::spawn_blocking(move || index.remove_cache_pin(&key, true)).await??;
             self.node.unpin(cid).await?;
+            if let Some(path) = store_path {
+                let dir = self.gc_roots.clone();
+                tokio::task::spawn_blocking(move || gcroots::remove(&dir, &path))
+                    .await?
+                    .context("while releasing the Nix GC root")?;
+            }
             done.push(target.clone());
         }
         Ok(done)
@@ -278,11 +330,34 @@ where
     R: Read + Send + 'static,
     T: Send + 'static,
 {
+    let (stream, producer) = produce_chunks(reader, meter, finish);
+    let pinned = node.add_chunks_and_pin(stream).await;
+    let value = producer
+        .await?
+        .with_context(|| format!("while serialising {what}"))?;
+    let pin = pinned.with_context(|| format!("while importing {what}"))?;
+    Ok((pin, value))
+}
+
+/// Runs a blocking reader on the blocking pool, handing its bytes over in
+/// chunks of the DAG's size (whole chunks need no copy in the import);
+/// the task ends with what `finish` makes of the drained reader.
+fn produce_chunks<R, T>(
+    reader: R,
+    meter: &Meter,
+    finish: impl FnOnce(&R) -> T + Send + 'static,
+) -> (
+    impl futures::Stream<Item = std::io::Result<Bytes>> + Unpin,
+    tokio::task::JoinHandle<Result<T>>,
+)
+where
+    R: Read + Send + 'static,
+    T: Send + 'static,
+{
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     let meter = meter.clone();
     let producer = tokio::task::spawn_blocking(move || {
         let mut reader = reader;
-        // Whole chunks of the DAG's size go to the import without a copy.
         let mut buf = vec![0u8; CHUNK_SIZE];
         loop {
             let mut filled = 0;
@@ -310,13 +385,10 @@ where
         }
         Ok(finish(&reader))
     });
-    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let pinned = node.add_chunks_and_pin(stream).await;
-    let value = producer
-        .await?
-        .with_context(|| format!("while serialising {what}"))?;
-    let pin = pinned.with_context(|| format!("while importing {what}"))?;
-    Ok((pin, value))
+    (
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+        producer,
+    )
 }
 
 #[cfg(test)]

@@ -91,6 +91,9 @@ counters! {
     nar_hash_mismatch,
     /// NAR streams aborted because a block could not be fetched or verified.
     nar_fetch_failed,
+    /// Reads of store-backed blocks refused because the pinned store path
+    /// vanished or changed since it was pinned (nothing served from it).
+    store_blocks_refused,
     /// HTTP connections closed because the client did not send a request
     /// header within the header read timeout (slowloris).
     http_header_timeouts,

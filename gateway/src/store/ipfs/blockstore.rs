@@ -6,7 +6,9 @@
 //! reads of our own files are not re-hashed, because serving would otherwise
 //! cost a second SHA-256 pass. [`BlockStore::get_verified`] re-hashes for
 //! checks. Durability is batched: a [`WriteBatch`] syncs once, at
-//! [`WriteBatch::commit`], not per block.
+//! [`WriteBatch::commit`], not per block. Leaves of NARs pinned from the
+//! Nix store have no file here: reads that find no file ask the
+//! [`StoreBlocks`] backings, so every reader sees them as stored blocks.
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
@@ -22,6 +24,7 @@ use futures::future::BoxFuture;
 
 use super::block::{self, Block, RAW};
 use super::dag::BlockSource;
+use super::storeblocks::StoreBlocks;
 use super::IpfsError;
 
 /// Handle to the block directory; cheap to clone, safe to share across threads.
@@ -35,6 +38,8 @@ struct Inner {
     dir: PathBuf,
     tmp: PathBuf,
     counter: AtomicU64,
+    /// Leaves rebuilt from store paths, asked when a block has no file.
+    backed: Option<StoreBlocks>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IpfsError + '_ {
@@ -54,6 +59,12 @@ impl BlockStore {
     /// Opens (creating if needed) the store in `dir` and discards temp files
     /// left by an interrupted write.
     pub fn open(dir: &Path) -> Result<Self, IpfsError> {
+        Self::open_backed(dir, None)
+    }
+
+    /// [`open`](Self::open), answering for the leaves `backed` rebuilds
+    /// from store paths too.
+    pub fn open_backed(dir: &Path, backed: Option<StoreBlocks>) -> Result<Self, IpfsError> {
         let tmp = dir.join("tmp");
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -64,8 +75,14 @@ impl BlockStore {
                 dir: dir.to_path_buf(),
                 tmp,
                 counter: AtomicU64::new(0),
+                backed,
             }),
         })
+    }
+
+    /// The store-path backings this store answers for, if any.
+    pub fn backed(&self) -> Option<&StoreBlocks> {
+        self.inner.backed.as_ref()
     }
 
     /// The directory this store lives in.
@@ -92,8 +109,25 @@ impl BlockStore {
         Ok(self.size(cid)?.is_some())
     }
 
-    /// Stored size of the block in bytes, if present.
+    /// Stored size of the block in bytes, if present. A store-backed leaf
+    /// is present while its files are as pinned (else an error says why).
     pub fn size(&self, cid: &Cid) -> Result<Option<u64>, IpfsError> {
+        match self.file_size(cid)? {
+            Some(n) => Ok(Some(n)),
+            None => self.backed().map_or(Ok(None), |b| b.size(cid)),
+        }
+    }
+
+    /// Like [`size`](Self::size), but a store-backed leaf counts whatever
+    /// became of its files: what garbage collection must keep.
+    pub fn held_size(&self, cid: &Cid) -> Result<Option<u64>, IpfsError> {
+        match self.file_size(cid)? {
+            Some(n) => Ok(Some(n)),
+            None => self.backed().map_or(Ok(None), |b| b.recorded_size(cid)),
+        }
+    }
+
+    fn file_size(&self, cid: &Cid) -> Result<Option<u64>, IpfsError> {
         if let Some(data) = block::inline_data(cid) {
             return Ok(Some(data.len() as u64));
         }
@@ -105,7 +139,8 @@ impl BlockStore {
         }
     }
 
-    /// The block's bytes, trusted because only verified blocks are written.
+    /// The block's bytes, trusted because only verified blocks are written
+    /// and store-backed leaves are served only from files as pinned.
     pub fn get(&self, cid: &Cid) -> Result<Option<Block>, IpfsError> {
         if let Some(data) = block::inline_data(cid) {
             return Ok(Some(Block::from_store(*cid, data)));
@@ -113,7 +148,10 @@ impl BlockStore {
         let path = self.path_of(cid);
         match fs::read(&path) {
             Ok(data) => Ok(Some(Block::from_store(*cid, Bytes::from(data)))),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => match self.backed() {
+                Some(b) => Ok(b.get(cid)?.map(|data| Block::from_store(*cid, data))),
+                None => Ok(None),
+            },
             Err(e) => Err(io(&path)(e)),
         }
     }
@@ -127,7 +165,8 @@ impl BlockStore {
         }
     }
 
-    /// Removes the block; returns the bytes freed (0 if it was absent).
+    /// Removes the block's file; returns the bytes freed (0 if it had
+    /// none). A store-backed leaf goes with its backing, not here.
     pub fn delete(&self, cid: &Cid) -> Result<u64, IpfsError> {
         let path = self.path_of(cid);
         let len = match fs::metadata(&path) {
@@ -142,8 +181,24 @@ impl BlockStore {
         }
     }
 
-    /// Every stored block as (CIDv1-raw of its multihash, size in bytes).
+    /// Every stored block as (CIDv1-raw of its multihash, size in bytes):
+    /// block files, then store-backed leaves that have none.
     pub fn list(&self) -> Result<Vec<(Cid, u64)>, IpfsError> {
+        let mut out = self.list_files()?;
+        if let Some(b) = self.backed() {
+            let files: std::collections::HashSet<Vec<u8>> =
+                out.iter().map(|(c, _)| c.hash().to_bytes()).collect();
+            out.extend(
+                b.list()?
+                    .into_iter()
+                    .filter(|(c, _)| !files.contains(&c.hash().to_bytes())),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every block file as (CIDv1-raw of its multihash, size in bytes).
+    pub fn list_files(&self) -> Result<Vec<(Cid, u64)>, IpfsError> {
         let dir = &self.inner.dir;
         let mut out = Vec::new();
         for shard in fs::read_dir(dir).map_err(io(dir))? {
@@ -238,6 +293,30 @@ impl BlockSource for BlockStore {
         let store = self.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || store.size(&cid))
+                .await
+                .map_err(|e| IpfsError::Task {
+                    reason: e.to_string(),
+                })??
+                .ok_or(IpfsError::BlockMissing { cid })
+        })
+    }
+}
+
+/// The store as garbage collection walks it: a store-backed leaf is held
+/// (see [`BlockStore::held_size`]) even when its path changed, so that a
+/// damaged pin does not stop the collection.
+#[derive(Debug, Clone)]
+pub struct Held(pub BlockStore);
+
+impl BlockSource for Held {
+    fn get(&self, cid: Cid) -> BoxFuture<'static, Result<Bytes, IpfsError>> {
+        BlockSource::get(&self.0, cid)
+    }
+
+    fn ensure(&self, cid: Cid) -> BoxFuture<'static, Result<u64, IpfsError>> {
+        let store = self.0.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || store.held_size(&cid))
                 .await
                 .map_err(|e| IpfsError::Task {
                     reason: e.to_string(),

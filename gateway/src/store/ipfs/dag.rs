@@ -322,7 +322,9 @@ pub async fn import<R: AsyncRead + Unpin>(
     reader: R,
     store: &BlockStore,
 ) -> Result<Imported, IpfsError> {
-    import_inner(Box::pin(reader_chunks(reader)), Some(store.clone())).await
+    let (imported, _) =
+        import_inner(Box::pin(reader_chunks(reader)), Some(store.clone()), true).await?;
+    Ok(imported)
 }
 
 /// Like [`import`], for a stream of byte chunks: chunks of exactly
@@ -332,12 +334,27 @@ pub async fn import_chunks<S>(chunks: S, store: &BlockStore) -> Result<Imported,
 where
     S: Stream<Item = std::io::Result<Bytes>> + Unpin,
 {
-    import_inner(Box::pin(rechunk(chunks)), Some(store.clone())).await
+    let (imported, _) = import_inner(Box::pin(rechunk(chunks)), Some(store.clone()), true).await?;
+    Ok(imported)
+}
+
+/// Like [`import_chunks`], but only the DAG's inner nodes are stored: the
+/// leaves (their CIDs and lengths returned in order) are left for the
+/// caller to back by other means (see [`super::storeblocks`]).
+pub async fn import_chunks_without_leaves<S>(
+    chunks: S,
+    store: &BlockStore,
+) -> Result<(Imported, Vec<(Cid, u64)>), IpfsError>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    import_inner(Box::pin(rechunk(chunks)), Some(store.clone()), false).await
 }
 
 /// Computes the CID the profile gives a byte stream, storing nothing.
 pub async fn compute_cid<R: AsyncRead + Unpin>(reader: R) -> Result<Imported, IpfsError> {
-    import_inner(Box::pin(reader_chunks(reader)), None).await
+    let (imported, _) = import_inner(Box::pin(reader_chunks(reader)), None, true).await?;
+    Ok(imported)
 }
 
 fn join_error(e: tokio::task::JoinError) -> IpfsError {
@@ -408,10 +425,14 @@ impl Tally {
     }
 }
 
+/// Imports `chunks`; with a store, parents are written, and leaves too
+/// when `write_leaves` (else their CIDs and lengths are returned in order).
 async fn import_inner<S: Stream<Item = Result<Bytes, IpfsError>> + Unpin>(
     mut chunks: S,
     store: Option<BlockStore>,
-) -> Result<Imported, IpfsError> {
+    write_leaves: bool,
+) -> Result<(Imported, Vec<(Cid, u64)>), IpfsError> {
+    let mut leaves = Vec::new();
     let mut builder = DagBuilder::default();
     let mut batch = store.as_ref().map(BlockStore::batch);
     let mut in_flight = FuturesOrdered::new();
@@ -434,7 +455,7 @@ async fn import_inner<S: Stream<Item = Result<Bytes, IpfsError>> + Unpin>(
                 flushing = Some(tokio::task::spawn_blocking(move || s.sync()));
             }
         }
-        let leaf_store = store.clone();
+        let leaf_store = store.clone().filter(|_| write_leaves);
         in_flight.push_back(tokio::task::spawn_blocking(move || {
             let len = chunk.len() as u64;
             let block = Block::from_data(RAW, chunk);
@@ -446,11 +467,13 @@ async fn import_inner<S: Stream<Item = Result<Bytes, IpfsError>> + Unpin>(
         }));
         if in_flight.len() >= IMPORT_PIPELINE {
             if let Some(done) = in_flight.next().await {
+                let done = note_leaf(done, &mut leaves, write_leaves);
                 blocks += add_leaf(&mut builder, &mut batch, &store, &mut tally, done).await?;
             }
         }
     }
     while let Some(done) = in_flight.next().await {
+        let done = note_leaf(done, &mut leaves, write_leaves);
         blocks += add_leaf(&mut builder, &mut batch, &store, &mut tally, done).await?;
     }
     if let Some(done) = flushing.take() {
@@ -476,12 +499,21 @@ async fn import_inner<S: Stream<Item = Result<Bytes, IpfsError>> + Unpin>(
     })
     .await
     .map_err(join_error)??;
-    Ok(Imported {
+    let imported = Imported {
         cid,
         size,
         blocks,
         dag_size: tally.bytes,
-    })
+    };
+    Ok((imported, leaves))
+}
+
+/// Records a hashed leaf's CID and length when the leaves are not stored.
+fn note_leaf(done: LeafResult, leaves: &mut Vec<(Cid, u64)>, write_leaves: bool) -> LeafResult {
+    if let (false, Ok(Ok((cid, len, _)))) = (write_leaves, &done) {
+        leaves.push((*cid, *len));
+    }
+    done
 }
 
 type LeafResult = Result<Result<(Cid, u64, Written), IpfsError>, tokio::task::JoinError>;

@@ -1,7 +1,8 @@
 //! The embedded IPFS node. rust-ipfs is only the libp2p host (identity,
 //! TCP+noise+yamux, identify, ping, streams); we own the NAR data path:
 //! UnixFS import and reads ([`dag`]), the block store ([`blockstore`]),
-//! bitswap 1.2.0 ([`bitswap`]), recursive pins with GC ([`pins`]),
+//! bitswap 1.2.0 ([`bitswap`]), recursive pins with GC ([`pins`]), leaves
+//! rebuilt from the Nix store instead of stored twice ([`storeblocks`]),
 //! Kademlia content routing ([`dht`]) and Routing V1 routers ([`routers`]).
 
 pub mod bitswap;
@@ -17,6 +18,7 @@ pub mod pb;
 pub mod pins;
 pub mod prefetch;
 pub mod routers;
+pub mod storeblocks;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +47,9 @@ pub enum IpfsError {
     HashMismatch { cid: Cid },
     #[error("block {cid} is {size} bytes, over the 2 MiB block limit")]
     BlockTooLarge { cid: Cid, size: usize },
+    /// `reason` names the store path's file and what became of it.
+    #[error("block {cid} is not served: {reason}")]
+    StoreBlockRefused { cid: Cid, reason: Box<str> },
     #[error("block {cid} is not in the local store")]
     BlockMissing { cid: Cid },
     #[error("no connected peer delivered block {cid} within {timeout:?}")]

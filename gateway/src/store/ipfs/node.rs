@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::bitswap::{self, Bitswap, Stats};
 use super::block::{self, Block};
-use super::blockstore::{BlockStore, WriteBatch};
+use super::blockstore::{BlockStore, Held, WriteBatch};
 use super::dag::{self, BlockSource, Imported};
 use super::dht::{self, Dht, DhtConfig, DhtMode};
 use super::exchange;
@@ -32,7 +32,9 @@ use super::ipns;
 use super::pins::{Pin, Pins};
 use super::prefetch::{self, PrefetchBudget};
 use super::routers::Routers;
+use super::storeblocks::{Backing, StoreBlocks};
 use super::IpfsError;
+use crate::util::metrics::Metrics;
 
 /// How to start a [`Node`].
 #[derive(Debug, Clone)]
@@ -55,6 +57,11 @@ pub struct NodeConfig {
     pub dht: Option<DhtConfig>,
     /// Routing V1 routers asked for providers beside the DHT.
     pub routers: Option<Arc<Routers>>,
+    /// Re-hash every leaf rebuilt from a store path on each read, beside
+    /// the stamp check (see [`super::storeblocks`]).
+    pub store_blocks_rehash: bool,
+    /// Where refused store-backed reads are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// How long a block may be missing from every connected peer before the
@@ -77,6 +84,8 @@ impl NodeConfig {
             prefetch_bytes: prefetch::DEFAULT_BUDGET,
             dht: None,
             routers: None,
+            store_blocks_rehash: false,
+            metrics: Arc::default(),
         }
     }
 }
@@ -185,13 +194,16 @@ impl Node {
     /// the bitswap protocol, then dials `cfg.peers` in the background.
     pub async fn start(cfg: NodeConfig) -> Result<Node, IpfsError> {
         let dir = cfg.data_dir.clone();
+        let (rehash, metrics) = (cfg.store_blocks_rehash, cfg.metrics.clone());
         let (store, pins, keypair) = tokio::task::spawn_blocking(move || {
             fs::create_dir_all(&dir).map_err(|source| IpfsError::Io {
                 path: dir.clone(),
                 source,
             })?;
-            let store = BlockStore::open(&dir.join("blocks"))?;
-            let pins = Pins::open(&dir.join("pins.redb"))?;
+            let pins_path = dir.join("pins.redb");
+            let pins = Pins::open(&pins_path)?;
+            let backed = StoreBlocks::open(pins.database(), &pins_path, rehash, metrics)?;
+            let store = BlockStore::open_backed(&dir.join("blocks"), Some(backed))?;
             let keypair = load_identity(&dir.join("identity.key"))?;
             Ok::<_, IpfsError>((store, pins, keypair))
         })
@@ -415,6 +427,43 @@ impl Node {
         let _guard = self.inner.gc_lock.read().await;
         let imported = dag::import_chunks(chunks, &self.inner.store).await?;
         self.pin_imported(imported).await
+    }
+
+    /// Imports a NAR's chunks storing only the DAG's inner nodes, under a
+    /// [`GcHold`] that must last until [`pin_backed`](Self::pin_backed):
+    /// the leaves' CIDs and lengths come back in order, to be backed by the
+    /// store path the NAR was made of.
+    pub async fn add_chunks_without_leaves<S>(
+        &self,
+        _hold: &GcHold<'_>,
+        chunks: S,
+    ) -> Result<(Imported, Vec<(Cid, u64)>), IpfsError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        dag::import_chunks_without_leaves(chunks, &self.inner.store).await
+    }
+
+    /// Pins a DAG imported by [`add_chunks_without_leaves`](Self::add_chunks_without_leaves)
+    /// after recording, durably, how its leaves are rebuilt.
+    pub async fn pin_backed(
+        &self,
+        _hold: &GcHold<'_>,
+        imported: Imported,
+        backing: Backing,
+    ) -> Result<Pin, IpfsError> {
+        let backed = self.backed()?.clone();
+        let root = imported.cid;
+        tokio::task::spawn_blocking(move || backed.insert(&root, &backing))
+            .await
+            .map_err(join_err)??;
+        self.pin_imported(imported).await
+    }
+
+    fn backed(&self) -> Result<&StoreBlocks, IpfsError> {
+        self.inner.store.backed().ok_or_else(|| IpfsError::Task {
+            reason: "the block store has no store-path backings".into(),
+        })
     }
 
     /// Records the pin of a DAG this node just imported (durably: the import
@@ -801,12 +850,18 @@ impl Node {
         Ok(pin)
     }
 
-    /// Removes a pin; its blocks go at the next [`gc`](Self::gc).
+    /// Removes a pin; its blocks go at the next [`gc`](Self::gc), the
+    /// leaves backed by a store path at once (they cost no disk).
     pub async fn unpin(&self, cid: Cid) -> Result<(), IpfsError> {
         let pins = self.inner.pins.clone();
-        let removed = tokio::task::spawn_blocking(move || pins.remove(&cid))
-            .await
-            .map_err(join_err)??;
+        let backed = self.backed()?.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let removed = pins.remove(&cid)?;
+            backed.remove(&cid)?;
+            Ok::<_, IpfsError>(removed)
+        })
+        .await
+        .map_err(join_err)??;
         if removed {
             Ok(())
         } else {
@@ -822,14 +877,16 @@ impl Node {
             .map_err(join_err)?
     }
 
-    /// Deletes every block not reachable from a pin. Refuses (deleting
-    /// nothing) if a pinned DAG cannot be walked completely.
+    /// Deletes every block not reachable from a pin, and the store-path
+    /// backings of DAGs no longer pinned. Refuses (deleting nothing) if a
+    /// pinned DAG cannot be walked completely; a backed leaf whose store
+    /// path changed still counts as held (`repo verify` reports it).
     pub async fn gc(&self) -> Result<GcReport, IpfsError> {
         let _guard = self.inner.gc_lock.write().await;
         let mut keep = std::collections::HashSet::new();
         for pin in self.pins().await? {
             let mut walk = Box::pin(dag::walk_blocks(
-                Arc::new(self.inner.store.clone()),
+                Arc::new(Held(self.inner.store.clone())),
                 pin.cid,
                 self.inner.fetch_window,
             ));
@@ -838,9 +895,15 @@ impl Node {
             }
         }
         let store = self.inner.store.clone();
+        let backed = self.backed()?.clone();
         tokio::task::spawn_blocking(move || {
             let mut report = GcReport::default();
-            for (cid, _) in store.list()? {
+            for root in backed.roots()? {
+                if !keep.contains(&root.hash().to_bytes()) {
+                    backed.remove(&root)?;
+                }
+            }
+            for (cid, _) in store.list_files()? {
                 if !keep.contains(&cid.hash().to_bytes()) {
                     report.bytes += store.delete(&cid)?;
                     report.blocks += 1;

@@ -55,6 +55,12 @@ impl Pins {
         })
     }
 
+    /// The database, which also holds the store-path backings of pinned
+    /// NARs (see [`super::storeblocks`]).
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     fn err(&self) -> impl Fn(redb::Error) -> IpfsError + '_ {
         move |e| IpfsError::PinDb {
             path: self.path.clone(),

@@ -9,6 +9,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::vec;
 
+use super::layout::NarLayout;
 use super::{
     name_problem, padding, target_problem, NarError, NarSummary, Sha256Tee, CHUNK, MAGIC, MAX_DEPTH,
 };
@@ -56,6 +57,8 @@ pub struct NarReader {
     file: Option<OpenFile>,
     /// Open directories, outermost first, each with its remaining entries.
     dirs: Vec<OpenDir>,
+    /// Where each byte came from, when asked for (see [`NarReader::recording`]).
+    layout: Option<NarLayout>,
 }
 
 #[derive(Debug)]
@@ -64,6 +67,8 @@ struct OpenFile {
     path: PathBuf,
     size: u64,
     done: u64,
+    /// Its index in the layout being recorded.
+    index: u32,
 }
 
 #[derive(Debug)]
@@ -82,7 +87,23 @@ impl NarReader {
             pending_pos: 0,
             file: None,
             dirs: Vec::new(),
+            layout: None,
         }
+    }
+
+    /// Like [`new`](Self::new), also recording the [`NarLayout`]: which
+    /// bytes are framing and which come from which file.
+    pub fn recording(path: &Path) -> Self {
+        Self {
+            layout: Some(NarLayout::default()),
+            ..Self::new(path)
+        }
+    }
+
+    /// The layout of the bytes read so far (complete once the NAR is),
+    /// when [`recording`](Self::recording).
+    pub fn layout(&self) -> Option<&NarLayout> {
+        self.layout.as_ref()
     }
 
     /// Fills `buf` with the next NAR bytes; returns 0 once the NAR is complete.
@@ -91,8 +112,11 @@ impl NarReader {
         while n < buf.len() {
             if self.pending_pos < self.pending.len() {
                 let k = (self.pending.len() - self.pending_pos).min(buf.len() - n);
-                buf[n..n + k]
-                    .copy_from_slice(&self.pending[self.pending_pos..self.pending_pos + k]);
+                let bytes = &self.pending[self.pending_pos..self.pending_pos + k];
+                buf[n..n + k].copy_from_slice(bytes);
+                if let Some(layout) = self.layout.as_mut() {
+                    layout.literal(bytes);
+                }
                 self.pending_pos += k;
                 n += k;
                 continue;
@@ -128,6 +152,9 @@ impl NarReader {
                     expected: open.size,
                     got: open.done,
                 });
+            }
+            if let Some(layout) = self.layout.as_mut() {
+                layout.file_bytes(open.index, open.done, got as u64);
             }
             open.done += got as u64;
             return Ok(got);
@@ -219,11 +246,19 @@ impl NarReader {
             }
             put_str(&mut self.pending, b"contents");
             self.pending.extend_from_slice(&meta.len().to_le_bytes());
+            let index = match self.layout.as_mut() {
+                Some(layout) => {
+                    let rel = path.strip_prefix(&self.root).unwrap_or(Path::new(""));
+                    layout.open_file(rel.as_os_str().as_bytes().to_vec(), &meta)
+                }
+                None => 0,
+            };
             self.file = Some(OpenFile {
                 file,
                 path,
                 size: meta.len(),
                 done: 0,
+                index,
             });
         } else if kind.is_dir() {
             if self.dirs.len() >= MAX_DEPTH {
@@ -328,6 +363,7 @@ mod tests {
     use super::super::contains;
     use super::super::tests::s;
     use super::*;
+    use std::ffi::OsStr;
     use std::os::unix::fs::symlink;
 
     fn nar_of(path: &Path) -> Vec<u8> {
@@ -386,6 +422,40 @@ mod tests {
             return;
         }
         assert_eq!(nar_of(&root), nix.stdout);
+    }
+
+    #[test]
+    fn recorded_layout_rebuilds_the_nar_from_the_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("tree");
+        fs::create_dir_all(root.join("sub")).expect("mkdir");
+        fs::write(root.join("big"), vec![9u8; 3 * CHUNK + 5]).expect("write");
+        fs::write(root.join("sub/small"), b"small").expect("write");
+        fs::write(root.join("sub/empty"), b"").expect("write");
+        symlink("big", root.join("link")).expect("symlink");
+        let mut reader = NarReader::recording(&root);
+        let mut nar = Vec::new();
+        reader.read_to_end(&mut nar).expect("read");
+        let layout = reader.layout().expect("recorded").clone();
+        assert_eq!(layout.nar_size(), nar.len() as u64);
+        let rels: Vec<&[u8]> = layout.files.iter().map(|f| f.rel.as_slice()).collect();
+        assert_eq!(rels, [&b"big"[..], b"sub/empty", b"sub/small"]);
+        let mut rebuilt = Vec::new();
+        for seg in &layout.segments {
+            match seg {
+                super::super::layout::Segment::Literal(b) => rebuilt.extend_from_slice(b),
+                super::super::layout::Segment::File { file, offset, len } => {
+                    let rel = OsStr::from_bytes(&layout.files[*file as usize].rel);
+                    let data = fs::read(root.join(rel)).expect("read file");
+                    rebuilt.extend_from_slice(&data[*offset as usize..(*offset + *len) as usize]);
+                }
+            }
+        }
+        assert_eq!(rebuilt, nar);
+        let one = root.join("sub/small");
+        let mut single = NarReader::recording(&one);
+        io::copy(&mut single, &mut io::sink()).expect("read");
+        assert_eq!(single.layout().expect("recorded").files[0].rel, b"");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod compression;
 mod decode;
 mod encode;
+pub mod layout;
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -206,6 +207,11 @@ impl<T> Sha256Tee<T> {
             nar_hash: NarHash::from_bytes(self.hasher.clone().finalize().into()),
             nar_size: self.size,
         }
+    }
+
+    /// The wrapped reader or writer.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 
     /// The wrapped reader or writer, and the summary of all bytes seen.
