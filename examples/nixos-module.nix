@@ -161,6 +161,11 @@ in
             default = false;
             description = "Pin what the gateway fetched for Nix, so it seeds it to others.";
           };
+          prefer_peers = mkOption {
+            type = types.bool;
+            default = true;
+            description = "Fetch an upstream-signed NAR from peer gateways that hold it before asking the upstream.";
+          };
           fetch_timeout_secs = mkOption {
             type = types.ints.unsigned;
             default = 60;
