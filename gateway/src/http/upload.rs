@@ -826,9 +826,7 @@ async fn head_nar(State(uploads): State<Arc<Uploads>>, Path(file): Path<String>)
                 (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
                 (header::CONTENT_LENGTH, HeaderValue::from(size)),
             ],
-            // A body of unknown length: one known to be empty makes the
-            // server send `Content-Length: 0` in place of the NAR's size.
-            Body::from_stream(futures::stream::empty::<Result<bytes::Bytes, std::io::Error>>()),
+            Body::empty(),
         )
             .into_response(),
         Some(HeldNar { size: None }) => StatusCode::OK.into_response(),
