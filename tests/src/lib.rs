@@ -76,3 +76,18 @@ pub fn run_ok_str(cmd: &mut Command) -> String {
         .trim()
         .to_owned()
 }
+
+/// `len` deterministic, incompressible bytes from `seed` (xorshift64), for
+/// files that must be big without compressing or deduplicating away.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

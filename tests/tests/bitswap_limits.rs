@@ -26,20 +26,6 @@ const STREAMS: usize = 500;
 /// the caps every stream holds a 1 MiB answer: 500 MiB.
 const RSS_BOUND: u64 = 64 * 1024 * 1024;
 
-/// Deterministic incompressible bytes (xorshift).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Every block CID of `cid`'s DAG, from `nixpfs car export`.
 fn dag_blocks(data_dir: &Path, cid: &str, car: &Path) -> Vec<Cid> {
     run_ok(
@@ -120,7 +106,11 @@ fn a_peer_that_opens_500_streams_and_never_reads_costs_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let payload = dir.path().join("payload");
     fs::create_dir(&payload).unwrap();
-    fs::write(payload.join("data"), noise(16 * 1024 * 1024)).unwrap();
+    fs::write(
+        payload.join("data"),
+        e2e::noise(0x9e37_79b9_7f4a_7c15, 16 * 1024 * 1024),
+    )
+    .unwrap();
     let nar = dir.path().join("payload.nar");
     fs::write(&nar, run_ok(nixpfs().arg("nar").arg("dump").arg(&payload))).unwrap();
     let gw_dir = dir.path().join("gw");

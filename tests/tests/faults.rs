@@ -515,21 +515,8 @@ fn a_full_disk_fails_the_pin_clearly_and_loses_nothing() {
     // read from /nix/store), so the disk is filled by adding a plain file,
     // whose blocks are written whole.
     let huge = env.path().join("huge.bin");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&huge).expect("create huge.bin");
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut chunk = vec![0u8; MIB as usize];
-        for _ in 0..96 {
-            for b in chunk.iter_mut() {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                *b = rng as u8;
-            }
-            f.write_all(&chunk).expect("write huge.bin");
-        }
-    }
+    std::fs::write(&huge, e2e::noise(0x9e37_79b9_7f4a_7c15, 96 * MIB as usize))
+        .expect("write huge.bin");
     let small_digest = dump_digest(&env, &small);
     let disk = Tmpfs::mount(48);
     let data = disk.path().join("gw");

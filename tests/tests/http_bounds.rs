@@ -22,24 +22,11 @@ const SLOW: usize = 40;
 /// (1 MiB each), plus allocator slack.
 const RSS_BOUND: u64 = (256 + 2 * SLOW as u64 + 48) * 1024 * 1024;
 
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 #[test]
 fn forty_clients_that_read_no_car_hold_a_bounded_prefetch() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("big");
-    std::fs::write(&file, noise(48 << 20)).unwrap();
+    std::fs::write(&file, e2e::noise(0x2545_f491_4f6c_dd1d, 48 << 20)).unwrap();
     let gw_dir = dir.path().join("gw");
     let cid = run_ok_str(
         nixpfs()
