@@ -264,3 +264,20 @@ impl Drop for Gateway {
         let _ = self.child.wait();
     }
 }
+
+/// Every block file under a data directory with its size, largest first.
+pub fn block_files(data_dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(data_dir.join("ipfs/blocks")).expect("read the block store") {
+        let shard = shard.expect("block store entry").path();
+        if !shard.is_dir() || shard.ends_with("tmp") {
+            continue;
+        }
+        for f in std::fs::read_dir(&shard).expect("read a block shard") {
+            let f = f.expect("block shard entry");
+            out.push((f.path(), f.metadata().expect("block file metadata").len()));
+        }
+    }
+    out.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    out
+}

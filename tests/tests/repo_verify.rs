@@ -7,7 +7,7 @@
 //! text and in JSON.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use e2e::gateway::Gateway;
@@ -32,23 +32,6 @@ fn report(out: &Output) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-/// Every block file, largest first.
-fn block_files(data_dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = Vec::new();
-    for shard in fs::read_dir(data_dir.join("ipfs/blocks")).unwrap() {
-        let shard = shard.unwrap().path();
-        if !shard.is_dir() || shard.ends_with("tmp") {
-            continue;
-        }
-        for f in fs::read_dir(&shard).unwrap() {
-            let f = f.unwrap();
-            out.push((f.path(), f.metadata().unwrap().len()));
-        }
-    }
-    out.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-    out
 }
 
 fn damaged(report: &Value, part: &str) -> Vec<Value> {
@@ -76,7 +59,7 @@ fn repo_verify_is_clean_after_a_pin_and_names_a_flipped_and_a_deleted_block() {
             .arg(&dir)
             .args(["pin", "--closure", &top]),
     );
-    let pinned = block_files(&dir);
+    let pinned = e2e::gateway::block_files(&dir);
     assert_eq!(
         pinned.len(),
         1,
@@ -114,7 +97,7 @@ fn repo_verify_is_clean_after_a_pin_and_names_a_flipped_and_a_deleted_block() {
         assert_eq!(r["paths"], 2, "{r}");
     }
 
-    let blocks = block_files(&dir);
+    let blocks = e2e::gateway::block_files(&dir);
     let (deleted, _) = &blocks[0];
     assert_eq!(blocks[0].1, 1 << 20, "a leaf of the file");
     // A byte of the first link's CID digest (after the link's tag, length,

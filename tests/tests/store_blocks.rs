@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anchor_registry::StorePath;
@@ -16,22 +16,6 @@ use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
 use e2e::{nixpfs, run_ok, run_ok_str};
 
 const MIB: u64 = 1 << 20;
-
-/// Every block file under a data directory, with its size.
-fn block_files(data_dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = Vec::new();
-    for shard in fs::read_dir(data_dir.join("ipfs/blocks")).unwrap() {
-        let shard = shard.unwrap().path();
-        if !shard.is_dir() || shard.ends_with("tmp") {
-            continue;
-        }
-        for f in fs::read_dir(&shard).unwrap() {
-            let f = f.unwrap();
-            out.push((f.path(), f.metadata().unwrap().len()));
-        }
-    }
-    out
-}
 
 /// `nix-store --delete PATH`: whether Nix deleted it.
 fn nix_delete(env: &NixEnv, path: &str) -> (bool, String) {
@@ -115,7 +99,7 @@ fn store_paths_are_served_from_their_files_held_by_gc_roots_and_refused_once_cha
     );
 
     // No second copy: only the DAG's inner node is a file, no leaf.
-    let files = block_files(&data);
+    let files = e2e::gateway::block_files(&data);
     let stored: u64 = files.iter().map(|(_, n)| n).sum();
     assert!(
         files.iter().all(|(_, n)| *n < 64 * 1024),
