@@ -194,6 +194,11 @@ fn a_client_that_stops_reading_a_nar_is_cut_after_the_send_timeout() {
     let (status, body) = gw.get(&format!("/{hash}.narinfo"));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let info = NarInfo::parse(&String::from_utf8_lossy(&body)).expect("a narinfo");
+    // (A pinned store path answers HEAD with GET's headers.)
+    assert_eq!(
+        gw.assert_head_is_get(&format!("/{}", info.url)),
+        info.nar_size
+    );
 
     // Asks for the NAR and reads nothing.
     let addr = gw.url.trim_start_matches("http://").to_owned();
