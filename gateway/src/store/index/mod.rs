@@ -197,6 +197,13 @@ impl Index {
         })
     }
 
+    /// An unnamed file in the data directory (gone when closed), to spool
+    /// a fetched mapping set into: it is then streamed as a file source is,
+    /// never held whole in memory.
+    pub fn spool_file(&self) -> Result<std::fs::File, IndexError> {
+        self.sets.spool()
+    }
+
     /// Records paths the user pinned, in one transaction (one fsync). Call
     /// only once their blocks are durable and pinned: from then on the
     /// gateway serves them. `served_by` is the public key of the gateway
