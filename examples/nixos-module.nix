@@ -262,6 +262,26 @@ in
             default = "text";
             description = "Log lines as `text` (for people) or `json` (one object per line, for collectors such as journald exporters).";
           };
+          http_max_connections = mkOption {
+            type = types.ints.positive;
+            default = 512;
+            description = "HTTP connections served at once; the next waits in the kernel's backlog.";
+          };
+          http_idle_timeout_secs = mkOption {
+            type = types.ints.positive;
+            default = 75;
+            description = "Seconds an HTTP connection may wait with no request in flight (keep-alive between requests, HTTP/2 with no stream).";
+          };
+          http_header_timeout_secs = mkOption {
+            type = types.ints.positive;
+            default = 10;
+            description = "Seconds a client may take to send a request header, from its first byte (slowloris).";
+          };
+          http_send_timeout_secs = mkOption {
+            type = types.ints.positive;
+            default = 60;
+            description = "Seconds a client may accept no byte of a response before it is disconnected (it stopped reading).";
+          };
         };
       };
     };

@@ -83,6 +83,18 @@ pub struct Config {
     /// Log lines as `text` (for people) or `json` (one object per line,
     /// for collectors); `--log-format` overrides it.
     pub log_format: LogFormat,
+    /// HTTP connections served at once; the next waits in the kernel's
+    /// backlog.
+    pub http_max_connections: usize,
+    /// Seconds an HTTP connection may wait with no request in flight
+    /// (keep-alive between requests, HTTP/2 with no stream).
+    pub http_idle_timeout_secs: u64,
+    /// Seconds a client may take to send a request header, from its first
+    /// byte (slowloris).
+    pub http_header_timeout_secs: u64,
+    /// Seconds a client may accept no byte of a response before it is
+    /// disconnected (it stopped reading).
+    pub http_send_timeout_secs: u64,
 }
 
 /// How log lines are written.
@@ -154,6 +166,10 @@ impl Default for Config {
             prefer_peers: true,
             cache_max_size: None,
             log_format: LogFormat::Text,
+            http_max_connections: 512,
+            http_idle_timeout_secs: 75,
+            http_header_timeout_secs: 10,
+            http_send_timeout_secs: 60,
         }
     }
 }
@@ -188,6 +204,8 @@ pub enum ConfigError {
     CacheMaxSize { value: String, reason: String },
     #[error("invalid router {url:?} in `routers`: {reason}")]
     Router { url: String, reason: String },
+    #[error("invalid config: `{0}` must be at least 1")]
+    HttpLimitZero(&'static str),
     #[error("invalid `dht_protocol` {0:?}: a protocol name starts with `/`, e.g. \"/ipfs/kad/1.0.0\" or \"/ipfs/lan/kad/1.0.0\"")]
     DhtProtocol(String),
 }
@@ -222,6 +240,7 @@ impl Config {
             return Err(ConfigError::RequireZero(self.require));
         }
         self.dht_protocol()?;
+        self.http_limits()?;
         self.routers()?;
         self.upstreams()?;
         self.cache_max_size()?;
@@ -260,6 +279,26 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The HTTP server's connection limits, each at least 1 (a zero
+    /// timeout would cut every connection at once).
+    pub fn http_limits(&self) -> Result<crate::http::server::Limits, ConfigError> {
+        let secs = |value: u64, key: &'static str| {
+            (value > 0)
+                .then(|| std::time::Duration::from_secs(value))
+                .ok_or(ConfigError::HttpLimitZero(key))
+        };
+        if self.http_max_connections == 0 {
+            return Err(ConfigError::HttpLimitZero("http_max_connections"));
+        }
+        Ok(crate::http::server::Limits {
+            max_connections: self.http_max_connections,
+            idle_timeout: secs(self.http_idle_timeout_secs, "http_idle_timeout_secs")?,
+            header_read_timeout: secs(self.http_header_timeout_secs, "http_header_timeout_secs")?,
+            send_timeout: secs(self.http_send_timeout_secs, "http_send_timeout_secs")?,
+            ..crate::http::server::Limits::default()
+        })
     }
 
     /// The `routers`, checked: `http(s)://host[:port][/prefix]`, their
@@ -386,6 +425,20 @@ mod tests {
             Config::load(&path, true).unwrap().validate(),
             Err(ConfigError::RequireZero(0))
         ));
+    }
+
+    #[test]
+    fn http_limits_default_to_nginx_like_values_and_refuse_zero() {
+        let limits = Config::default().http_limits().unwrap();
+        assert_eq!(limits, crate::http::server::Limits::default());
+        let config: Config =
+            toml::from_str("http_max_connections = 4\nhttp_idle_timeout_secs = 2\n").unwrap();
+        let limits = config.http_limits().unwrap();
+        assert_eq!(limits.max_connections, 4);
+        assert_eq!(limits.idle_timeout, std::time::Duration::from_secs(2));
+        let zero: Config = toml::from_str("http_send_timeout_secs = 0\n").unwrap();
+        let err = zero.validate().unwrap_err();
+        assert!(err.to_string().contains("http_send_timeout_secs"), "{err}");
     }
 
     #[test]

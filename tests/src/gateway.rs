@@ -213,6 +213,40 @@ impl Gateway {
             .unwrap_or_else(|| panic!("no metric {name}"))
     }
 
+    /// `HEAD path` answers 200 with no body and the `Content-Length`,
+    /// `Content-Type` and `Accept-Ranges` that `GET path` sends; panics
+    /// otherwise. Returns that `Content-Length`.
+    pub fn assert_head_is_get(&self, path: &str) -> u64 {
+        let url = format!("{}{path}", self.url);
+        self.in_netns(move || {
+            let head = ureq::head(&url)
+                .call()
+                .unwrap_or_else(|e| panic!("HEAD {url}: {e}"));
+            let get = ureq::get(&url)
+                .call()
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            assert_eq!((head.status(), get.status()), (200, 200), "{url}");
+            for name in ["Content-Length", "Content-Type", "Accept-Ranges"] {
+                assert_eq!(
+                    head.header(name),
+                    get.header(name),
+                    "{name} of HEAD and GET {url}"
+                );
+            }
+            let length: u64 = get
+                .header("Content-Length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("GET {url} sent no Content-Length"));
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut head.into_reader(), &mut body).ok();
+            assert!(body.is_empty(), "HEAD {url} sent {} body bytes", body.len());
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut get.into_reader(), &mut body).ok();
+            assert_eq!(body.len() as u64, length, "GET {url}: its body");
+            length
+        })
+    }
+
     /// GET a path: (status, body).
     pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
         self.get_with(path, &[])

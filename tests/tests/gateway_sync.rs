@@ -1,13 +1,21 @@
 //! Anchor sync as a user's gateway sees it: a seeder keeps a closure available
-//! after its anchor is gone, and sets that must not be trusted are refused,
-//! each with a logged reason.
+//! after its anchor is gone, sets that must not be trusted are refused,
+//! each with a logged reason, and a large set served over HTTP is streamed
+//! through a spool file, not held in memory.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anchor_registry::{MappingSetBuilder, SecretKey, SetKind, StorePath};
+use anchor_registry::{
+    ContentId, ImportProfile, MappingData, MappingSetBuilder, NarHash, SecretKey, SetKind,
+    StorePath, StorePathHash,
+};
 use e2e::anchors::{keygen, registry};
-use e2e::gateway::Gateway;
+use e2e::gateway::{rss_of, Gateway};
+use e2e::nginx::Nginx;
 use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
 use e2e::{nixpfs, run_ok, run_ok_str};
 
@@ -296,5 +304,105 @@ fn sockpuppets_rollbacks_and_expired_sets_are_refused_with_a_logged_reason() {
         gw.get(&format!("/{top_hash}.narinfo")).0,
         200,
         "still served from v2"
+    );
+}
+
+/// Made-up store path number `i` (distinct hash parts).
+fn made_up(i: u64, tag: u64) -> StorePath {
+    let mut digest = [0u8; 20];
+    digest[..8].copy_from_slice(&i.to_le_bytes());
+    digest[8..16].copy_from_slice(&tag.to_le_bytes());
+    StorePath::from_parts(StorePathHash::from_digest(digest), &format!("made-up-{i}")).unwrap()
+}
+
+/// A set of `n` made-up entries with `refs` references each (so it is
+/// large in bytes with few signatures to make and check), written to `out`.
+fn large_set(key: &SecretKey, n: u64, refs: u64, out: &Path) {
+    let cid = ContentId::parse("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
+        .expect("a CID");
+    let references: std::collections::BTreeSet<StorePath> =
+        (0..refs).map(|r| made_up(r, 0x7265_6673)).collect();
+    let mut builder = MappingSetBuilder::first(SetKind::Anchor, key.name().parse().unwrap());
+    for i in 0..n {
+        builder.insert(
+            MappingData {
+                path: made_up(i, 0x0073_706f_6f6c),
+                nar_hash: NarHash::digest(&i.to_le_bytes()),
+                nar_size: 1000 + i,
+                references: references.clone(),
+                deriver: None,
+                ca: None,
+                cid,
+                profile: ImportProfile::unixfs_v1_2025(),
+            }
+            .sign(key),
+        );
+    }
+    let now = e2e::nix::unix_now();
+    let mut file = std::io::BufWriter::new(fs::File::create(out).unwrap());
+    builder.write(key, now, now + 86400, &mut file).unwrap();
+    std::io::Write::flush(&mut file).unwrap();
+}
+
+#[test]
+#[cfg_attr(missing_nginx, ignore = "needs nginx; .ci/run installs it")]
+fn a_large_set_over_http_is_synced_without_holding_it_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_file, public) = keygen(dir.path(), "anchor-big");
+    let key = SecretKey::parse(fs::read_to_string(&key_file).unwrap().trim()).unwrap();
+    let www = dir.path().join("www");
+    fs::create_dir_all(&www).unwrap();
+    let nginx = Nginx::start(&www, &dir.path().join("nginx"));
+    let url = format!("http://127.0.0.1:{}/big.jsonl", nginx.port);
+    let reg = registry(
+        &dir.path().join("reg"),
+        &[("anchor-big", &public, &[Path::new(&url)])],
+    );
+    // The set is not served yet, so the sync at start finds nothing.
+    let data = dir.path().join("gw");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("config.toml"), "sync_interval_secs = 0\n").unwrap();
+    let gw = Gateway::start(&data, &reg.serve_args());
+    let made = Instant::now();
+    let staged = dir.path().join("big.jsonl");
+    large_set(&key, 16_000, 90, &staged);
+    let size = fs::metadata(&staged).unwrap().len();
+    assert!(size >= 64 << 20, "a set of {} MiB", size >> 20);
+    println!("a set of {} MiB made in {:?}", size >> 20, made.elapsed());
+    fs::rename(&staged, www.join("big.jsonl")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let baseline = gw.rss();
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done, pid) = (peak.clone(), done.clone(), gw.pid());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_of(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let started = Instant::now();
+    let out = run_ok_str(gw.cli().args(["anchors", "sync"]));
+    let took = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert_eq!(gw.metric("sync_accepted"), 1, "{out}\n{}", gw.log_text());
+    let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
+    println!(
+        "synced a {} MiB set over HTTP in {took:?}: RSS {} MiB before, peak +{} MiB",
+        size >> 20,
+        baseline >> 20,
+        growth >> 20
+    );
+    // Held whole, the set alone (and the buffer it grew in) is more
+    // than its size.
+    assert!(
+        growth < size / 2,
+        "RSS grew by {} MiB syncing a {} MiB set",
+        growth >> 20,
+        size >> 20
     );
 }

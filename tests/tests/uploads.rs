@@ -109,17 +109,12 @@ fn nix_copy_to_the_gateway_then_a_fresh_store_substitutes_it_back() {
         assert_eq!(info.compression.as_deref(), Some("none"));
         assert_eq!(info.url, format!("nar/{}.nar", info.nar_hash.to_nix32()));
         // HEAD of the NAR (the upload existence check, answered from the
-        // pin without walking the DAG) says it is here, with no body. It
-        // does not send GET's headers yet (its size lookup comes back
-        // empty here; not tracked down), so they are not compared.
-        let nar_url = format!("{}/{}", gw.url, info.url);
-        let head = ureq::head(&nar_url)
-            .call()
-            .expect("HEAD of an uploaded NAR");
-        assert_eq!(head.status(), 200);
-        let mut body = Vec::new();
-        head.into_reader().read_to_end(&mut body).unwrap();
-        assert!(body.is_empty(), "HEAD sent {} body bytes", body.len());
+        // pin without walking the DAG) says it is here, with GET's
+        // headers and no body.
+        assert_eq!(
+            gw.assert_head_is_get(&format!("/{}", info.url)),
+            info.nar_size
+        );
 
         let store = env.empty_store(&format!("substituted-{compression}"));
         let out = env

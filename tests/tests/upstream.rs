@@ -208,6 +208,11 @@ fn real_nix_substitutes_an_upstream_closure_through_the_gateway() {
     assert_eq!(a.metric("upstream_nar_refused"), 0);
     assert!(a.metric("upstream_bytes") >= info.nar_size);
     assert_eq!(pins(&a).len(), 3, "{:?}", pins(&a));
+    // A fetched NAR answers HEAD with GET's headers.
+    assert_eq!(
+        a.assert_head_is_get(&format!("/{}", info.url)),
+        info.nar_size
+    );
 
     // A second empty store: served from A's pins, the upstream not asked
     // for NARs again.

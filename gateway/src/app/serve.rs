@@ -34,6 +34,7 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     for legacy in LEGACY_FILES {
         let _ = std::fs::remove_file(data_dir.join(legacy));
     }
+    let limits = config.http_limits()?;
     let app = App::open(data_dir, config).await?;
     let listener = tokio::net::TcpListener::bind(app.config.listen)
         .await
@@ -117,7 +118,7 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     crate::http::server::serve(
         listener,
         router,
-        crate::http::server::Limits::default(),
+        limits,
         app.metrics.clone(),
         shutdown.clone(),
     )

@@ -810,6 +810,8 @@ const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
             "store_blocks_refused",
             "auth_failures",
             "http_header_timeouts",
+            "http_idle_timeouts",
+            "http_send_timeouts",
             "sources_refused",
             "seed_refused",
         ],
@@ -1041,7 +1043,7 @@ mod tests {
             anchor anchor-b: no trusted set, last sync rejected: b.jsonl: `anchor-b` version 1 is older than trusted version 2: rollback\n\
             served: narinfo_served 0, narinfo_not_found 0, nar_served 0, nar_bytes 42\n\
             refused: narinfo_conflict 0, narinfo_registry_expired 0, nar_hash_mismatch 0, nar_fetch_failed 0, store_blocks_refused 0, auth_failures 0, \
-            http_header_timeouts 0, sources_refused 0, seed_refused 0\n\
+            http_header_timeouts 0, http_idle_timeouts 0, http_send_timeouts 0, sources_refused 0, seed_refused 0\n\
             sync: sync_accepted 0, sync_rejected 0, registry_refused 0, sets_purged 0, \
             ipns_resolved 0, ipns_refused 0, ipns_published 0\n\
             uploads: uploads_accepted 0, uploads_rejected 0\n\

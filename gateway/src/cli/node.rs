@@ -95,6 +95,21 @@ pub struct ServeArgs {
     /// Budget for pins made by seeding, e.g. `50G` (config `cache_max_size`).
     #[arg(long)]
     pub cache_max_size: Option<String>,
+    /// HTTP connections served at once (config `http_max_connections`).
+    #[arg(long)]
+    pub http_max_connections: Option<usize>,
+    /// Seconds an HTTP connection may wait with no request (config
+    /// `http_idle_timeout_secs`).
+    #[arg(long = "http-idle-timeout")]
+    pub http_idle_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send a request header (config
+    /// `http_header_timeout_secs`).
+    #[arg(long = "http-header-timeout")]
+    pub http_header_timeout_secs: Option<u64>,
+    /// Seconds a client may accept no byte of a response (config
+    /// `http_send_timeout_secs`).
+    #[arg(long = "http-send-timeout")]
+    pub http_send_timeout_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -170,6 +185,18 @@ impl ServeArgs {
         }
         if self.signing_key_file.is_some() {
             config.signing_key_file = self.signing_key_file;
+        }
+        if let Some(n) = self.http_max_connections {
+            config.http_max_connections = n;
+        }
+        if let Some(secs) = self.http_idle_timeout_secs {
+            config.http_idle_timeout_secs = secs;
+        }
+        if let Some(secs) = self.http_header_timeout_secs {
+            config.http_header_timeout_secs = secs;
+        }
+        if let Some(secs) = self.http_send_timeout_secs {
+            config.http_send_timeout_secs = secs;
         }
     }
 }

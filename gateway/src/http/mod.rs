@@ -9,3 +9,4 @@ pub mod routing;
 pub mod server;
 pub mod trustless;
 pub mod upload;
+pub mod watchdog;

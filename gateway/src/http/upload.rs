@@ -467,20 +467,22 @@ impl Uploads {
     /// this costs two lookups; only unpinned bytes are walked.
     pub async fn held_nar(&self, file: &str) -> Option<HeldNar> {
         let nar_file = NarFile::parse(file)?;
+        let uncompressed = nar_file.compression() == Compression::None;
         let staged = self.staging().by_url(&nar_file.url(), Instant::now());
         let (cid, size) = match staged {
-            Some(s) => (s.cid, None),
-            None if nar_file.compression() == Compression::None => {
-                let (cid, size) = self.verified_local(&nar_file.stem).await?;
-                (cid, Some(size))
-            }
+            // An uncompressed staged NAR is named by its NarHash: the bytes
+            // `GET` serves under this name once its narinfo arrives.
+            Some(s) => (s.cid, s.summary.nar_size),
+            None if uncompressed => self.verified_local(&nar_file.stem).await?,
             None => return None,
         };
         self.node
             .holds(cid)
             .await
             .unwrap_or(false)
-            .then_some(HeldNar { size })
+            .then_some(HeldNar {
+                size: uncompressed.then_some(size),
+            })
     }
 
     /// The CID and size of a NAR (named by its nix32 NarHash) that was
@@ -1025,7 +1027,13 @@ mod tests {
                 .put_nar(file, &auth, Body::from(body))
                 .await
                 .unwrap();
-            assert!(f.uploads.held_nar(file).await.is_some(), "{file}");
+            // The size only where GET would serve the name: uncompressed.
+            let size = file.ends_with(".nar").then_some(summary.nar_size);
+            assert_eq!(
+                f.uploads.held_nar(file).await,
+                Some(HeldNar { size }),
+                "{file}"
+            );
         }
         assert!(f.uploads.held_nar("dddd.nar.xz").await.is_none());
         assert!(

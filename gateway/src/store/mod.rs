@@ -2,6 +2,7 @@
 //! bitswap, pins), CAR files, the persistent index and the last check of a
 //! NAR stream before it is served. Imports nothing above `util` and `nix`.
 pub mod car;
+pub mod db;
 pub mod index;
 pub mod ipfs;
 pub mod nar;

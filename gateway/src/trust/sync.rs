@@ -286,13 +286,11 @@ impl Syncer {
     ) -> Result<AnchorSync, SyncError> {
         let mut errors = Vec::new();
         for source in &anchor.sources {
-            // Files are streamed; other sources arrive whole (bounded).
+            // Files are streamed; other sources are spooled to a file
+            // (bounded as they arrive), then streamed the same way.
             let document = match source {
                 Source::File(path) => match open_source_file(Path::new(path)) {
-                    Ok(f) => Ok(Document::File(std::io::BufReader::with_capacity(
-                        1 << 20,
-                        f,
-                    ))),
+                    Ok(f) => Ok(std::io::BufReader::with_capacity(1 << 20, f)),
                     Err(OpenError::Refused(reason)) => {
                         Metrics::inc(&self.metrics.sources_refused);
                         tracing::warn!(anchor = %anchor.name, %source, %reason, "set source refused");
@@ -301,15 +299,13 @@ impl Syncer {
                     Err(OpenError::Io(e)) => Err(e.to_string()),
                 },
                 Source::Ipns(name) => match self.resolve_anchor_name(anchor, name).await {
-                    Ok(resolved) => fetch_source(&resolved, self.node.as_ref())
+                    Ok(resolved) => self
+                        .spool(&resolved)
                         .await
-                        .map(Document::Bytes)
                         .map_err(|e| format!("{resolved}: {e}")),
                     Err(e) => Err(e),
                 },
-                _ => fetch_source(source, self.node.as_ref())
-                    .await
-                    .map(Document::Bytes),
+                _ => self.spool(source).await,
             };
             let document = match document {
                 Ok(document) => document,
@@ -321,13 +317,8 @@ impl Syncer {
             let index = self.index.clone();
             let registry = registry.clone();
             let name = anchor.name.as_str().to_owned();
-            let result = tokio::task::spawn_blocking(move || match document {
-                Document::File(reader) => {
-                    verify_and_index(&index, &registry, SetKind::Anchor, &name, reader)
-                }
-                Document::Bytes(bytes) => {
-                    verify_and_index(&index, &registry, SetKind::Anchor, &name, &bytes[..])
-                }
+            let result = tokio::task::spawn_blocking(move || {
+                verify_and_index(&index, &registry, SetKind::Anchor, &name, document)
             })
             .await?;
             match result {
@@ -370,6 +361,60 @@ impl Syncer {
 }
 
 impl Syncer {
+    /// Fetches an http or ipfs source into a spool file in the data
+    /// directory, counting its bytes against [`MAX_DOCUMENT`] as they
+    /// arrive (a set of hundreds of MiB never sits in memory), and returns
+    /// it rewound for the verifier.
+    async fn spool(
+        &self,
+        source: &Source,
+    ) -> Result<std::io::BufReader<std::io::Take<std::fs::File>>, String> {
+        use std::io::{Seek, Write};
+        let index = self.index.clone();
+        let file = tokio::task::spawn_blocking(move || index.spool_file())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut file = match source {
+            Source::Http(url) => {
+                let url = url.clone();
+                tokio::task::spawn_blocking(move || http_spool(&url, file))
+                    .await
+                    .map_err(|e| e.to_string())??
+            }
+            Source::Ipfs(cid) => {
+                let Some(node) = self.node.as_ref() else {
+                    return Err(
+                        "ipfs:// sources need the IPFS node (run through `nixpfs serve`)"
+                            .to_owned(),
+                    );
+                };
+                let cid: cid::Cid = cid.to_string().parse().map_err(|e| format!("{e}"))?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                let mut stream = Box::pin(node.cat(cid));
+                let mut len = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| e.to_string())?;
+                    len += chunk.len() as u64;
+                    if len > MAX_DOCUMENT {
+                        return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+                    }
+                    // A 1 MiB buffer in front: one write per block or so.
+                    out.write_all(&chunk).map_err(|e| e.to_string())?;
+                }
+                out.into_inner().map_err(|e| e.error().to_string())?
+            }
+            Source::File(_) | Source::Ipns(_) => {
+                return Err(format!("{source} is not fetched over the network"))
+            }
+        };
+        file.rewind().map_err(|e| e.to_string())?;
+        Ok(std::io::BufReader::with_capacity(
+            1 << 20,
+            std::io::Read::take(file, MAX_DOCUMENT),
+        ))
+    }
+
     /// Resolves an anchor's `ipns://` source to the `ipfs://` of its newest
     /// set. The name must be the one the anchor's registered key derives:
     /// anyone may list a name, but only the anchor's own key can sign for
@@ -408,12 +453,6 @@ pub fn stored_registry(index: &Index) -> Result<Option<Registry>, SyncError> {
         .map(|text| Registry::parse(&text))
         .transpose()
         .map_err(|reason| SyncError::StoredRegistry { reason })
-}
-
-/// A fetched set: streamed from a file, or held whole.
-enum Document {
-    File(std::io::BufReader<std::io::Take<std::fs::File>>),
-    Bytes(Bytes),
 }
 
 /// Why a file source was not read.
@@ -625,6 +664,24 @@ pub async fn fetch_source(source: &Source, node: Option<&Node>) -> Result<Bytes,
             "ipns://{name} must be resolved first (an anchor's source, or `claims import`)"
         )),
     }
+}
+
+/// Streams `url` into `file`, refusing more than [`MAX_DOCUMENT`] bytes.
+fn http_spool(url: &str, mut file: std::fs::File) -> Result<std::fs::File, String> {
+    use std::io::Read;
+    let response = ureq::get(url)
+        .timeout(std::time::Duration::from_secs(60))
+        .call()
+        .map_err(|e| e.to_string())?;
+    let copied = std::io::copy(
+        &mut response.into_reader().take(MAX_DOCUMENT + 1),
+        &mut file,
+    )
+    .map_err(|e| e.to_string())?;
+    if copied > MAX_DOCUMENT {
+        return Err(format!("larger than {MAX_DOCUMENT} bytes"));
+    }
+    Ok(file)
 }
 
 fn http_get(url: &str) -> Result<Bytes, String> {

@@ -97,6 +97,12 @@ counters! {
     /// HTTP connections closed because the client did not send a request
     /// header within the header read timeout (slowloris).
     http_header_timeouts,
+    /// HTTP connections closed because no request came for the idle
+    /// timeout (keep-alive between requests, HTTP/2 with no stream).
+    http_idle_timeouts,
+    /// HTTP connections closed because the client accepted no byte of its
+    /// response for the send timeout (it stopped reading).
+    http_send_timeouts,
     /// Requests rejected for a missing or wrong token.
     auth_failures,
     /// Uploaded store paths accepted (narinfo matched its NAR; pinned).

@@ -27,8 +27,10 @@ use anchor_registry::{
     Assertion, Mapping, NarHash, NarInfo, PublicKey, SetKind, SignedHeader, StorePathHash,
     TrustedState,
 };
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::store::db::Db;
 
 const LOCAL_PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_paths");
 const NAR_LOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nar_locations");
@@ -133,7 +135,7 @@ pub struct StoredNarInfo {
 /// The index handle; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Index {
-    db: Database,
+    db: Db,
     /// Bumped after every change to `local_paths`, so caches of what it
     /// holds (the catalog's signed narinfos) know when to drop entries.
     local_generation: AtomicU64,
@@ -148,7 +150,7 @@ impl Index {
     /// Opens (or creates) the index file and its tables, and the stored sets
     /// in the directory beside it (`index.redb` → `index.sets/`).
     pub fn open(path: &Path) -> Result<Self, IndexError> {
-        let db = Database::create(path).map_err(|source| IndexError::Open {
+        let db = Db::create(path).map_err(|source| IndexError::Open {
             path: path.display().to_string(),
             source,
         })?;
@@ -193,6 +195,13 @@ impl Index {
             sets,
             replacing: std::sync::Mutex::new(()),
         })
+    }
+
+    /// An unnamed file in the data directory (gone when closed), to spool
+    /// a fetched mapping set into: it is then streamed as a file source is,
+    /// never held whole in memory.
+    pub fn spool_file(&self) -> Result<std::fs::File, IndexError> {
+        self.sets.spool()
     }
 
     /// Records paths the user pinned, in one transaction (one fsync). Call

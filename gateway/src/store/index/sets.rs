@@ -451,6 +451,12 @@ impl SetFiles {
         })
     }
 
+    /// An unnamed file beside the stored sets (gone when closed), to
+    /// spool a fetched set into before it is read as a file.
+    pub(crate) fn spool(&self) -> Result<std::fs::File, IndexError> {
+        tempfile::tempfile_in(&self.dir).map_err(|e| io_error(&self.dir, e))
+    }
+
     /// Starts copying a set as it is read and verified.
     pub(crate) fn tee<R: BufRead>(&self, inner: R) -> Result<SetTee<R>, IndexError> {
         let file = NamedTempFile::with_prefix_in(".staging-", &self.dir)

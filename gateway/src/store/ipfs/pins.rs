@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cid::Cid;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
 use super::IpfsError;
+use crate::store::db::Db;
 
 /// CID bytes → (file size, total block bytes of the DAG).
 const PINS: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("pins");
@@ -28,7 +29,7 @@ pub struct Pin {
 /// can own a data directory at a time.
 #[derive(Clone)]
 pub struct Pins {
-    db: Arc<Database>,
+    db: Arc<Db>,
     path: PathBuf,
 }
 
@@ -45,7 +46,7 @@ impl Pins {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let db = Db::create(path).map_err(|e| err(e.into()))?;
         let tx = db.begin_write().map_err(|e| err(e.into()))?;
         tx.open_table(PINS).map_err(|e| err(e.into()))?;
         tx.commit().map_err(|e| err(e.into()))?;
@@ -57,7 +58,7 @@ impl Pins {
 
     /// The database, which also holds the store-path backings of pinned
     /// NARs (see [`super::storeblocks`]).
-    pub fn database(&self) -> Arc<Database> {
+    pub fn database(&self) -> Arc<Db> {
         self.db.clone()
     }
 

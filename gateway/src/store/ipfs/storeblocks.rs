@@ -35,12 +35,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use cid::Cid;
-use redb::{Database, MultimapTableDefinition, ReadableTable, TableDefinition};
+use redb::{MultimapTableDefinition, ReadableTable, TableDefinition};
 
 use super::block::{self, RAW};
 use super::dag::CHUNK_SIZE;
 use super::pb;
 use super::IpfsError;
+use crate::store::db::Db;
 use crate::store::nar::layout::{FileStamp, LayoutFile, NarLayout, Segment};
 use crate::util::metrics::Metrics;
 
@@ -264,7 +265,7 @@ pub struct StoreBlocks {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<Db>,
     path: PathBuf,
     loaded: Mutex<HashMap<Vec<u8>, Arc<Loaded>>>,
     rehash: bool,
@@ -293,7 +294,7 @@ impl StoreBlocks {
     /// The backings in `db` (the pin database at `path`); `rehash`: re-hash
     /// every rebuilt leaf; refusals count into `metrics`.
     pub fn open(
-        db: Arc<Database>,
+        db: Arc<Db>,
         path: &Path,
         rehash: bool,
         metrics: Arc<Metrics>,
@@ -624,7 +625,7 @@ mod tests {
             .collect();
         let backing = Backing::new(&tree, reader.layout().unwrap(), &leaves).unwrap();
         let path = dir.path().join("pins.redb");
-        let db = Arc::new(Database::create(&path).unwrap());
+        let db = Arc::new(Db::create(&path).unwrap());
         let blocks = StoreBlocks::open(db, &path, rehash, Arc::default()).unwrap();
         let root = leaves[0].0;
         blocks.insert(&root, &backing).unwrap();
