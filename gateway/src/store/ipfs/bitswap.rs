@@ -744,6 +744,65 @@ impl State {
         }
     }
 
+    /// Wants that look lost, re-sent (their place in line renewed): those
+    /// overtaken by later blocks from a peer holding them, and those idle
+    /// for [`REWANT_IDLE`], unless a peer holding them is still delivering
+    /// over a kept stream. Returns the entries per peer and how many wants.
+    fn rewants(&mut self, now: Instant) -> (HashMap<PeerId, Vec<WantEntry>>, u64) {
+        let mut out: HashMap<PeerId, Vec<WantEntry>> = HashMap::new();
+        let mut count = 0;
+        for (key, w) in self.wants.iter_mut() {
+            let age = now.duration_since(w.sent_at);
+            let overtaken = w.asked.iter().any(|p| {
+                self.peers
+                    .get(p)
+                    .is_some_and(|ps| ps.in_flight.contains(key) && ps.answered_seq > w.seq)
+            });
+            // A want held by a peer that answers over one kept stream
+            // (nothing in it is lost) and is still delivering waits its turn
+            // in that peer's queue: over a capped link 32 wants are more
+            // than a second of blocks, and re-sending the later ones made
+            // the peer send each twice, which lengthened the queue further
+            // (a 256 MiB fetch over 16 MiB/s collapsed). A want such a peer
+            // skipped is still caught as overtaken.
+            let queued = w.asked.iter().any(|p| {
+                self.peers.get(p).is_some_and(|ps| {
+                    ps.policy.reuse_stream
+                        && ps.in_flight.contains(key)
+                        && ps
+                            .delivered_at
+                            .is_some_and(|at| now.duration_since(at) < REWANT_IDLE)
+                })
+            });
+            if !((overtaken && age >= REWANT_OVERTAKEN) || (age >= REWANT_IDLE && !queued)) {
+                continue;
+            }
+            self.next_seq += 1;
+            w.seq = self.next_seq;
+            w.sent_at = now;
+            count += 1;
+            // Peers that said DONT_HAVE (or were not reached) may be asked
+            // again by the pump; the rest get the want re-sent.
+            w.asked.retain(|p| {
+                self.peers
+                    .get(p)
+                    .is_some_and(|ps| ps.in_flight.contains(key))
+            });
+            for p in &w.asked {
+                let e = out.entry(*p).or_default();
+                if self
+                    .peers
+                    .get(p)
+                    .is_some_and(|ps| ps.policy.cancel_before_rewant)
+                {
+                    e.push(cancel(w.cid));
+                }
+                e.push(want_block(w.cid, w.seq));
+            }
+        }
+        (out, count)
+    }
+
     /// Forgets a want everywhere; returns cancels for the peers asked.
     fn remove_want(&mut self, key: &[u8]) -> Option<(Want, Outbox)> {
         let w = self.wants.remove(key)?;
@@ -1360,44 +1419,12 @@ async fn tick_loop(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let out = {
-            let mut guard = shared.lock();
-            let st = &mut *guard;
+            let mut st = shared.lock();
             let now = Instant::now();
             st.drop_stalled(now);
-            let mut next_seq = st.next_seq;
-            let mut out: HashMap<PeerId, Vec<WantEntry>> = HashMap::new();
-            for (key, w) in st.wants.iter_mut() {
-                let age = now.duration_since(w.sent_at);
-                let overtaken = w.asked.iter().any(|p| {
-                    st.peers
-                        .get(p)
-                        .is_some_and(|ps| ps.in_flight.contains(key) && ps.answered_seq > w.seq)
-                });
-                if !((overtaken && age >= REWANT_OVERTAKEN) || age >= REWANT_IDLE) {
-                    continue;
-                }
-                next_seq += 1;
-                w.seq = next_seq;
-                w.sent_at = now;
-                shared.stats.rewants.fetch_add(1, Ordering::Relaxed);
-                // Peers that said DONT_HAVE (or were not reached) may be
-                // asked again by the pump; the rest get the want re-sent.
-                w.asked
-                    .retain(|p| st.peers.get(p).is_some_and(|ps| ps.in_flight.contains(key)));
-                for p in &w.asked {
-                    let e = out.entry(*p).or_default();
-                    if st
-                        .peers
-                        .get(p)
-                        .is_some_and(|ps| ps.policy.cancel_before_rewant)
-                    {
-                        e.push(cancel(w.cid));
-                    }
-                    e.push(want_block(w.cid, w.seq));
-                }
-            }
-            st.next_seq = next_seq;
-            let mut msgs = st.messages(out);
+            let (rewants, count) = st.rewants(now);
+            shared.stats.rewants.fetch_add(count, Ordering::Relaxed);
+            let mut msgs = st.messages(rewants);
             msgs.extend(st.pump());
             msgs
         };
@@ -1515,6 +1542,68 @@ mod tests {
             10,
             "all with the live one"
         );
+    }
+
+    /// One proven provider with `agent`'s policy holding `wants` wants,
+    /// asked now; its last delivery `delivered_ago` before `now + later`.
+    fn queued_at_one_peer(
+        agent: &str,
+        wants: u64,
+        later: Duration,
+        delivered_ago: Duration,
+    ) -> (State, PeerId, Instant) {
+        let (mut st, peers) = state(1, 1, wants);
+        let peer = peers[0];
+        st.peers.get_mut(&peer).expect("peer").policy = PeerPolicy::for_agent(agent);
+        st.pump();
+        let now = Instant::now() + later;
+        st.peers.get_mut(&peer).expect("peer").delivered_at = Some(now - delivered_ago);
+        (st, peer, now)
+    }
+
+    #[test]
+    fn idle_wants_of_a_nixpfs_peer_still_delivering_wait_their_turn() {
+        let (mut st, peer, now) = queued_at_one_peer(
+            "nixpfs/0.1.0",
+            32,
+            REWANT_IDLE * 2,
+            Duration::from_millis(50),
+        );
+        let (out, count) = st.rewants(now);
+        assert_eq!(count, 0, "queued behind each other, not lost");
+        assert!(out.is_empty());
+        assert_eq!(st.peers[&peer].in_flight.len(), 32);
+    }
+
+    #[test]
+    fn idle_wants_of_a_silent_peer_are_sent_again() {
+        let (mut st, peer, now) =
+            queued_at_one_peer("nixpfs/0.1.0", 32, REWANT_IDLE * 2, REWANT_IDLE);
+        let (out, count) = st.rewants(now);
+        assert_eq!(count, 32);
+        assert_eq!(out[&peer].len(), 32);
+    }
+
+    #[test]
+    fn idle_wants_of_a_peer_on_a_stream_per_message_are_sent_again() {
+        // Kubo's answers can be lost (libp2p-stream drops inbound streams).
+        let (mut st, _, now) =
+            queued_at_one_peer("kubo/0.22.0", 4, REWANT_IDLE * 2, Duration::from_millis(50));
+        assert_eq!(st.rewants(now).1, 4);
+    }
+
+    #[test]
+    fn overtaken_wants_are_sent_again_even_while_the_peer_delivers() {
+        let (mut st, peer, now) = queued_at_one_peer(
+            "nixpfs/0.1.0",
+            8,
+            REWANT_OVERTAKEN,
+            Duration::from_millis(50),
+        );
+        let ps = st.peers.get_mut(&peer).expect("peer");
+        ps.answered_seq = 5;
+        let (_, count) = st.rewants(now);
+        assert_eq!(count, 4, "wants 1 to 4 were overtaken by an answer to 5");
     }
 
     #[test]
