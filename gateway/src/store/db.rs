@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
-    CommitError, Database, DatabaseError, ReadTransaction, StorageError, TransactionError,
-    WriteTransaction,
+    Builder, CommitError, Database, DatabaseError, ReadTransaction, StorageError,
+    TransactionError, WriteTransaction,
 };
 
 /// How long a reopen waits for transactions still open on the old handle
@@ -37,6 +37,9 @@ const REOPEN_WAIT: Duration = Duration::from_secs(5);
 /// A redb database reopened after an I/O error; see the module docs.
 pub struct Db {
     path: PathBuf,
+    /// redb's page cache limit, in bytes, kept for reopens (redb's own
+    /// default is 1 GiB, too much for a gateway that must stay small).
+    cache_bytes: usize,
     handle: RwLock<Handle>,
     /// Serialises reopens: the first thread to see the broken handle
     /// reopens it, the others then use the new one.
@@ -61,11 +64,13 @@ impl std::fmt::Debug for Db {
 }
 
 impl Db {
-    /// Opens or creates the database at `path`.
-    pub fn create(path: &Path) -> Result<Self, DatabaseError> {
-        let db = Database::create(path)?;
+    /// Opens or creates the database at `path`, caching at most
+    /// `cache_bytes` of its pages in memory.
+    pub fn create(path: &Path, cache_bytes: usize) -> Result<Self, DatabaseError> {
+        let db = open(path, cache_bytes)?;
         Ok(Self {
             path: path.to_path_buf(),
+            cache_bytes,
             handle: RwLock::new(Handle {
                 db: Some(Arc::new(db)),
                 generation: 0,
@@ -142,7 +147,7 @@ impl Db {
         drop(old);
         let deadline = Instant::now() + REOPEN_WAIT;
         let opened = loop {
-            match Database::create(&self.path) {
+            match open(&self.path, self.cache_bytes) {
                 Err(DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -176,6 +181,10 @@ impl Db {
             }
         }
     }
+}
+
+fn open(path: &Path, cache_bytes: usize) -> Result<Database, DatabaseError> {
+    Builder::new().set_cache_size(cache_bytes).create(path)
 }
 
 /// Beginning a transaction fails only in storage (redb's other variant,
@@ -249,7 +258,7 @@ mod tests {
     #[test]
     fn a_broken_handle_is_reopened_and_keeps_what_was_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::create(&dir.path().join("x.redb")).unwrap();
+        let db = Db::create(&dir.path().join("x.redb"), 1 << 20).unwrap();
         put(&db, 1, 10);
         // What a commit failing on I/O does.
         db.mark_broken(0);
@@ -265,7 +274,7 @@ mod tests {
     #[test]
     fn a_reopen_waits_for_transactions_on_the_old_handle() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Db::create(&dir.path().join("x.redb")).unwrap());
+        let db = Arc::new(Db::create(&dir.path().join("x.redb"), 1 << 20).unwrap());
         put(&db, 1, 10);
         db.mark_broken(0);
         let db2 = db.clone();

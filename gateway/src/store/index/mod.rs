@@ -146,11 +146,17 @@ pub struct Index {
     replacing: std::sync::Mutex<()>,
 }
 
+/// The index's page cache. Every narinfo is a lookup here; the hot inner
+/// pages fit easily and the leaves a random lookup reaches stay in the
+/// kernel's page cache, so a larger one buys little and, at redb's default
+/// of 1 GiB, let a 1,000,000-path index push the gateway past 512 MiB.
+const CACHE_BYTES: usize = 64 << 20;
+
 impl Index {
     /// Opens (or creates) the index file and its tables, and the stored sets
     /// in the directory beside it (`index.redb` → `index.sets/`).
     pub fn open(path: &Path) -> Result<Self, IndexError> {
-        let db = Db::create(path).map_err(|source| IndexError::Open {
+        let db = Db::create(path, CACHE_BYTES).map_err(|source| IndexError::Open {
             path: path.display().to_string(),
             source,
         })?;

@@ -39,6 +39,10 @@ impl std::fmt::Debug for Pins {
     }
 }
 
+/// The pin database's page cache: pins and store-block maps are read per
+/// pin or per block range, not per request, so a small cache serves them.
+const CACHE_BYTES: usize = 32 << 20;
+
 impl Pins {
     /// Opens or creates the database at `path`.
     pub fn open(path: &Path) -> Result<Self, IpfsError> {
@@ -46,7 +50,7 @@ impl Pins {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        let db = Db::create(path).map_err(|e| err(e.into()))?;
+        let db = Db::create(path, CACHE_BYTES).map_err(|e| err(e.into()))?;
         let tx = db.begin_write().map_err(|e| err(e.into()))?;
         tx.open_table(PINS).map_err(|e| err(e.into()))?;
         tx.commit().map_err(|e| err(e.into()))?;

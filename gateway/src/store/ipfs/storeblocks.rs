@@ -625,7 +625,7 @@ mod tests {
             .collect();
         let backing = Backing::new(&tree, reader.layout().unwrap(), &leaves).unwrap();
         let path = dir.path().join("pins.redb");
-        let db = Arc::new(Db::create(&path).unwrap());
+        let db = Arc::new(Db::create(&path, 1 << 20).unwrap());
         let blocks = StoreBlocks::open(db, &path, rehash, Arc::default()).unwrap();
         let root = leaves[0].0;
         blocks.insert(&root, &backing).unwrap();
