@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
-    Builder, CommitError, Database, DatabaseError, ReadTransaction, StorageError,
-    TransactionError, WriteTransaction,
+    Builder, CommitError, Database, DatabaseError, ReadTransaction, StorageError, TransactionError,
+    WriteTransaction,
 };
 
 /// How long a reopen waits for transactions still open on the old handle

@@ -439,7 +439,10 @@ mod tests {
         for b in &blocks {
             large.put(b).unwrap();
         }
-        assert!(large.files.is_none(), "past the limit the batch syncs the filesystem");
+        assert!(
+            large.files.is_none(),
+            "past the limit the batch syncs the filesystem"
+        );
         large.commit().unwrap();
         for b in &blocks {
             assert_eq!(s.get(b.cid()).unwrap().as_ref(), Some(b));
