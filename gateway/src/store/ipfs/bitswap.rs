@@ -814,8 +814,7 @@ impl State {
     /// twice and lengthen the queue again (a storm that carried 11× a
     /// NAR's bytes over one capped link).
     fn delivered(&mut self, peer: &PeerId, key: &[u8]) -> Option<(Want, Outbox)> {
-        let ps = self.peers.get_mut(peer);
-        if let Some(ps) = ps {
+        if let Some(ps) = self.peers.get_mut(peer) {
             ps.delivered_at = Some(Instant::now());
         }
         let (w, out) = self.remove_want(key)?;
