@@ -504,14 +504,14 @@ pub struct Stats {
 struct Want {
     cid: Cid,
     waiters: Vec<oneshot::Sender<Bytes>>,
-    /// Creation order: older wants are sent first.
+    /// Creation order: older wants are sent first. It is also the want's
+    /// first place in line (`seq` before any re-send): how far in line a
+    /// block for it proves its peer got, since the block may answer that
+    /// first request rather than a re-send.
     order: u64,
     /// Order in which wants were (re)sent; a block for a later want
     /// arriving first means this one was probably lost.
     seq: u64,
-    /// `seq` when first sent: how far in line a block for it proves its
-    /// peer got (the block may answer that first request, not a re-send).
-    first_seq: u64,
     sent_at: Instant,
     /// Peers asked since the last re-send.
     asked: HashSet<PeerId>,
@@ -532,7 +532,6 @@ impl Want {
             waiters,
             order: seq,
             seq,
-            first_seq: seq,
             sent_at: now,
             asked: HashSet::new(),
             refused: HashSet::new(),
@@ -819,7 +818,7 @@ impl State {
         }
         let (w, out) = self.remove_want(key)?;
         if let Some(ps) = self.peers.get_mut(peer) {
-            ps.answered_seq = ps.answered_seq.max(w.first_seq);
+            ps.answered_seq = ps.answered_seq.max(w.order);
         }
         Some((w, out))
     }
