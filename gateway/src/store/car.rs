@@ -321,7 +321,19 @@ impl<R: AsyncRead + Unpin> CarReader<R> {
                 if inner != 1 {
                     return Err(CarError::Version { version: inner });
                 }
-                (2, roots, data_offset + m, Some(data_offset + data_size))
+                // Both fields are the file's claims: a sum past 2^64 is a
+                // corrupt header, not a reason to wrap or panic.
+                let (Some(first), Some(end)) = (
+                    data_offset.checked_add(m),
+                    data_offset.checked_add(data_size),
+                ) else {
+                    return Err(CarError::Header {
+                        reason: format!(
+                            "CARv2 data offset {data_offset} plus size {data_size} is past any file"
+                        ),
+                    });
+                };
+                (2, roots, first, Some(end))
             }
             (version, _, _) => return Err(CarError::Version { version }),
         };
@@ -1041,6 +1053,29 @@ mod tests {
         assert_eq!(r.roots(), &[cid]);
         assert_eq!(r.next_block().await.unwrap().unwrap().data(), &data);
         assert!(r.next_block().await.unwrap().is_none());
+    }
+
+    /// The input cargo-fuzz found in CI: a CARv2 header whose data size
+    /// near 2^64 overflowed the payload's end (a panic in debug builds).
+    #[tokio::test]
+    async fn carv2_whose_data_size_overflows_is_a_header_error() {
+        let data = Bytes::from_static(b"inside a v2");
+        let cid = *Block::from_data(RAW, data.clone()).cid();
+        let mut v1 = encode_header(&[cid]);
+        v1.extend(section_head(&cid, data.len()));
+        v1.extend_from_slice(&data);
+        let mut v2 = V2_PRAGMA.to_vec();
+        let mut header = [0u8; 40];
+        let data_offset = 11 + 40u64;
+        header[16..24].copy_from_slice(&data_offset.to_le_bytes());
+        header[24..32].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        v2.extend_from_slice(&header);
+        v2.extend_from_slice(&v1);
+        let err = CarReader::open(&v2[..]).await.unwrap_err();
+        assert!(
+            matches!(&err, CarError::Header { reason } if reason.contains("past any file")),
+            "{err}"
+        );
     }
 
     #[test]
