@@ -202,12 +202,16 @@ async fn narinfo_answer(State(state): State<Arc<AppState>>, Path(file): Path<Str
         Ok(hash) => hash,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad narinfo name: {e}")),
     };
-    let lookup = match state.catalog.cached(&hash) {
-        Some(hit) => Ok(Ok(Lookup::Found(hit))),
-        None => {
-            let catalog = state.catalog.clone();
-            tokio::task::spawn_blocking(move || catalog.lookup_text(&hash)).await
-        }
+    // Own paths first (they shadow any upstream's), then upstream answers
+    // already made; only a miss in both touches the index.
+    let lookup = if let Some(hit) = state.catalog.cached(&hash) {
+        Ok(Ok(Lookup::Found(hit)))
+    } else if let Some(hit) = state.catalog.cached_upstream(&hash) {
+        Metrics::inc(&state.metrics.upstream_narinfo_served);
+        Ok(Ok(Lookup::Found(hit)))
+    } else {
+        let catalog = state.catalog.clone();
+        tokio::task::spawn_blocking(move || catalog.lookup_text(&hash)).await
     };
     let lookup = match lookup {
         Ok(Ok(Lookup::NotFound | Lookup::RegistryExpired { .. }))

@@ -4,6 +4,7 @@
 //! `nar/<nix32 NarHash>.nar` and carries the gateway's own signature.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anchor_registry::{
@@ -37,7 +38,13 @@ pub struct Catalog {
     /// `key`'s public half as written in narinfos and index records.
     public: Arc<str>,
     trust: Arc<RwLock<Trust>>,
-    own: Arc<Mutex<OwnCache>>,
+    own: Arc<Mutex<TextCache>>,
+    /// Upstream-signed narinfos as sent, for paths no anchor set speaks
+    /// of: such an answer depends only on the upstream's record and keys,
+    /// so it holds until own paths, sets or the registry change.
+    upstream: Arc<Mutex<TextCache>>,
+    /// Bumped by every registry swap (the upstream cache's generation).
+    registry_generation: Arc<AtomicU64>,
     /// CIDs whose bytes did not match the NarHash they were mapped to: tried
     /// last from then on.
     refuted: Arc<Mutex<HashSet<(NarHash, String)>>>,
@@ -49,16 +56,16 @@ const REFUTED_ENTRIES: usize = 1 << 16;
 /// Most narinfos a catalog keeps signed in memory (a few hundred bytes each).
 const OWN_CACHE_ENTRIES: usize = 1 << 18;
 
-/// The user's own paths' narinfos as sent: the endpoint answers a hit with a
-/// reference-counted copy of these bytes. Valid while the index's local
-/// generation is unchanged; when full it starts over.
+/// Narinfos as sent: the endpoint answers a hit with a reference-counted
+/// copy of these bytes. Valid while the generation it was filled under is
+/// unchanged; when full it starts over.
 #[derive(Debug, Default)]
-struct OwnCache {
+struct TextCache {
     generation: u64,
     entries: HashMap<StorePathHash, Bytes>,
 }
 
-impl OwnCache {
+impl TextCache {
     fn get(&mut self, generation: u64, hash: &StorePathHash) -> Option<Bytes> {
         if self.generation != generation {
             self.entries.clear();
@@ -99,6 +106,8 @@ impl Catalog {
             key,
             trust: Arc::new(RwLock::new(trust)),
             own: Arc::default(),
+            upstream: Arc::default(),
+            registry_generation: Arc::default(),
             refuted: Arc::default(),
         }
     }
@@ -118,6 +127,7 @@ impl Catalog {
         if let Ok(mut trust) = self.trust.write() {
             trust.registry = Some(registry);
         }
+        self.registry_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A copy of the registry and policy in force.
@@ -144,6 +154,22 @@ impl Catalog {
     pub fn cached(&self, hash: &StorePathHash) -> Option<Bytes> {
         let generation = self.index.local_generation();
         self.lock_own().get(generation, hash)
+    }
+
+    /// The narinfo text for an upstream-signed path if it is in memory (see
+    /// [`Catalog::serve_upstream`]): no I/O, no signature checked or made.
+    pub fn cached_upstream(&self, hash: &StorePathHash) -> Option<Bytes> {
+        let generation = self.upstream_generation();
+        lock(&self.upstream).get(generation, hash)
+    }
+
+    /// Changes whenever an answer about an upstream-signed path may: the
+    /// sum of counters that only grow (own paths shadow upstream ones;
+    /// sets and the registry decide what anchors say).
+    fn upstream_generation(&self) -> u64 {
+        self.index.local_generation()
+            + self.index.sets_generation()
+            + self.registry_generation.load(Ordering::Acquire)
     }
 
     /// The narinfo to serve for `hash`, if policy allows, parsed.
@@ -234,6 +260,9 @@ impl Catalog {
         if sigs.is_empty() || upstream_keys.is_empty() {
             return Ok(Lookup::NotFound);
         }
+        // Read before deciding: an answer cached under it is dropped if
+        // anything changed meanwhile.
+        let generation = self.upstream_generation();
         let hash = upstream.narinfo.store_path.hash();
         let now = crate::util::time::unix_now();
         let decision = if self.registry_expired(now).is_some() {
@@ -273,13 +302,18 @@ impl Catalog {
                 narinfo.sigs.push(sig.clone());
             }
         }
-        Ok(Lookup::Found(Bytes::from(
-            self.present(narinfo).to_string(),
-        )))
+        let text = Bytes::from(self.present(narinfo).to_string());
+        // With no anchor agreeing, time cannot change this answer (a set
+        // that expires or a registry that lapses only removes votes it
+        // never had), so it stays good until the generation moves.
+        if agreeing.is_empty() {
+            lock(&self.upstream).put(generation, *hash, text.clone());
+        }
+        Ok(Lookup::Found(text))
     }
 
-    fn lock_own(&self) -> std::sync::MutexGuard<'_, OwnCache> {
-        self.own.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_own(&self) -> std::sync::MutexGuard<'_, TextCache> {
+        lock(&self.own)
     }
 
     /// When the registry in force expired, if it has by `now`: from then on
@@ -395,6 +429,10 @@ impl Catalog {
         narinfo.sign(&self.key);
         narinfo
     }
+}
+
+fn lock(cache: &Mutex<TextCache>) -> std::sync::MutexGuard<'_, TextCache> {
+    cache.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Where a mapping says its NAR's bytes are; unverified until hashed here.
@@ -696,6 +734,109 @@ mod tests {
         };
         index.put_nar_location(&nar_hash, &recorded).unwrap();
         assert_eq!(cids(&catalog)[0], recorded.cid, "a verified location first");
+    }
+
+    /// An upstream-signed answer is served from memory until a set, the
+    /// registry or an own path could change it; never past such a change.
+    #[test]
+    fn upstream_answers_are_remembered_until_sets_registry_or_own_paths_change() {
+        use anchor_registry::{testing, SetKind};
+        let TwoAnchors {
+            _dir,
+            index,
+            alpha,
+            beta,
+            registry,
+        } = two_anchors();
+        let up = testing::key("up-1");
+        let path = StorePath::parse("/nix/store/1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-pkg").unwrap();
+        let hash = *path.hash();
+        let mut narinfo = local("up-1").narinfo;
+        narinfo.store_path = path.clone();
+        narinfo.sigs.clear();
+        narinfo.sign(&up);
+        let upstream = crate::store::index::UpstreamPath {
+            upstream: "http://127.0.0.1:1".into(),
+            narinfo: narinfo.clone(),
+        };
+        let catalog = catalog(&index, &Arc::new(SecretKey::generate("gw-1").unwrap()));
+        let serve = || catalog.serve_upstream(&upstream, narinfo.sigs.clone(), &[up.public()]);
+        assert_eq!(catalog.cached_upstream(&hash), None);
+        let Lookup::Found(text) = serve().unwrap() else {
+            panic!("an upstream-signed path with require = 1 is served");
+        };
+        assert_eq!(catalog.cached_upstream(&hash), Some(text.clone()));
+
+        // A registry swap drops it (what anchors say may have changed).
+        catalog.set_registry(registry.clone());
+        assert_eq!(catalog.cached_upstream(&hash), None);
+        assert!(matches!(serve().unwrap(), Lookup::Found(_)));
+        assert_eq!(catalog.cached_upstream(&hash), Some(text.clone()));
+
+        // An anchor mapping the path to another NAR makes it a conflict;
+        // the remembered answer must not outlive the set that arrived.
+        index_set(
+            &index,
+            &registry,
+            SetKind::Anchor,
+            &alpha,
+            "alpha",
+            testing::mapping(&alpha, path.clone(), b"another nar"),
+        );
+        assert_eq!(catalog.cached_upstream(&hash), None);
+        assert_eq!(serve().unwrap(), Lookup::Conflict);
+        assert_eq!(catalog.cached_upstream(&hash), None);
+
+        // An answer an anchor agrees with depends on that set's expiry: it
+        // is served, never remembered.
+        let other = StorePath::parse("/nix/store/2ccccccccccccccccccccccccccccccc-x").unwrap();
+        let mut agreed = narinfo.clone();
+        agreed.store_path = other.clone();
+        agreed.nar_hash = NarHash::digest(b"nar");
+        agreed.nar_size = 3;
+        agreed.sigs.clear();
+        agreed.sign(&up);
+        index_set(
+            &index,
+            &registry,
+            SetKind::Anchor,
+            &beta,
+            "beta",
+            testing::mapping(&beta, other.clone(), b"nar"),
+        );
+        let agreed = crate::store::index::UpstreamPath {
+            upstream: "http://127.0.0.1:1".into(),
+            narinfo: agreed,
+        };
+        let sigs = agreed.narinfo.sigs.clone();
+        assert!(matches!(
+            catalog
+                .serve_upstream(&agreed, sigs, &[up.public()])
+                .unwrap(),
+            Lookup::Found(_)
+        ));
+        assert_eq!(catalog.cached_upstream(other.hash()), None);
+
+        // An own path added later drops remembered upstream answers.
+        let third = StorePath::parse("/nix/store/3ddddddddddddddddddddddddddddddd-y").unwrap();
+        let mut third_info = narinfo.clone();
+        third_info.store_path = third.clone();
+        third_info.sigs.clear();
+        third_info.sign(&up);
+        let third_up = crate::store::index::UpstreamPath {
+            upstream: "http://127.0.0.1:1".into(),
+            narinfo: third_info.clone(),
+        };
+        let sigs = third_info.sigs.clone();
+        assert!(matches!(
+            catalog
+                .serve_upstream(&third_up, sigs, &[up.public()])
+                .unwrap(),
+            Lookup::Found(_)
+        ));
+        assert!(catalog.cached_upstream(third.hash()).is_some());
+        catalog.put_locals(vec![local("uploader-1")]).unwrap();
+        assert_eq!(catalog.cached_upstream(third.hash()), None);
     }
 
     #[test]

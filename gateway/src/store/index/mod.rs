@@ -139,6 +139,9 @@ pub struct Index {
     /// Bumped after every change to `local_paths`, so caches of what it
     /// holds (the catalog's signed narinfos) know when to drop entries.
     local_generation: AtomicU64,
+    /// Bumped after every change to the stored sets (replaced or purged),
+    /// for caches of what anchors say.
+    sets_generation: AtomicU64,
     /// Each publisher's current set, kept beside the index file.
     sets: sets::SetFiles,
     /// Serialises set replacements, so a slower sync of an older version
@@ -198,6 +201,7 @@ impl Index {
         Ok(Self {
             db,
             local_generation: AtomicU64::new(0),
+            sets_generation: AtomicU64::new(0),
             sets,
             replacing: std::sync::Mutex::new(()),
         })
@@ -254,6 +258,11 @@ impl Index {
     /// Changes whenever the user's own paths change (after the commit).
     pub fn local_generation(&self) -> u64 {
         self.local_generation.load(Ordering::Acquire)
+    }
+
+    /// Changes whenever the stored sets change (after the switch).
+    pub fn sets_generation(&self) -> u64 {
+        self.sets_generation.load(Ordering::Acquire)
     }
 
     /// The stored narinfo of the user's own path with this hash part, if any,
@@ -440,6 +449,7 @@ impl Index {
             .insert(owner.as_str(), encode(state).as_slice())?;
         txn.commit()?;
         self.sets.switch(owner, stored);
+        self.sets_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -577,6 +587,7 @@ impl Index {
         for state in &purged {
             self.sets.remove(&state_owner(state));
         }
+        self.sets_generation.fetch_add(1, Ordering::AcqRel);
         Ok(purged)
     }
 
