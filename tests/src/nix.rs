@@ -50,6 +50,25 @@ impl NixEnv {
         cmd
     }
 
+    /// `nix copy --from URL --to STORE PATH` trusting only `key` (a public
+    /// key as in `trusted-public-keys`): the substitution every test makes.
+    /// More options may follow; Nix reads them after the path too.
+    pub fn copy_from(&self, url: &str, key: &str, store: &str, path: &str) -> Command {
+        let mut cmd = self.cmd("nix");
+        cmd.args([
+            "copy",
+            "--from",
+            url,
+            "--to",
+            store,
+            "--option",
+            "trusted-public-keys",
+            key,
+            path,
+        ]);
+        cmd
+    }
+
     /// A fresh, empty chroot store to substitute into.
     pub fn empty_store(&self, name: &str) -> String {
         format!("local?root={}", self.path().join(name).display())

@@ -151,22 +151,6 @@ fn assert_no_panic(text: &str, what: &str) {
     assert!(!text.contains("panicked"), "{what} panicked:\n{text}");
 }
 
-fn nix_copy_from(env: &NixEnv, url: &str, key: &str, store: &str, path: &str) -> Command {
-    let mut cmd = env.cmd("nix");
-    cmd.args([
-        "copy",
-        "--from",
-        url,
-        "--to",
-        store,
-        "--option",
-        "trusted-public-keys",
-        key,
-        path,
-    ]);
-    cmd
-}
-
 // ---------------------------------------------------------------- links
 
 /// A provider gateway in its own network namespace and the link that is the
@@ -277,7 +261,8 @@ fn a_64_mib_nar_crosses_a_50_ms_rtt_20_mb_s_link_intact() {
 
     let store = env.empty_store("far");
     let started = Instant::now();
-    let out = nix_copy_from(&env, &b.url, &key, &store, &path)
+    let out = env
+        .copy_from(&b.url, &key, &store, &path)
         .output()
         .expect("nix copy");
     let took = started.elapsed();
@@ -337,7 +322,7 @@ fn a_link_cut_mid_nar_is_finished_by_the_second_provider() {
     let store = env.empty_store("cut");
     let started = Instant::now();
     let copy = {
-        let mut cmd = nix_copy_from(&env, &b.url, &key, &store, &path);
+        let mut cmd = env.copy_from(&b.url, &key, &store, &path);
         std::thread::spawn(move || cmd.output().expect("nix copy"))
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -412,7 +397,7 @@ fn with_every_provider_gone_nix_fails_cleanly_and_the_gateway_stays_healthy() {
     let store = env.empty_store("gone");
     let started = Instant::now();
     let copy = {
-        let mut cmd = nix_copy_from(&env, &b.url, &key, &store, &path);
+        let mut cmd = env.copy_from(&b.url, &key, &store, &path);
         std::thread::spawn(move || cmd.output().expect("nix copy"))
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -434,7 +419,8 @@ fn with_every_provider_gone_nix_fails_cleanly_and_the_gateway_stays_healthy() {
 
     // Asked again with nobody there from the start: a clean failure too.
     let started = Instant::now();
-    let out = nix_copy_from(&env, &b.url, &key, &store, &path)
+    let out = env
+        .copy_from(&b.url, &key, &store, &path)
         .output()
         .expect("nix copy");
     assert!(!out.status.success());

@@ -15,18 +15,7 @@ use e2e::nix::{NixEnv, FIXTURE_CLOSURE};
 use e2e::{nixpfs, run_ok, run_ok_str};
 
 fn substitute(env: &NixEnv, url: &str, key: &str, store: &str, path: &str) -> std::process::Output {
-    env.cmd("nix")
-        .args([
-            "copy",
-            "--from",
-            url,
-            "--to",
-            store,
-            "--option",
-            "trusted-public-keys",
-            key,
-            path,
-        ])
+    env.copy_from(url, key, store, path)
         .output()
         .expect("spawn nix copy")
 }

@@ -205,12 +205,36 @@ fn store_paths_are_served_from_their_files_held_by_gc_roots_and_refused_once_cha
     assert!(text.contains(&big.to_string_lossy().into_owned()), "{text}");
     assert!(text.contains(&top), "the damaged path is named: {text}");
 
-    // Unpinned, the paths are Nix's to delete again.
+    // Unpinned, the paths are Nix's to delete again: `top` by its path,
+    // `dep` by its CID, which takes the path's record and GC root along.
+    let pins = || -> serde_json::Value {
+        serde_json::from_str(&run_ok_str(
+            nixpfs()
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["pins", "--json"]),
+        ))
+        .expect("pins --json")
+    };
+    let listed = pins();
+    let dep_cid = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["store_path"].as_str() == Some(dep.as_str()))
+        .and_then(|p| p["cid"].as_str())
+        .unwrap_or_else(|| panic!("{dep} among the pins: {listed}"))
+        .to_owned();
     run_ok(
         nixpfs()
             .arg("--data-dir")
             .arg(&data)
-            .args(["unpin", &top, &dep]),
+            .args(["unpin", &top, &dep_cid]),
+    );
+    let listed = pins();
+    assert!(
+        !listed.to_string().contains(&dep) && !listed.to_string().contains(&dep_cid),
+        "unpinned by CID, the path is no longer the user's: {listed}"
     );
     for path in [&top, &dep] {
         let (deleted, stderr) = nix_delete(&env, path);

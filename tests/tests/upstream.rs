@@ -75,22 +75,10 @@ fn copy_to_file_cache(env: &NixEnv, dir: &Path, compression: &str, sk: &Path, pa
     ]));
 }
 
+/// One download attempt: a refused NAR fails at once instead of retrying.
 fn substitute(env: &NixEnv, url: &str, key: &str, store: &str, path: &str) -> std::process::Output {
-    env.cmd("nix")
-        .args([
-            "copy",
-            "--from",
-            url,
-            "--to",
-            store,
-            "--option",
-            "trusted-public-keys",
-            key,
-            "--option",
-            "download-attempts",
-            "1",
-            path,
-        ])
+    env.copy_from(url, key, store, path)
+        .args(["--option", "download-attempts", "1"])
         .output()
         .expect("spawn nix copy")
 }

@@ -231,12 +231,26 @@ impl Pinner {
     }
 
     /// Unpins store paths (and forgets them as the user's own) or CIDs;
-    /// returns the targets unpinned.
+    /// returns the targets unpinned. A CID takes the user's own paths whose
+    /// NAR it is along: their bytes go, so do their narinfos and GC roots.
     pub async fn unpin(&self, targets: &[String]) -> Result<Vec<String>> {
         let mut done = Vec::new();
         for target in targets {
-            let (cid, store_path) = match Target::parse(target)? {
-                Target::Cid(cid) => (cid, None),
+            let (cid, store_paths) = match Target::parse(target)? {
+                Target::Cid(cid) => {
+                    let index = self.catalog.index().clone();
+                    let key = cid.to_string();
+                    let owned = tokio::task::spawn_blocking(move || {
+                        let mut paths = Vec::new();
+                        for local in index.locals()?.into_iter().filter(|l| l.cid == key) {
+                            index.remove_local(local.narinfo.store_path.hash())?;
+                            paths.push(local.narinfo.store_path.to_string());
+                        }
+                        Ok::<_, crate::store::index::IndexError>(paths)
+                    })
+                    .await??;
+                    (cid, owned)
+                }
                 Target::StorePath(text) => {
                     let hash = *StorePath::parse(&text)?.hash();
                     let index = self.catalog.index().clone();
@@ -247,7 +261,7 @@ impl Pinner {
                     };
                     (
                         parse_cid(&local.cid)?,
-                        Some(local.narinfo.store_path.to_string()),
+                        vec![local.narinfo.store_path.to_string()],
                     )
                 }
             };
@@ -259,7 +273,7 @@ impl Pinner {
             let key = cid.to_string();
             tokio::task::spawn_blocking(move || index.remove_cache_pin(&key, true)).await??;
             self.node.unpin(cid).await?;
-            if let Some(path) = store_path {
+            for path in store_paths {
                 let dir = self.gc_roots.clone();
                 tokio::task::spawn_blocking(move || gcroots::remove(&dir, &path))
                     .await?
