@@ -640,11 +640,15 @@ const TEE_DEPTH: usize = 4;
 
 /// Sends `source` to Nix through [`VerifiedNar`] (NarHash checked, the end
 /// held back until it matches) and, in the same pass, into the block store.
-/// Once every byte matched, the NAR's CID is recorded as its verified
-/// location and, with `seed_fetched`, pinned (and provided) as a cache pin
-/// that retention may evict. A mismatch aborts the response and records,
-/// pins and seeds nothing (the unpinned blocks go at the next gc). The
-/// import goes on when Nix hangs up, so the bytes are not fetched twice.
+/// Once every byte matched, Nix gets the last chunk at once (the bytes are
+/// verified; a small NAR's whole answer would otherwise wait for the
+/// import's fsyncs and the index commit), then the NAR's CID is recorded as
+/// its verified location and, with `seed_fetched`, pinned (and provided) as
+/// a cache pin that retention may evict. A mismatch aborts the response and
+/// records, pins and seeds nothing (the unpinned blocks go at the next gc).
+/// The import goes on when Nix hangs up, so the bytes are not fetched twice;
+/// an import that fails after Nix got its verified bytes is logged, and the
+/// NAR is simply not held here.
 /// `fetched` names the counter of NARs verified this way, if any.
 /// Returns the response's chunks and the task's end: the CID when recorded.
 fn tee_import<S, E>(
@@ -676,8 +680,7 @@ where
         };
         let mut verified = VerifiedNar::new(source, nar_hash, size, on_mismatch);
         let mut client = Some(body_tx);
-        // The last chunk waits until the NAR is imported and recorded: once
-        // Nix has the whole NAR, this gateway has it too.
+        // The last chunk waits until the whole NAR matched its NarHash.
         let mut last: Option<bytes::Bytes> = None;
         while let Some(item) = verified.next().await {
             match item {
@@ -700,21 +703,22 @@ where
             }
         }
         drop(import_tx);
+        if let Some(last) = last {
+            to_client(&mut client, last).await;
+        }
+        drop(client);
         let imported = match import.await {
             Ok(Ok(imported)) if imported.size == size => imported,
             Ok(Ok(imported)) => {
                 tracing::error!(nar = %nar_hash, "imported {} bytes of a {size}-byte NAR", imported.size);
-                abort_client(client.take(), "the import of this NAR failed").await;
                 return None;
             }
             Ok(Err(e)) => {
                 tracing::error!(nar = %nar_hash, "cannot import a verified NAR: {e}");
-                abort_client(client.take(), "the import of this NAR failed").await;
                 return None;
             }
             Err(e) => {
                 tracing::error!(nar = %nar_hash, "the import of a verified NAR failed: {e}");
-                abort_client(client.take(), "the import of this NAR failed").await;
                 return None;
             }
         };
@@ -738,10 +742,6 @@ where
             }
             Err(e) => tracing::error!(nar = %nar_hash, %cid, "cannot record a verified NAR: {e}"),
         }
-        if let Some(last) = last {
-            to_client(&mut client, last).await;
-        }
-        drop(client);
         if state.seed_fetched {
             seed(&state, cid, nar_hash).await;
         }
