@@ -44,6 +44,11 @@ pub const BACKOFF: Duration = Duration::from_secs(10);
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 /// Most negative entries remembered; when full it starts over.
 const NEGATIVE_ENTRIES: usize = 1 << 16;
+/// How long the CIDs peers named with a narinfo stand in for asking them
+/// again when Nix asks for that NAR (it does so at once).
+const HEARD_TTL: Duration = Duration::from_secs(30);
+/// Most NARs whose peer CIDs are remembered; when full it starts over.
+const HEARD_ENTRIES: usize = 1 << 12;
 /// Largest narinfo accepted from an upstream (real ones are under 4 KiB).
 const MAX_NARINFO: u64 = 64 * 1024;
 /// Time to connect to an upstream, and the longest pause between two reads
@@ -150,6 +155,9 @@ pub struct Upstreams {
     entries: Vec<Entry>,
     agent: ureq::Agent,
     negative: Mutex<HashMap<StorePathHash, Instant>>,
+    /// The CIDs peers gave with a narinfo this gateway served, by NAR:
+    /// the NAR request that follows needs no second round of questions.
+    heard: Mutex<HashMap<NarHash, (Vec<String>, Instant)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -170,6 +178,7 @@ impl Upstreams {
                 .collect(),
             agent,
             negative: Mutex::default(),
+            heard: Mutex::default(),
             metrics,
         }
     }
@@ -217,6 +226,23 @@ impl Upstreams {
         negative
             .get(hash)
             .is_some_and(|at| now.saturating_duration_since(*at) < NEGATIVE_TTL)
+    }
+
+    fn remember_heard(&self, nar_hash: NarHash, cids: Vec<String>, now: Instant) {
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        if heard.len() >= HEARD_ENTRIES {
+            heard.clear();
+        }
+        heard.insert(nar_hash, (cids, now));
+    }
+
+    /// The CIDs peers named for this NAR moments ago, once.
+    fn take_heard(&self, nar_hash: &NarHash, now: Instant) -> Option<Vec<String>> {
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard
+            .remove(nar_hash)
+            .filter(|(_, at)| now.saturating_duration_since(*at) < HEARD_TTL)
+            .map(|(cids, _)| cids)
     }
 
     fn remember_miss(&self, hash: StorePathHash, now: Instant) {
@@ -705,7 +731,8 @@ impl Upstreams {
 /// The narinfo to serve for `hash` from what connected gateways say an
 /// upstream signed: the first answer whose signature verifies under a
 /// configured upstream's keys and that the policy accepts is recorded as
-/// that upstream's (so the NAR can also come from it once reachable).
+/// that upstream's (so the NAR can also come from it once reachable). The
+/// CIDs the peers gave for that NAR are kept for [`peer_locations`].
 pub async fn lookup_peers(
     catalog: &Catalog,
     upstreams: &Upstreams,
@@ -715,11 +742,19 @@ pub async fn lookup_peers(
     if upstreams.is_empty() {
         return Ok(Lookup::NotFound);
     }
+    let mut checked = Vec::new();
     for (peer, answer) in node.ask_peers(hash.as_str(), PEER_TIMEOUT).await {
-        let Some((path, _cid)) = upstreams.check_peer_answer(&hash, &answer) else {
-            tracing::warn!(%peer, path = %hash, "ignored a peer's answer: not signed by a configured upstream key");
-            continue;
-        };
+        match upstreams.check_peer_answer(&hash, &answer) {
+            Some((path, cid)) => checked.push((peer, path, cid)),
+            None => {
+                tracing::warn!(%peer, path = %hash, "ignored a peer's answer: not signed by a configured upstream key")
+            }
+        }
+    }
+    for (peer, path, _) in &checked {
+        let peer = *peer;
+        let path = path.clone();
+        let (nar_hash, nar_size) = (path.narinfo.nar_hash, path.narinfo.nar_size);
         let (sigs, keys) = upstreams.valid_signatures(&path);
         let catalog = catalog.clone();
         let found = tokio::task::spawn_blocking(move || {
@@ -734,6 +769,16 @@ pub async fn lookup_peers(
         if matches!(found, Lookup::Found(_) | Lookup::Conflict) {
             tracing::info!(%peer, path = %hash, "narinfo from a peer gateway, signed by a configured upstream key");
             Metrics::inc(&upstreams.metrics.peer_narinfo_served);
+            let mut cids: Vec<String> = Vec::new();
+            for (_, theirs, cid) in &checked {
+                if theirs.narinfo.nar_hash == nar_hash
+                    && theirs.narinfo.nar_size == nar_size
+                    && !cids.contains(cid)
+                {
+                    cids.push(cid.clone());
+                }
+            }
+            upstreams.remember_heard(nar_hash, cids, Instant::now());
             return Ok(found);
         }
     }
@@ -742,12 +787,23 @@ pub async fn lookup_peers(
 
 /// Where connected gateways hold the verified NAR of an upstream path: CIDs
 /// to fetch over IPFS (checked block by block and against NarHash), in the
-/// order they answered.
+/// order they answered; those they gave with the narinfo moments ago, if
+/// any, without asking again.
 pub async fn peer_locations(
     upstreams: &Upstreams,
     node: &crate::store::ipfs::Node,
     path: &UpstreamPath,
 ) -> Vec<crate::store::index::NarLocation> {
+    let location = |cid| crate::store::index::NarLocation {
+        cid,
+        nar_size: path.narinfo.nar_size,
+        verified: false,
+    };
+    if let Some(cids) = upstreams.take_heard(&path.narinfo.nar_hash, Instant::now()) {
+        if !cids.is_empty() {
+            return cids.into_iter().map(location).collect();
+        }
+    }
     let hash = *path.narinfo.store_path.hash();
     let mut out: Vec<crate::store::index::NarLocation> = Vec::new();
     for (_, answer) in node.ask_peers(hash.as_str(), PEER_TIMEOUT).await {
@@ -758,11 +814,7 @@ pub async fn peer_locations(
             && theirs.narinfo.nar_size == path.narinfo.nar_size
             && !out.iter().any(|l| l.cid == cid)
         {
-            out.push(crate::store::index::NarLocation {
-                cid,
-                nar_size: path.narinfo.nar_size,
-                verified: false,
-            });
+            out.push(location(cid));
         }
     }
     out
@@ -811,6 +863,19 @@ mod tests {
         ] {
             assert!(nar_file_url(base, &narinfo(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cids_heard_with_a_narinfo_stand_in_once_and_briefly() {
+        let upstreams = Upstreams::new(Vec::new(), Arc::default());
+        let nar = NarHash::digest(b"nar");
+        let t0 = Instant::now();
+        upstreams.remember_heard(nar, vec!["bafy1".into()], t0);
+        assert_eq!(upstreams.take_heard(&nar, t0), Some(vec!["bafy1".into()]));
+        // Once: the next request for the NAR asks the peers again.
+        assert_eq!(upstreams.take_heard(&nar, t0), None);
+        upstreams.remember_heard(nar, vec!["bafy2".into()], t0);
+        assert_eq!(upstreams.take_heard(&nar, t0 + HEARD_TTL), None);
     }
 
     #[test]

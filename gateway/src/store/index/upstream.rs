@@ -64,7 +64,11 @@ impl Index {
             narinfo: path.narinfo.to_string(),
         };
         let hash = path.narinfo.store_path.hash().as_str();
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        // An upstream's narinfo lost in a crash is asked for again (of the
+        // upstream or a peer, and checked again): no fsync on the narinfo
+        // request's path for it. The next durable commit keeps it.
+        txn.set_durability(redb::Durability::None);
         {
             txn.open_table(UPSTREAM_PATHS)?
                 .insert(hash, encode(&record).as_slice())?;
