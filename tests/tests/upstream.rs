@@ -83,6 +83,9 @@ fn substitute(env: &NixEnv, url: &str, key: &str, store: &str, path: &str) -> st
         .expect("spawn nix copy")
 }
 
+/// The copy succeeded, and the gateway finished importing what it served
+/// (Nix gets a NAR's last bytes once they are verified, before the import
+/// behind them ends).
 fn assert_ok(out: &std::process::Output, what: &str, gw: &Gateway) {
     assert!(
         out.status.success(),
@@ -90,6 +93,9 @@ fn assert_ok(out: &std::process::Output, what: &str, gw: &Gateway) {
         String::from_utf8_lossy(&out.stderr),
         gw.log_text()
     );
+    eventually("the gateway's imports", || {
+        gw.metric("nar_imports_running") == 0
+    });
 }
 
 fn hash_part(path: &str) -> String {

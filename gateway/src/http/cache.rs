@@ -638,6 +638,26 @@ async fn serve_from_upstream(
 /// Chunks in flight from [`tee_import`] to the response.
 const TEE_DEPTH: usize = 4;
 
+/// Counts one NAR import in `nar_imports_running` while it lives.
+struct ImportRunning(Arc<Metrics>);
+
+impl ImportRunning {
+    fn start(metrics: Arc<Metrics>) -> Self {
+        metrics
+            .nar_imports_running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for ImportRunning {
+    fn drop(&mut self) {
+        self.0
+            .nar_imports_running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Sends `source` to Nix through [`VerifiedNar`] (NarHash checked, the end
 /// held back until it matches) and, in the same pass, into the block store.
 /// Once every byte matched, Nix gets the last chunk at once (the bytes are
@@ -670,7 +690,9 @@ where
         tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(TEE_DEPTH);
     let (import_tx, mut import_rx) =
         tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(TEE_DEPTH);
+    let running = ImportRunning::start(state.metrics.clone());
     let done = tokio::spawn(async move {
+        let _running = running;
         let import = {
             let node = state.node.clone();
             tokio::spawn(async move {

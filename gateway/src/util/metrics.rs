@@ -22,6 +22,9 @@ macro_rules! counters {
             /// How long NAR requests took until the response started (the
             /// body then streams as fast as the client reads).
             pub nar_seconds: Histogram,
+            /// NARs being imported into the block store now (a gauge): an
+            /// import may go on after Nix got every verified byte.
+            pub nar_imports_running: AtomicU64,
         }
 
         /// A point-in-time copy of the counters of [`Metrics`], for JSON and
@@ -57,6 +60,11 @@ macro_rules! counters {
                     "nixpfs_nar_response_seconds",
                     "How long NAR requests took until the response started.",
                     &self.nar_seconds,
+                );
+                out.gauge(
+                    "nixpfs_nar_imports_running",
+                    "NARs being imported into the block store now.",
+                    self.nar_imports_running.load(Ordering::Relaxed),
                 );
             }
         }
