@@ -241,3 +241,81 @@ fn store_paths_are_served_from_their_files_held_by_gc_roots_and_refused_once_cha
         assert!(deleted, "{path} after unpin: {stderr}");
     }
 }
+
+/// Two store paths with the same contents: one NAR, one CID.
+const TWINS: &str = r#"{ nonce }:
+let
+  twin = name: builtins.derivation {
+    inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "echo twin-${nonce} > $out" ];
+  };
+in [ (twin "nixpfs-twin-a") (twin "nixpfs-twin-b") ]
+"#;
+
+#[test]
+#[cfg_attr(
+    missing_nix,
+    ignore = "needs the real Nix client (nix-store on PATH); .ci/run installs nix-bin"
+)]
+fn unpinning_one_of_two_paths_with_the_same_nar_keeps_the_other_served_and_rooted() {
+    let env = NixEnv::new();
+    let built = env.build("twins.nix", TWINS);
+    let twins: Vec<&str> = built.lines().collect();
+    let [a, b] = twins[..] else {
+        panic!("two paths from twins.nix: {built}");
+    };
+    let data = env.path().join("gw");
+    run_ok(nixpfs().arg("--data-dir").arg(&data).args(["pin", a, b]));
+    let pins = || -> serde_json::Value {
+        serde_json::from_str(&run_ok_str(
+            nixpfs()
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["pins", "--json"]),
+        ))
+        .expect("pins --json")
+    };
+    let cid_of = |listed: &serde_json::Value, path: &str| {
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["store_path"].as_str() == Some(path))
+            .and_then(|p| p["cid"].as_str())
+            .map(str::to_owned)
+    };
+    let listed = pins();
+    let cid = cid_of(&listed, a).unwrap_or_else(|| panic!("{a} among the pins: {listed}"));
+    assert!(
+        listed.to_string().contains(&cid) && listed.to_string().contains(b),
+        "{b} is pinned with the same CID: {listed}"
+    );
+
+    run_ok(nixpfs().arg("--data-dir").arg(&data).args(["unpin", a]));
+    let listed = pins();
+    assert_eq!(
+        cid_of(&listed, b),
+        Some(cid.clone()),
+        "{b} stays pinned: {listed}"
+    );
+    assert!(!listed.to_string().contains(a), "{a} is unpinned: {listed}");
+    let (deleted, stderr) = nix_delete(&env, a);
+    assert!(deleted, "{a} after its unpin: {stderr}");
+    let (deleted, _) = nix_delete(&env, b);
+    assert!(!deleted, "{b} is still held by its GC root");
+
+    // b's NAR is still served, its leaves read from b's own files.
+    let gw = Gateway::start(&data, &[]);
+    let hash = StorePath::parse(b).unwrap().hash().to_string();
+    let (status, info) = gw.get(&format!("/{hash}.narinfo"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&info));
+    let info = String::from_utf8_lossy(&info).into_owned();
+    let url = info
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL in the narinfo");
+    let (status, nar) = gw.get(&format!("/{url}"));
+    assert_eq!(status, 200);
+    let dumped = run_ok(env.cmd("nix-store").args(["--dump", b]));
+    assert_eq!(nar, dumped, "the NAR of {b} as nix-store --dump makes it");
+}

@@ -254,15 +254,35 @@ impl Pinner {
                 Target::StorePath(text) => {
                     let hash = *StorePath::parse(&text)?.hash();
                     let index = self.catalog.index().clone();
-                    let removed =
-                        tokio::task::spawn_blocking(move || index.remove_local(&hash)).await??;
+                    let (removed, twin) = tokio::task::spawn_blocking(move || {
+                        let Some(local) = index.remove_local(&hash)? else {
+                            return Ok((None, None));
+                        };
+                        let twin = index.locals()?.into_iter().find(|l| l.cid == local.cid);
+                        Ok::<_, crate::store::index::IndexError>((Some(local), twin))
+                    })
+                    .await??;
                     let Some(local) = removed else {
                         return Err(NotPinned { path: text }.into());
                     };
-                    (
-                        parse_cid(&local.cid)?,
-                        vec![local.narinfo.store_path.to_string()],
-                    )
+                    let path = local.narinfo.store_path.to_string();
+                    if let Some(twin) = twin {
+                        // Another of the user's paths has the same NAR: the
+                        // CID stays pinned, its leaves read from that path's
+                        // files from now on (this one may go once its GC
+                        // root does).
+                        let twin_path = twin.narinfo.store_path.to_string();
+                        self.pin_store_path(twin.narinfo).await.with_context(|| {
+                            format!("while moving the pin of {path} to {twin_path}, which has the same NAR")
+                        })?;
+                        let dir = self.gc_roots.clone();
+                        tokio::task::spawn_blocking(move || gcroots::remove(&dir, &path))
+                            .await?
+                            .context("while releasing the Nix GC root")?;
+                        done.push(target.clone());
+                        continue;
+                    }
+                    (parse_cid(&local.cid)?, vec![path])
                 }
             };
             // A seeded or fetched CID is also a cache pin: forget that record
@@ -288,21 +308,30 @@ impl Pinner {
     pub async fn pins(&self) -> Result<Vec<PinEntry>> {
         let index = self.catalog.index().clone();
         let locals = tokio::task::spawn_blocking(move || index.locals()).await??;
-        let by_cid: HashMap<String, String> = locals
-            .into_iter()
-            .map(|l| (l.cid, l.narinfo.store_path.to_string()))
-            .collect();
-        Ok(self
-            .node
-            .pins()
-            .await?
-            .iter()
-            .map(|p| {
-                let mut entry = PinEntry::of(p);
-                entry.store_path = by_cid.get(&entry.cid).cloned();
-                entry
-            })
-            .collect())
+        // Store paths with the same contents share one NAR, so one pin: it
+        // is listed once for each of them.
+        let mut by_cid: HashMap<String, Vec<String>> = HashMap::new();
+        for local in locals {
+            by_cid
+                .entry(local.cid)
+                .or_default()
+                .push(local.narinfo.store_path.to_string());
+        }
+        let mut out = Vec::new();
+        for pin in self.node.pins().await? {
+            let entry = PinEntry::of(&pin);
+            match by_cid.get_mut(&entry.cid) {
+                Some(paths) => {
+                    paths.sort();
+                    out.extend(paths.iter().map(|path| PinEntry {
+                        store_path: Some(path.clone()),
+                        ..entry.clone()
+                    }));
+                }
+                None => out.push(entry),
+            }
+        }
+        Ok(out)
     }
 
     /// Imports any file (pinned) and returns its CID.
