@@ -30,6 +30,28 @@ fn nix_delete(env: &NixEnv, path: &str) -> (bool, String) {
     )
 }
 
+/// `nixpfs pins --json` of the data dir, parsed.
+fn pins(data: &Path) -> serde_json::Value {
+    serde_json::from_str(&run_ok_str(
+        nixpfs()
+            .arg("--data-dir")
+            .arg(data)
+            .args(["pins", "--json"]),
+    ))
+    .expect("pins --json")
+}
+
+/// The CID `pins --json` lists for a store path, if it lists the path.
+fn cid_of(listed: &serde_json::Value, path: &str) -> Option<String> {
+    listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["store_path"].as_str() == Some(path))
+        .and_then(|p| p["cid"].as_str())
+        .map(str::to_owned)
+}
+
 /// GET of the whole body, tolerating a response cut short: (status, bytes
 /// received before the end or the abort).
 fn get_partial(url: &str) -> (u16, Vec<u8>) {
@@ -78,21 +100,7 @@ fn store_paths_are_served_from_their_files_held_by_gc_roots_and_refused_once_cha
             .arg("add")
             .arg(&nar_file),
     );
-    let pins = run_ok_str(
-        nixpfs()
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["pins", "--json"]),
-    );
-    let pins: serde_json::Value = serde_json::from_str(&pins).unwrap();
-    let top_cid = pins
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["store_path"] == top.as_str())
-        .and_then(|p| p["cid"].as_str())
-        .expect("top pinned")
-        .to_owned();
+    let top_cid = cid_of(&pins(&data), &top).expect("top pinned");
     assert_eq!(
         top_cid, plain_cid,
         "store-backed pin keeps the profile's CID"
@@ -207,31 +215,15 @@ fn store_paths_are_served_from_their_files_held_by_gc_roots_and_refused_once_cha
 
     // Unpinned, the paths are Nix's to delete again: `top` by its path,
     // `dep` by its CID, which takes the path's record and GC root along.
-    let pins = || -> serde_json::Value {
-        serde_json::from_str(&run_ok_str(
-            nixpfs()
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["pins", "--json"]),
-        ))
-        .expect("pins --json")
-    };
-    let listed = pins();
-    let dep_cid = listed
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["store_path"].as_str() == Some(dep.as_str()))
-        .and_then(|p| p["cid"].as_str())
-        .unwrap_or_else(|| panic!("{dep} among the pins: {listed}"))
-        .to_owned();
+    let listed = pins(&data);
+    let dep_cid = cid_of(&listed, &dep).unwrap_or_else(|| panic!("{dep} among the pins: {listed}"));
     run_ok(
         nixpfs()
             .arg("--data-dir")
             .arg(&data)
             .args(["unpin", &top, &dep_cid]),
     );
-    let listed = pins();
+    let listed = pins(&data);
     assert!(
         !listed.to_string().contains(&dep) && !listed.to_string().contains(&dep_cid),
         "unpinned by CID, the path is no longer the user's: {listed}"
@@ -266,25 +258,7 @@ fn unpinning_one_of_two_paths_with_the_same_nar_keeps_the_other_served_and_roote
     };
     let data = env.path().join("gw");
     run_ok(nixpfs().arg("--data-dir").arg(&data).args(["pin", a, b]));
-    let pins = || -> serde_json::Value {
-        serde_json::from_str(&run_ok_str(
-            nixpfs()
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["pins", "--json"]),
-        ))
-        .expect("pins --json")
-    };
-    let cid_of = |listed: &serde_json::Value, path: &str| {
-        listed
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["store_path"].as_str() == Some(path))
-            .and_then(|p| p["cid"].as_str())
-            .map(str::to_owned)
-    };
-    let listed = pins();
+    let listed = pins(&data);
     let cid = cid_of(&listed, a).unwrap_or_else(|| panic!("{a} among the pins: {listed}"));
     assert!(
         listed.to_string().contains(&cid) && listed.to_string().contains(b),
@@ -292,7 +266,7 @@ fn unpinning_one_of_two_paths_with_the_same_nar_keeps_the_other_served_and_roote
     );
 
     run_ok(nixpfs().arg("--data-dir").arg(&data).args(["unpin", a]));
-    let listed = pins();
+    let listed = pins(&data);
     assert_eq!(
         cid_of(&listed, b),
         Some(cid.clone()),

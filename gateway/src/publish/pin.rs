@@ -275,10 +275,7 @@ impl Pinner {
                         self.pin_store_path(twin.narinfo).await.with_context(|| {
                             format!("while moving the pin of {path} to {twin_path}, which has the same NAR")
                         })?;
-                        let dir = self.gc_roots.clone();
-                        tokio::task::spawn_blocking(move || gcroots::remove(&dir, &path))
-                            .await?
-                            .context("while releasing the Nix GC root")?;
+                        self.release_gc_root(path).await?;
                         done.push(target.clone());
                         continue;
                     }
@@ -294,14 +291,20 @@ impl Pinner {
             tokio::task::spawn_blocking(move || index.remove_cache_pin(&key, true)).await??;
             self.node.unpin(cid).await?;
             for path in store_paths {
-                let dir = self.gc_roots.clone();
-                tokio::task::spawn_blocking(move || gcroots::remove(&dir, &path))
-                    .await?
-                    .context("while releasing the Nix GC root")?;
+                self.release_gc_root(path).await?;
             }
             done.push(target.clone());
         }
         Ok(done)
+    }
+
+    /// Lets `nix-collect-garbage` delete `path` again.
+    async fn release_gc_root(&self, path: String) -> Result<()> {
+        let dir = self.gc_roots.clone();
+        tokio::task::spawn_blocking(move || gcroots::remove(&dir, &path))
+            .await?
+            .context("while releasing the Nix GC root")?;
+        Ok(())
     }
 
     /// Everything pinned, with the store path for the user's own paths.

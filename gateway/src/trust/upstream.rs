@@ -769,15 +769,11 @@ pub async fn lookup_peers(
         if matches!(found, Lookup::Found(_) | Lookup::Conflict) {
             tracing::info!(%peer, path = %hash, "narinfo from a peer gateway, signed by a configured upstream key");
             Metrics::inc(&upstreams.metrics.peer_narinfo_served);
-            let mut cids: Vec<String> = Vec::new();
-            for (_, theirs, cid) in &checked {
-                if theirs.narinfo.nar_hash == nar_hash
-                    && theirs.narinfo.nar_size == nar_size
-                    && !cids.contains(cid)
-                {
-                    cids.push(cid.clone());
-                }
-            }
+            let cids = cids_of_nar(
+                checked.iter().map(|(_, theirs, cid)| (theirs, cid)),
+                nar_hash,
+                nar_size,
+            );
             upstreams.remember_heard(nar_hash, cids, Instant::now());
             return Ok(found);
         }
@@ -805,19 +801,39 @@ pub async fn peer_locations(
         }
     }
     let hash = *path.narinfo.store_path.hash();
-    let mut out: Vec<crate::store::index::NarLocation> = Vec::new();
-    for (_, answer) in node.ask_peers(hash.as_str(), PEER_TIMEOUT).await {
-        let Some((theirs, cid)) = upstreams.check_peer_answer(&hash, &answer) else {
-            continue;
-        };
-        if theirs.narinfo.nar_hash == path.narinfo.nar_hash
-            && theirs.narinfo.nar_size == path.narinfo.nar_size
-            && !out.iter().any(|l| l.cid == cid)
+    let checked: Vec<(UpstreamPath, String)> = node
+        .ask_peers(hash.as_str(), PEER_TIMEOUT)
+        .await
+        .into_iter()
+        .filter_map(|(_, answer)| upstreams.check_peer_answer(&hash, &answer))
+        .collect();
+    cids_of_nar(
+        checked.iter().map(|(theirs, cid)| (theirs, cid)),
+        path.narinfo.nar_hash,
+        path.narinfo.nar_size,
+    )
+    .into_iter()
+    .map(location)
+    .collect()
+}
+
+/// The CIDs, first answer first and each once, of the checked peer answers
+/// that are about this NAR (a path's answers may name other bytes).
+fn cids_of_nar<'a>(
+    answers: impl IntoIterator<Item = (&'a UpstreamPath, &'a String)>,
+    nar_hash: NarHash,
+    nar_size: u64,
+) -> Vec<String> {
+    let mut cids: Vec<String> = Vec::new();
+    for (theirs, cid) in answers {
+        if theirs.narinfo.nar_hash == nar_hash
+            && theirs.narinfo.nar_size == nar_size
+            && !cids.contains(cid)
         {
-            out.push(location(cid));
+            cids.push(cid.clone());
         }
     }
-    out
+    cids
 }
 
 /// The upstream path whose NAR has this hash, if an upstream served one.
