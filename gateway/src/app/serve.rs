@@ -130,6 +130,14 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
     }
     republishing.abort();
     app.node.shutdown().await;
+    // Records of fetched NARs and upstream narinfos commit without an
+    // fsync; one durable commit keeps them across this restart.
+    let index = app.index.clone();
+    match tokio::task::spawn_blocking(move || index.sync()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot sync the index at shutdown: {e}"),
+        Err(e) => tracing::warn!("cannot sync the index at shutdown: {e}"),
+    }
     admin_served
         .context("the admin socket's server failed")?
         .context("while serving the admin socket")

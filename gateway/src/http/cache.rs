@@ -526,7 +526,7 @@ async fn serve_first_of(
                 // may then skip the whole-NAR hash.
                 location.verified = true;
                 let _ = tokio::task::spawn_blocking(move || {
-                    index.put_nar_location(&nar_hash, &location)
+                    index.note_fetched_nar_location(&nar_hash, &location)
                 })
                 .await;
                 Ok(bytes::Bytes::new())
@@ -755,8 +755,10 @@ where
             nar_size: size,
             verified: true,
         };
-        match tokio::task::spawn_blocking(move || index.put_nar_location(&nar_hash, &location))
-            .await
+        match tokio::task::spawn_blocking(move || {
+            index.note_fetched_nar_location(&nar_hash, &location)
+        })
+        .await
         {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -854,7 +856,9 @@ async fn verify_whole(
         verified: true,
     };
     let index = state.index.clone();
-    match tokio::task::spawn_blocking(move || index.put_nar_location(&nar_hash, &location)).await {
+    match tokio::task::spawn_blocking(move || index.note_fetched_nar_location(&nar_hash, &location))
+        .await
+    {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("{cid}: verified, but cannot record it: {e}")),
         Err(e) => Err(format!("{cid}: verified, but cannot record it: {e}")),

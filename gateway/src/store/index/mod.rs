@@ -367,7 +367,37 @@ impl Index {
         nar_hash: &NarHash,
         location: &NarLocation,
     ) -> Result<(), IndexError> {
-        let txn = self.db.begin_write()?;
+        self.write_nar_location(nar_hash, location, redb::Durability::Immediate)
+    }
+
+    /// [`Index::put_nar_location`] for a NAR fetched and verified while it
+    /// was served, without an fsync: its blocks are durable already, and a
+    /// record lost in a crash only means that NAR is fetched (or hashed
+    /// whole) once more. redb has one writer, so an fsync here would hold up
+    /// the next narinfo's record, which Nix is waiting for.
+    pub fn note_fetched_nar_location(
+        &self,
+        nar_hash: &NarHash,
+        location: &NarLocation,
+    ) -> Result<(), IndexError> {
+        self.write_nar_location(nar_hash, location, redb::Durability::None)
+    }
+
+    /// Makes every commit made without an fsync durable (one empty,
+    /// durable commit), e.g. before the gateway exits.
+    pub fn sync(&self) -> Result<(), IndexError> {
+        self.db.begin_write()?.commit()?;
+        Ok(())
+    }
+
+    fn write_nar_location(
+        &self,
+        nar_hash: &NarHash,
+        location: &NarLocation,
+        durability: redb::Durability,
+    ) -> Result<(), IndexError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(durability);
         {
             let mut table = txn.open_table(NAR_LOCATIONS)?;
             let key = nar_hash.as_bytes().as_slice();

@@ -254,6 +254,36 @@ mod tests {
     }
 
     #[test]
+    fn records_made_without_fsync_survive_a_clean_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("index.redb");
+        let path = UpstreamPath {
+            upstream: "http://127.0.0.1:1".into(),
+            narinfo: narinfo(b"nar"),
+        };
+        let nar_hash = path.narinfo.nar_hash;
+        let location = super::super::NarLocation {
+            cid: "bafy-fetched".into(),
+            nar_size: 3,
+            verified: true,
+        };
+        {
+            let index = Index::open(&file).unwrap();
+            index.put_upstream_path(&path).unwrap();
+            index
+                .note_fetched_nar_location(&nar_hash, &location)
+                .unwrap();
+            assert_eq!(
+                index.nar_location(&nar_hash).unwrap(),
+                Some(location.clone())
+            );
+        }
+        let index = Index::open(&file).unwrap();
+        assert_eq!(index.nar_location(&nar_hash).unwrap(), Some(location));
+        assert_eq!(index.upstream_nar(&nar_hash).unwrap(), Some(path));
+    }
+
+    #[test]
     fn cache_pins_come_least_recently_used_first_and_eviction_forgets_the_location() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("index.redb")).unwrap();
