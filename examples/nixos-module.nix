@@ -257,6 +257,15 @@ in
               uploads never are. Unset: no budget.
             '';
           };
+          upstream_prefetch_max = mkOption {
+            type = types.str;
+            default = "4M";
+            description = ''
+              Upstream NARs up to this size (e.g. "4M") are fetched, checked
+              and imported as soon as their narinfo is served, since Nix asks
+              for the NAR next. "0" turns it off.
+            '';
+          };
           log_format = mkOption {
             type = types.enum [ "text" "json" ];
             default = "text";

@@ -80,6 +80,10 @@ pub struct Config {
     /// beyond it the least recently accessed are evicted. User pins and
     /// uploads never are. None: no budget.
     pub cache_max_size: Option<String>,
+    /// Upstream NARs of at most this size (e.g. `"4M"`; `"0"`: none) are
+    /// fetched as soon as their narinfo is served, since Nix asks for the
+    /// NAR next: its request then finds the NAR here.
+    pub upstream_prefetch_max: String,
     /// Log lines as `text` (for people) or `json` (one object per line,
     /// for collectors); `--log-format` overrides it.
     pub log_format: LogFormat,
@@ -165,6 +169,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             prefer_peers: true,
             cache_max_size: None,
+            upstream_prefetch_max: "4M".to_owned(),
             log_format: LogFormat::Text,
             http_max_connections: 512,
             http_idle_timeout_secs: 75,
@@ -202,6 +207,8 @@ pub enum ConfigError {
     UpstreamUrl { url: String, reason: String },
     #[error("invalid `cache_max_size` {value:?}: {reason}")]
     CacheMaxSize { value: String, reason: String },
+    #[error("invalid `upstream_prefetch_max` {value:?}: {reason}")]
+    UpstreamPrefetchMax { value: String, reason: String },
     #[error("invalid router {url:?} in `routers`: {reason}")]
     Router { url: String, reason: String },
     #[error("invalid config: `{0}` must be at least 1")]
@@ -244,6 +251,7 @@ impl Config {
         self.routers()?;
         self.upstreams()?;
         self.cache_max_size()?;
+        self.upstream_prefetch_max()?;
         self.trust_root()
     }
 
@@ -328,6 +336,16 @@ impl Config {
                 })
             })
             .transpose()
+    }
+
+    /// `upstream_prefetch_max` in bytes.
+    pub fn upstream_prefetch_max(&self) -> Result<u64, ConfigError> {
+        crate::util::size::parse_size(&self.upstream_prefetch_max).map_err(|reason| {
+            ConfigError::UpstreamPrefetchMax {
+                value: self.upstream_prefetch_max.clone(),
+                reason,
+            }
+        })
     }
 
     /// The DHT protocol name, checked.

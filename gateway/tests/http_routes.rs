@@ -139,6 +139,7 @@ impl Gateway {
                 metrics.clone(),
             )),
             prefer_peers: true,
+            prefetch: None,
             retention: None,
         });
         let uploads = Uploads::configured(

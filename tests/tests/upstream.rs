@@ -10,7 +10,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anchor_registry::{NarInfo, PublicKey, StorePath};
+use anchor_registry::{NarHash, NarInfo, PublicKey, StorePath};
 use e2e::gateway::Gateway;
 use e2e::nginx::Nginx;
 use e2e::nix::NixEnv;
@@ -363,8 +363,25 @@ fn altered_bytes_bad_signatures_and_a_dead_upstream_never_reach_nix() {
             !valid.status.success(),
             "{cache}: altered path became valid"
         );
-        assert!(pins(&gw).is_empty(), "{cache}: {:?}", pins(&gw));
-        assert_eq!(gw.metric("seeded_fetched"), 0);
+        // The untouched top path's NAR may have been prefetched, verified
+        // and seeded once its narinfo was served; the altered one never is.
+        let dep_nar = info.nar_hash.to_string();
+        let log = gw.log_text();
+        let seeded: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("fetched NAR pinned and seeded"))
+            .collect();
+        assert!(
+            seeded.iter().all(|l| !l.contains(&dep_nar)),
+            "{cache}: the altered NAR was seeded: {seeded:?}"
+        );
+        assert!(gw.metric("seeded_fetched") <= 1, "{cache}: {seeded:?}");
+        assert_eq!(
+            pins(&gw).len() as u64,
+            gw.metric("seeded_fetched"),
+            "{cache}: {:?}",
+            pins(&gw)
+        );
         assert!(
             gw.log_text().contains(&format!(
                 "{}/{}",
@@ -573,6 +590,74 @@ in builtins.derivation {
   args = [ "-c" "echo top-${nonce} $dep > $out" ];
 }
 "#;
+
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_nginx),
+    ignore = "needs the real Nix client and nginx; .ci/run installs nix-bin and nginx"
+)]
+fn a_small_upstream_nar_is_fetched_once_its_narinfo_is_served() {
+    let env = NixEnv::new();
+    let small = random_path(&env, "prefetched", 1);
+    let large = random_path(&env, "not-prefetched", 3);
+    let (sk, u) = env.nix_keypair("upstream-u-1");
+    let www = env.path().join("www");
+    for path in [&small, &large] {
+        copy_to_file_cache(&env, &www.join("plain"), "xz", &sk, path);
+    }
+    let nginx = Nginx::start(&www, &env.path().join("nginx"));
+    let nar_gets = |path: &str| {
+        let url = info_url(&www, "plain", path);
+        nginx
+            .access_log()
+            .matches(&format!("GET /plain/{url}"))
+            .count()
+    };
+    let dir = env.path().join("p");
+    write_config(
+        &dir,
+        &upstream_config(&nginx.url("plain"), &u, "upstream_prefetch_max = \"2M\""),
+    );
+    let gw = Gateway::start(&dir, &[]);
+
+    // The narinfo alone brings the small NAR here, verified and imported.
+    let info = narinfo(&gw, &small);
+    eventually("the prefetch", || gw.metric("upstream_nar_prefetched") == 1);
+    assert_eq!(nar_gets(&small), 1);
+    // Nix's NAR request is then served from here: the upstream is not asked again.
+    let (status, body) = gw.get(&format!("/{}", info.url));
+    assert_eq!((status, body.len() as u64), (200, info.nar_size));
+    assert_eq!(
+        NarHash::digest(&body),
+        info.nar_hash,
+        "the prefetched bytes are the NAR"
+    );
+    assert_eq!(nar_gets(&small), 1, "fetched once");
+    assert_eq!(gw.metric("upstream_nar_fetched"), 1);
+
+    // A NAR above upstream_prefetch_max waits for Nix to ask for it.
+    let info = narinfo(&gw, &large);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(nar_gets(&large), 0, "a large NAR is not prefetched");
+    let (status, body) = gw.get(&format!("/{}", info.url));
+    assert_eq!((status, body.len() as u64), (200, info.nar_size));
+    assert_eq!(nar_gets(&large), 1);
+    assert_eq!(gw.metric("upstream_nar_prefetched"), 1);
+    drop(gw);
+
+    // `upstream_prefetch_max = "0"` turns it off.
+    let dir = env.path().join("off");
+    write_config(
+        &dir,
+        &upstream_config(&nginx.url("plain"), &u, "upstream_prefetch_max = \"0\""),
+    );
+    let gw = Gateway::start(&dir, &[]);
+    let before = nar_gets(&small);
+    narinfo(&gw, &small);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(nar_gets(&small), before, "no prefetch when turned off");
+    assert_eq!(gw.metric("upstream_nar_prefetched"), 0);
+}
 
 /// Waits until `gw` is connected to every peer in `peer_ids`.
 fn wait_connected(gw: &Gateway, peer_ids: &[&str]) {

@@ -56,6 +56,10 @@ pub async fn serve(data_dir: &Path, config: Config) -> Result<()> {
         seed_fetched: app.config.seed_fetched,
         prefer_peers: app.config.prefer_peers,
         upstreams: app.upstreams.clone(),
+        prefetch: match app.config.upstream_prefetch_max()? {
+            0 => None,
+            max => Some(Arc::new(crate::http::prefetch::Prefetch::new(max))),
+        },
         retention: app.config.cache_max_size()?.map(|budget| {
             Arc::new(crate::publish::retention::Retention::new(
                 app.node.clone(),

@@ -836,6 +836,7 @@ const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
             "upstream_bad_signature",
             "upstream_errors",
             "upstream_nar_fetched",
+            "upstream_nar_prefetched",
             "upstream_nar_refused",
             "upstream_bytes",
             "peer_narinfo_served",
@@ -1048,7 +1049,7 @@ mod tests {
             ipns_resolved 0, ipns_refused 0, ipns_published 0\n\
             uploads: uploads_accepted 0, uploads_rejected 0\n\
             upstreams: upstream_narinfo_served 0, upstream_bad_signature 0, upstream_errors 0, \
-            upstream_nar_fetched 0, upstream_nar_refused 0, upstream_bytes 0, peer_narinfo_served 0, \
+            upstream_nar_fetched 0, upstream_nar_prefetched 0, upstream_nar_refused 0, upstream_bytes 0, peer_narinfo_served 0, \
             peer_answers_refused 0, peer_bytes 0, seeded_fetched 0, cache_evictions 0\n\
             routing: routing_answered 0, routing_refused 0, router_providers 0, router_errors 0";
         assert_eq!(text, head);

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Budget for pins made by seeding, e.g. `50G` (config `cache_max_size`).
     #[arg(long)]
     pub cache_max_size: Option<String>,
+    /// Fetch upstream NARs up to this size once their narinfo is served,
+    /// e.g. `4M`, `0` for none (config `upstream_prefetch_max`).
+    #[arg(long)]
+    pub upstream_prefetch_max: Option<String>,
     /// HTTP connections served at once (config `http_max_connections`).
     #[arg(long)]
     pub http_max_connections: Option<usize>,
@@ -143,6 +147,9 @@ impl ServeArgs {
         }
         if self.cache_max_size.is_some() {
             config.cache_max_size = self.cache_max_size;
+        }
+        if let Some(max) = self.upstream_prefetch_max {
+            config.upstream_prefetch_max = max;
         }
         if self.registry.is_some() {
             config.registry = self.registry;

@@ -15,6 +15,7 @@ use axum::routing::get;
 use axum::Router;
 use futures::StreamExt;
 
+use crate::http::prefetch::Prefetch;
 use crate::publish::retention::Retention;
 use crate::store::index::{Index, NarLocation, UpstreamPath};
 use crate::store::ipfs::Node;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub upstreams: Arc<Upstreams>,
     /// Ask peer gateways for an upstream path's NAR before the upstream.
     pub prefer_peers: bool,
+    /// Small upstream NARs fetched once their narinfo is served, if on.
+    pub prefetch: Option<Arc<Prefetch>>,
     /// Retention of cache pins (`cache_max_size`), if a budget is set.
     pub retention: Option<Arc<Retention>>,
 }
@@ -294,6 +297,10 @@ async fn nar_answer(
             )
         }
     };
+    if let Some(prefetch) = &state.prefetch {
+        // A prefetch of this NAR under way: its bytes are here once it ends.
+        prefetch.wait(&nar_hash).await;
+    }
     let catalog = state.catalog.clone();
     let (locations, from_upstream) = match tokio::task::spawn_blocking(move || {
         Ok::<_, crate::store::index::IndexError>((
@@ -542,21 +549,100 @@ async fn serve_first_of(
 }
 
 /// A narinfo from the upstreams (recorded or fetched), on a blocking thread:
-/// the upstream client is blocking and bounded in time.
+/// the upstream client is blocking and bounded in time. A found one's NAR
+/// is prefetched when it is small enough.
 async fn from_upstream(
     state: &Arc<AppState>,
     hash: StorePathHash,
 ) -> Result<Lookup<bytes::Bytes>, String> {
     let catalog = state.catalog.clone();
     let upstreams = state.upstreams.clone();
-    let answer = tokio::task::spawn_blocking(move || upstream::lookup(&catalog, &upstreams, &hash))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    if matches!(answer, Lookup::Found(_)) {
+    let (answer, path) =
+        tokio::task::spawn_blocking(move || upstream::lookup(&catalog, &upstreams, &hash))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    if let Some(path) = path {
         Metrics::inc(&state.metrics.upstream_narinfo_served);
+        prefetch(state, path);
     }
     Ok(answer)
+}
+
+/// Starts fetching an upstream path's NAR ahead of Nix's request, when it
+/// is small enough, not held here, not fetched already, and (with
+/// `prefer_peers`) no peer gateway offers it: the claim is taken before
+/// the narinfo is answered, so the NAR request that follows waits for this
+/// fetch instead of starting its own.
+fn prefetch(state: &Arc<AppState>, path: UpstreamPath) {
+    let Some(prefetch) = &state.prefetch else {
+        return;
+    };
+    let nar_hash = path.narinfo.nar_hash;
+    let size = path.narinfo.nar_size;
+    let Some(claim) = prefetch.claim(nar_hash, size) else {
+        return;
+    };
+    let state = state.clone();
+    tokio::spawn(async move {
+        let _claim = claim;
+        let index = state.index.clone();
+        let held = match tokio::task::spawn_blocking(move || index.nar_location(&nar_hash)).await {
+            Ok(Ok(Some(location))) if location.verified => match location.cid.parse() {
+                Ok(cid) => state.node.has_all(cid).await.unwrap_or(false),
+                Err(_) => false,
+            },
+            _ => false,
+        };
+        if held || !state.upstreams.available(&path) {
+            return;
+        }
+        if state.prefer_peers
+            && !upstream::peer_locations(&state.upstreams, &state.node, &path)
+                .await
+                .is_empty()
+        {
+            return;
+        }
+        let url = state
+            .upstreams
+            .nar_url(&path)
+            .unwrap_or_else(|| path.upstream.clone());
+        tracing::debug!(nar = %nar_hash, %url, "prefetching a NAR from its upstream");
+        let on_mismatch = upstream_refusal(&state, &path, nar_hash, url);
+        let chunks = upstream::nar_stream(state.upstreams.clone(), path);
+        let (body, done) = tee_import(
+            state.clone(),
+            chunks,
+            nar_hash,
+            size,
+            on_mismatch,
+            Some(|m: &Metrics| &m.upstream_nar_fetched),
+        );
+        // Nobody reads the body: the import goes on without it.
+        drop(body);
+        if let Ok(Some(_)) = done.await {
+            Metrics::inc(&state.metrics.upstream_nar_prefetched);
+        }
+    });
+}
+
+/// What to do when an upstream's NAR bytes are not what its narinfo says:
+/// log with the URL, count, and note the failure against that upstream.
+fn upstream_refusal(
+    state: &AppState,
+    path: &UpstreamPath,
+    nar_hash: NarHash,
+    url: String,
+) -> impl FnOnce(&crate::store::verify::VerifyError) + Send + 'static {
+    let metrics = state.metrics.clone();
+    let upstreams = state.upstreams.clone();
+    let upstream = path.upstream.clone();
+    move |err| {
+        tracing::error!(nar = %nar_hash, %url, "refusing an upstream NAR: {err}");
+        Metrics::inc(&metrics.upstream_nar_refused);
+        upstreams.record_failure(&upstream, &format!("{url}: {err}"));
+    }
 }
 
 /// Streams an upstream path's NAR to Nix as it downloads (see
@@ -589,17 +675,7 @@ async fn serve_from_upstream(
         .upstreams
         .nar_url(&path)
         .unwrap_or_else(|| path.upstream.clone());
-    let on_mismatch = {
-        let metrics = state.metrics.clone();
-        let upstreams = state.upstreams.clone();
-        let upstream = path.upstream.clone();
-        let url = url.clone();
-        move |err: &crate::store::verify::VerifyError| {
-            tracing::error!(nar = %nar_hash, %url, "refusing an upstream NAR: {err}");
-            Metrics::inc(&metrics.upstream_nar_refused);
-            upstreams.record_failure(&upstream, &format!("{url}: {err}"));
-        }
-    };
+    let on_mismatch = upstream_refusal(state, &path, nar_hash, url.clone());
     tracing::info!(nar = %nar_hash, %url, "fetching a NAR from its upstream");
     let chunks = upstream::nar_stream(state.upstreams.clone(), path);
     let (mut body, done) = tee_import(

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cache;
 pub mod ipns;
 pub mod page;
+pub mod prefetch;
 pub mod routing;
 pub mod server;
 pub mod trustless;

@@ -632,27 +632,32 @@ impl Read for WholeFile {
 /// The narinfo to serve for `hash` from an upstream, if one vouches for it
 /// and the policy holds: first what an upstream sent before (checked again
 /// under today's keys), else a fresh answer from the upstreams (recorded).
+/// With a found answer comes the upstream path it was made from.
 /// Blocking.
 pub fn lookup(
     catalog: &Catalog,
     upstreams: &Upstreams,
     hash: &StorePathHash,
-) -> Result<Lookup<Bytes>, IndexError> {
+) -> Result<(Lookup<Bytes>, Option<UpstreamPath>), IndexError> {
+    let found = |answer: Lookup<Bytes>, path: UpstreamPath| {
+        let path = matches!(answer, Lookup::Found(_)).then_some(path);
+        (answer, path)
+    };
     if let Some(known) = catalog.index().upstream_path(hash)? {
         let (sigs, keys) = upstreams.valid_signatures(&known);
         if !sigs.is_empty() {
-            return catalog.serve_upstream(&known, sigs, &keys);
+            return Ok(found(catalog.serve_upstream(&known, sigs, &keys)?, known));
         }
     }
     let Some(fetched) = upstreams.fetch_narinfo(hash) else {
-        return Ok(Lookup::NotFound);
+        return Ok((Lookup::NotFound, None));
     };
     let (sigs, keys) = upstreams.valid_signatures(&fetched);
     let answer = catalog.serve_upstream(&fetched, sigs, &keys)?;
     if matches!(answer, Lookup::Found(_)) {
         catalog.index().put_upstream_path(&fetched)?;
     }
-    Ok(answer)
+    Ok(found(answer, fetched))
 }
 
 /// How long a question to the connected gateways may take.

@@ -147,6 +147,9 @@ counters! {
     upstream_errors,
     /// NARs downloaded from an upstream, verified and imported.
     upstream_nar_fetched,
+    /// Of those, fetched ahead of Nix's request, once their narinfo was
+    /// served (`upstream_prefetch_max`).
+    upstream_nar_prefetched,
     /// Upstream NAR downloads refused: NarHash, NarSize, FileHash or
     /// FileSize did not match, or the file did not decompress.
     upstream_nar_refused,
