@@ -467,6 +467,15 @@ fn info_url(www: &Path, cache: &str, path: &str) -> String {
     .url
 }
 
+/// How often nginx was asked for `path`'s NAR in the `plain` cache.
+fn nar_gets(nginx: &Nginx, www: &Path, path: &str) -> usize {
+    let url = info_url(www, "plain", path);
+    nginx
+        .access_log()
+        .matches(&format!("GET /plain/{url}"))
+        .count()
+}
+
 /// A store path of `mib` MiB of random bytes (distinct per call).
 fn random_path(env: &NixEnv, name: &str, mib: u32) -> String {
     env.build(
@@ -506,13 +515,7 @@ fn cache_pins_beyond_cache_max_size_are_evicted_least_recently_used_first() {
         copy_to_file_cache(&env, &www.join("plain"), "none", &sk, path);
     }
     let nginx = Nginx::start(&www, &env.path().join("nginx"));
-    let nar_gets = |path: &str| {
-        let url = info_url(&www, "plain", path);
-        nginx
-            .access_log()
-            .matches(&format!("GET /plain/{url}"))
-            .count()
-    };
+    let nar_gets = |path: &str| nar_gets(&nginx, &www, path);
 
     // Room for two and a half NARs of 3 MiB.
     let dir = env.path().join("r");
@@ -606,13 +609,7 @@ fn a_small_upstream_nar_is_fetched_once_its_narinfo_is_served() {
         copy_to_file_cache(&env, &www.join("plain"), "xz", &sk, path);
     }
     let nginx = Nginx::start(&www, &env.path().join("nginx"));
-    let nar_gets = |path: &str| {
-        let url = info_url(&www, "plain", path);
-        nginx
-            .access_log()
-            .matches(&format!("GET /plain/{url}"))
-            .count()
-    };
+    let nar_gets = |path: &str| nar_gets(&nginx, &www, path);
     let dir = env.path().join("p");
     write_config(
         &dir,

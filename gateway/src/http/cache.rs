@@ -326,16 +326,7 @@ async fn nar_answer(
         // Bytes an upstream served are local while they are pinned (or not
         // yet collected): serve them from here; otherwise the upstream
         // comes before IPFS candidates, which may be slow to find.
-        let mut local = None;
-        for location in locations.iter().filter(|l| l.verified) {
-            if let Ok(cid) = location.cid.parse::<cid::Cid>() {
-                if state.node.has_all(cid).await.unwrap_or(false) {
-                    local = Some(location.clone());
-                    break;
-                }
-            }
-        }
-        match local {
+        match held_here(&state, &locations).await {
             Some(location) => locations = vec![location],
             None => {
                 locations.retain(|l| !l.verified);
@@ -586,12 +577,10 @@ fn prefetch(state: &Arc<AppState>, path: UpstreamPath) {
     let state = state.clone();
     tokio::spawn(async move {
         let _claim = claim;
-        let index = state.index.clone();
-        let held = match tokio::task::spawn_blocking(move || index.nar_location(&nar_hash)).await {
-            Ok(Ok(Some(location))) if location.verified => match location.cid.parse() {
-                Ok(cid) => state.node.has_all(cid).await.unwrap_or(false),
-                Err(_) => false,
-            },
+        let catalog = state.catalog.clone();
+        let held = match tokio::task::spawn_blocking(move || catalog.nar_locations(&nar_hash)).await
+        {
+            Ok(Ok(locations)) => held_here(&state, &locations).await.is_some(),
             _ => false,
         };
         if held || !state.upstreams.available(&path) {
@@ -604,21 +593,8 @@ fn prefetch(state: &Arc<AppState>, path: UpstreamPath) {
         {
             return;
         }
-        let url = state
-            .upstreams
-            .nar_url(&path)
-            .unwrap_or_else(|| path.upstream.clone());
+        let (url, body, done) = fetch_from_upstream(&state, path);
         tracing::debug!(nar = %nar_hash, %url, "prefetching a NAR from its upstream");
-        let on_mismatch = upstream_refusal(&state, &path, nar_hash, url);
-        let chunks = upstream::nar_stream(state.upstreams.clone(), path);
-        let (body, done) = tee_import(
-            state.clone(),
-            chunks,
-            nar_hash,
-            size,
-            on_mismatch,
-            Some(|m: &Metrics| &m.upstream_nar_fetched),
-        );
         // Nobody reads the body: the import goes on without it.
         drop(body);
         if let Ok(Some(_)) = done.await {
@@ -627,22 +603,58 @@ fn prefetch(state: &Arc<AppState>, path: UpstreamPath) {
     });
 }
 
-/// What to do when an upstream's NAR bytes are not what its narinfo says:
-/// log with the URL, count, and note the failure against that upstream.
-fn upstream_refusal(
-    state: &AppState,
-    path: &UpstreamPath,
-    nar_hash: NarHash,
-    url: String,
-) -> impl FnOnce(&crate::store::verify::VerifyError) + Send + 'static {
-    let metrics = state.metrics.clone();
-    let upstreams = state.upstreams.clone();
-    let upstream = path.upstream.clone();
-    move |err| {
-        tracing::error!(nar = %nar_hash, %url, "refusing an upstream NAR: {err}");
-        Metrics::inc(&metrics.upstream_nar_refused);
-        upstreams.record_failure(&upstream, &format!("{url}: {err}"));
+/// The first of `locations` whose bytes were verified and are all held
+/// here (pinned, or not yet collected).
+async fn held_here(state: &AppState, locations: &[NarLocation]) -> Option<NarLocation> {
+    for location in locations.iter().filter(|l| l.verified) {
+        if let Ok(cid) = location.cid.parse::<cid::Cid>() {
+            if state.node.has_all(cid).await.unwrap_or(false) {
+                return Some(location.clone());
+            }
+        }
     }
+    None
+}
+
+/// Starts downloading an upstream path's NAR through [`tee_import`]: its
+/// URL, the response's chunks and the import's end. Bytes that are not
+/// what the narinfo says are logged with the URL, counted, and noted
+/// against that upstream.
+fn fetch_from_upstream(
+    state: &Arc<AppState>,
+    path: UpstreamPath,
+) -> (
+    String,
+    impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
+    tokio::task::JoinHandle<Option<cid::Cid>>,
+) {
+    let nar_hash = path.narinfo.nar_hash;
+    let url = state
+        .upstreams
+        .nar_url(&path)
+        .unwrap_or_else(|| path.upstream.clone());
+    let on_mismatch = {
+        let metrics = state.metrics.clone();
+        let upstreams = state.upstreams.clone();
+        let upstream = path.upstream.clone();
+        let url = url.clone();
+        move |err: &crate::store::verify::VerifyError| {
+            tracing::error!(nar = %nar_hash, %url, "refusing an upstream NAR: {err}");
+            Metrics::inc(&metrics.upstream_nar_refused);
+            upstreams.record_failure(&upstream, &format!("{url}: {err}"));
+        }
+    };
+    let size = path.narinfo.nar_size;
+    let chunks = upstream::nar_stream(state.upstreams.clone(), path);
+    let (body, done) = tee_import(
+        state.clone(),
+        chunks,
+        nar_hash,
+        size,
+        on_mismatch,
+        Some(|m: &Metrics| &m.upstream_nar_fetched),
+    );
+    (url, body, done)
 }
 
 /// Streams an upstream path's NAR to Nix as it downloads (see
@@ -671,21 +683,8 @@ async fn serve_from_upstream(
                 .into_response())
         }
     };
-    let url = state
-        .upstreams
-        .nar_url(&path)
-        .unwrap_or_else(|| path.upstream.clone());
-    let on_mismatch = upstream_refusal(state, &path, nar_hash, url.clone());
+    let (url, mut body, done) = fetch_from_upstream(state, path);
     tracing::info!(nar = %nar_hash, %url, "fetching a NAR from its upstream");
-    let chunks = upstream::nar_stream(state.upstreams.clone(), path);
-    let (mut body, done) = tee_import(
-        state.clone(),
-        chunks,
-        nar_hash,
-        size,
-        on_mismatch,
-        Some(|m: &Metrics| &m.upstream_nar_fetched),
-    );
     if let Some((start, end)) = range {
         while let Some(chunk) = body.next().await {
             chunk.map_err(|e| e.to_string())?;
