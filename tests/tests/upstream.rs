@@ -656,6 +656,62 @@ fn a_small_upstream_nar_is_fetched_once_its_narinfo_is_served() {
     assert_eq!(gw.metric("upstream_nar_prefetched"), 0);
 }
 
+#[test]
+#[cfg_attr(
+    any(missing_nix, missing_nginx),
+    ignore = "needs the real Nix client and nginx; .ci/run installs nix-bin and nginx"
+)]
+fn the_references_of_a_served_narinfo_are_looked_up_ahead_of_nix() {
+    let env = NixEnv::new();
+    let top = env.build("shared.nix", SHARED);
+    let dep = env
+        .closure(&top)
+        .into_iter()
+        .find(|p| *p != top)
+        .expect("the closure has a dependency");
+    let (sk, u) = env.nix_keypair("upstream-u-1");
+    let www = env.path().join("www");
+    copy_to_file_cache(&env, &www.join("plain"), "xz", &sk, &top);
+    let nginx = Nginx::start(&www, &env.path().join("nginx"));
+    let narinfo_gets = |path: &str| {
+        nginx
+            .access_log()
+            .matches(&format!("GET /plain/{}.narinfo", hash_part(path)))
+            .count()
+    };
+    let dir = env.path().join("p");
+    // Large enough for the 8 MiB dependency's NAR: what holds it back is
+    // that Nix has not asked for its narinfo.
+    write_config(
+        &dir,
+        &upstream_config(&nginx.url("plain"), &u, "upstream_prefetch_max = \"16M\""),
+    );
+    let gw = Gateway::start(&dir, &[]);
+
+    narinfo(&gw, &top);
+    eventually("the lookup ahead", || {
+        gw.metric("narinfo_looked_ahead") == 1
+    });
+    assert_eq!(narinfo_gets(&dep), 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        nar_gets(&nginx, &www, &dep),
+        0,
+        "a reference's NAR waits until Nix asks for its narinfo"
+    );
+
+    // Nix's request is answered from what was looked up, signed by U.
+    let info = narinfo(&gw, &dep);
+    assert!(info.verify(&PublicKey::parse(&u).unwrap()));
+    assert_eq!(narinfo_gets(&dep), 1, "the upstream was not asked again");
+    assert_eq!(gw.metric("upstream_narinfo_served"), 2);
+    // Now that Nix asked, its NAR is fetched ahead.
+    eventually("the dependency's prefetch", || {
+        gw.metric("upstream_nar_prefetched") == 2
+    });
+    assert_eq!(nar_gets(&nginx, &www, &dep), 1);
+}
+
 /// Waits until `gw` is connected to every peer in `peer_ids`.
 fn wait_connected(gw: &Gateway, peer_ids: &[&str]) {
     eventually("peer connections", || {

@@ -837,9 +837,11 @@ const COUNTER_GROUPS: [(&str, &[&str]); 7] = [
             "upstream_errors",
             "upstream_nar_fetched",
             "upstream_nar_prefetched",
+            "narinfo_looked_ahead",
             "upstream_nar_refused",
             "upstream_bytes",
             "peer_narinfo_served",
+            "peer_nar_prefetched",
             "peer_answers_refused",
             "peer_bytes",
             "seeded_fetched",
@@ -1049,7 +1051,8 @@ mod tests {
             ipns_resolved 0, ipns_refused 0, ipns_published 0\n\
             uploads: uploads_accepted 0, uploads_rejected 0\n\
             upstreams: upstream_narinfo_served 0, upstream_bad_signature 0, upstream_errors 0, \
-            upstream_nar_fetched 0, upstream_nar_prefetched 0, upstream_nar_refused 0, upstream_bytes 0, peer_narinfo_served 0, \
+            upstream_nar_fetched 0, upstream_nar_prefetched 0, narinfo_looked_ahead 0, upstream_nar_refused 0, upstream_bytes 0, \
+            peer_narinfo_served 0, peer_nar_prefetched 0, \
             peer_answers_refused 0, peer_bytes 0, seeded_fetched 0, cache_evictions 0\n\
             routing: routing_answered 0, routing_refused 0, router_providers 0, router_errors 0";
         assert_eq!(text, head);

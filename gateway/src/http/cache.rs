@@ -208,59 +208,61 @@ async fn narinfo_answer(State(state): State<Arc<AppState>>, Path(file): Path<Str
     // Own paths first (they shadow any upstream's), then upstream answers
     // already made; only a miss in both touches the index.
     let lookup = if let Some(hit) = state.catalog.cached(&hash) {
-        Ok(Ok(Lookup::Found(hit)))
-    } else if let Some(hit) = state.catalog.cached_upstream(&hash) {
-        Metrics::inc(&state.metrics.upstream_narinfo_served);
-        Ok(Ok(Lookup::Found(hit)))
+        Lookup::Found(hit)
+    } else if let Some(hit) = upstream_from_memory(&state, &hash) {
+        Lookup::Found(hit)
     } else {
-        let catalog = state.catalog.clone();
-        tokio::task::spawn_blocking(move || catalog.lookup_text(&hash)).await
-    };
-    let lookup = match lookup {
-        Ok(Ok(Lookup::NotFound | Lookup::RegistryExpired { .. }))
-            if !state.upstreams.is_empty() =>
-        {
-            match from_upstream(&state, hash).await {
-                Ok(Lookup::NotFound) => {
-                    match upstream::lookup_peers(
-                        &state.catalog,
-                        &state.upstreams,
-                        &state.node,
-                        hash,
-                    )
-                    .await
-                    {
-                        Ok(Lookup::NotFound) => lookup,
-                        Ok(answer) => Ok(Ok(answer)),
-                        Err(e) => return internal("while asking peer gateways for a narinfo", e),
+        // A lookup of this path under way (ahead of this request) leaves
+        // its answer in memory; else this request looks it up, and a
+        // lookup ahead that comes later finds that answer.
+        let claim = match &state.prefetch {
+            Some(prefetch) => {
+                prefetch.narinfos.unqueue(&hash);
+                match prefetch.narinfos.claim(hash) {
+                    Some(claim) => Some(claim),
+                    None => {
+                        prefetch.narinfos.wait(&hash).await;
+                        None
                     }
                 }
-                Ok(answer) => Ok(Ok(answer)),
-                Err(e) => return internal("while asking the upstreams for a narinfo", e),
             }
+            None => None,
+        };
+        match upstream_from_memory(&state, &hash) {
+            Some(hit) => Lookup::Found(hit),
+            None => match look_up(&state, hash).await {
+                Ok((answer, path)) => {
+                    if let Some(path) = path {
+                        Metrics::inc(&state.metrics.upstream_narinfo_served);
+                        follow_up(&state, path);
+                    }
+                    drop(claim);
+                    answer
+                }
+                Err((context, e)) => return internal(context, e),
+            },
         }
-        other => other,
     };
     match lookup {
-        Ok(Ok(Lookup::Found(text))) => {
+        Lookup::Found(text) => {
             Metrics::inc(&state.metrics.narinfo_served);
             ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response()
         }
-        Ok(Ok(Lookup::NotFound)) => {
+        Lookup::NotFound => {
             Metrics::inc(&state.metrics.narinfo_not_found);
             text(
                 StatusCode::NOT_FOUND,
                 format!("{hash_part} is not known or not trusted"),
             )
         }
-        Ok(Ok(Lookup::Conflict)) => {
+        Lookup::Conflict => {
             Metrics::inc(&state.metrics.narinfo_conflict);
             text(
                 StatusCode::NOT_FOUND,
                 format!("{hash_part}: registry anchors disagree about its contents (see `nixpfs conflicts`)"),
             )
         }
-        Ok(Ok(Lookup::RegistryExpired { expired_at })) => {
+        Lookup::RegistryExpired { expired_at } => {
             Metrics::inc(&state.metrics.narinfo_registry_expired);
             tracing::warn!(
                 path = hash_part,
@@ -272,8 +274,6 @@ async fn narinfo_answer(State(state): State<Arc<AppState>>, Path(file): Path<Str
                 format!("{hash_part}: the anchor registry expired at {expired_at} (unix seconds); it counts for nothing until a fresh one syncs"),
             )
         }
-        Ok(Err(e)) => internal("while looking up a narinfo", e),
-        Err(e) => internal("while looking up a narinfo", e),
     }
 }
 
@@ -298,8 +298,10 @@ async fn nar_answer(
         }
     };
     if let Some(prefetch) = &state.prefetch {
-        // A prefetch of this NAR under way: its bytes are here once it ends.
-        prefetch.wait(&nar_hash).await;
+        // A prefetch of this NAR under way: its bytes are here once it
+        // ends. One still queued is this request's to do.
+        prefetch.nars.unqueue(&nar_hash);
+        prefetch.nars.wait(&nar_hash).await;
     }
     let catalog = state.catalog.clone();
     let (locations, from_upstream) = match tokio::task::spawn_blocking(move || {
@@ -454,15 +456,9 @@ async fn serve_first_of(
         if state.seed_fetched {
             // Imported as they stream, pinned once verified: this node then
             // seeds what it fetched.
-            let metrics = state.metrics.clone();
-            let chunks = Box::pin(state.node.cat(cid).inspect(move |c| {
-                if let Ok(c) = c {
-                    Metrics::add(&metrics.peer_bytes, c.len() as u64);
-                }
-            }));
             let (mut body, _done) = tee_import(
                 state.clone(),
-                chunks,
+                from_peers(state, cid),
                 nar_hash,
                 size,
                 refuter(state, nar_hash, cid),
@@ -493,14 +489,8 @@ async fn serve_first_of(
         // Stream them while checking NarHash, holding back the end until it
         // matches; the first chunk is awaited here so a CID that fails at
         // once falls through to the next candidate.
-        let metrics = state.metrics.clone();
-        let counted = state.node.cat(cid).inspect(move |c| {
-            if let Ok(c) = c {
-                Metrics::add(&metrics.peer_bytes, c.len() as u64);
-            }
-        });
         let mut verified = VerifiedNar::new(
-            Box::pin(counted),
+            from_peers(state, cid),
             nar_hash,
             size,
             refuter(state, nar_hash, cid),
@@ -539,58 +529,156 @@ async fn serve_first_of(
     None
 }
 
-/// A narinfo from the upstreams (recorded or fetched), on a blocking thread:
-/// the upstream client is blocking and bounded in time. A found one's NAR
-/// is prefetched when it is small enough.
-async fn from_upstream(
-    state: &Arc<AppState>,
-    hash: StorePathHash,
-) -> Result<Lookup<bytes::Bytes>, String> {
-    let catalog = state.catalog.clone();
-    let upstreams = state.upstreams.clone();
-    let (answer, path) =
-        tokio::task::spawn_blocking(move || upstream::lookup(&catalog, &upstreams, &hash))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-    if let Some(path) = path {
-        Metrics::inc(&state.metrics.upstream_narinfo_served);
-        prefetch(state, path);
+/// An upstream-signed narinfo answered from memory, counted; one looked up
+/// ahead of this request is followed up now that Nix asked for it.
+fn upstream_from_memory(state: &Arc<AppState>, hash: &StorePathHash) -> Option<bytes::Bytes> {
+    let hit = state.catalog.cached_upstream(hash)?;
+    Metrics::inc(&state.metrics.upstream_narinfo_served);
+    if let Some(path) = state
+        .prefetch
+        .as_ref()
+        .and_then(|p| p.take_looked_ahead(hash))
+    {
+        follow_up(state, path);
     }
-    Ok(answer)
+    Some(hit)
 }
 
-/// Starts fetching an upstream path's NAR ahead of Nix's request, when it
-/// is small enough, not held here, not fetched already, and (with
-/// `prefer_peers`) no peer gateway offers it: the claim is taken before
-/// the narinfo is answered, so the NAR request that follows waits for this
-/// fetch instead of starting its own.
-fn prefetch(state: &Arc<AppState>, path: UpstreamPath) {
+/// The narinfo to serve for `hash` when memory has no answer: the index's
+/// (own paths, anchors), else the upstreams' (recorded or fetched, on the
+/// same blocking thread: the upstream client is blocking and bounded in
+/// time), else what peer gateways say an upstream signed. A found upstream
+/// answer comes with its path. `Err` names what failed.
+async fn look_up(
+    state: &AppState,
+    hash: StorePathHash,
+) -> Result<(Lookup<bytes::Bytes>, Option<UpstreamPath>), (&'static str, String)> {
+    const LOCAL: &str = "while looking up a narinfo";
+    const UPSTREAMS: &str = "while asking the upstreams for a narinfo";
+    let catalog = state.catalog.clone();
+    let upstreams = state.upstreams.clone();
+    let (local, from_upstream) = tokio::task::spawn_blocking(move || {
+        let local = catalog.lookup_text(&hash).map_err(|e| (LOCAL, e))?;
+        if upstreams.is_empty()
+            || !matches!(local, Lookup::NotFound | Lookup::RegistryExpired { .. })
+        {
+            return Ok((local, None));
+        }
+        let answer = upstream::lookup(&catalog, &upstreams, &hash).map_err(|e| (UPSTREAMS, e))?;
+        Ok((local, Some(answer)))
+    })
+    .await
+    .map_err(|e| (LOCAL, e.to_string()))?
+    .map_err(|(context, e)| (context, e.to_string()))?;
+    match from_upstream {
+        None => Ok((local, None)),
+        Some((Lookup::NotFound, _)) => {
+            match upstream::lookup_peers(&state.catalog, &state.upstreams, &state.node, hash).await
+            {
+                Ok((Lookup::NotFound, _)) => Ok((local, None)),
+                Ok(found) => Ok(found),
+                Err(e) => Err(("while asking peer gateways for a narinfo", e.to_string())),
+            }
+        }
+        Some(found) => Ok(found),
+    }
+}
+
+/// What follows an upstream-signed narinfo Nix asked for: its references'
+/// narinfos are looked up and its NAR, if small, is fetched, ahead of
+/// Nix's requests for them.
+fn follow_up(state: &Arc<AppState>, path: UpstreamPath) {
     let Some(prefetch) = &state.prefetch else {
         return;
     };
+    let own = *path.narinfo.store_path.hash();
+    prefetch.take_looked_ahead(&own);
+    for reference in &path.narinfo.references {
+        let hash = *reference.hash();
+        if hash == own
+            || state.catalog.cached(&hash).is_some()
+            || state.catalog.cached_upstream(&hash).is_some()
+        {
+            continue;
+        }
+        let Some(queued) = prefetch.narinfos.queue(hash) else {
+            continue;
+        };
+        let state = state.clone();
+        let prefetch = prefetch.clone();
+        tokio::spawn(async move {
+            // None: Nix's request for it came first and looks it up.
+            let Some(_slot) = prefetch.narinfos.slot(&queued).await else {
+                return;
+            };
+            let Some(_claim) = prefetch.narinfos.claim(hash) else {
+                return;
+            };
+            if state.catalog.cached(&hash).is_some()
+                || state.catalog.cached_upstream(&hash).is_some()
+            {
+                return;
+            }
+            match look_up(&state, hash).await {
+                Ok((Lookup::Found(_), Some(path))) => {
+                    Metrics::inc(&state.metrics.narinfo_looked_ahead);
+                    prefetch.looked_ahead(path);
+                }
+                Ok(_) => {}
+                Err((context, e)) => {
+                    tracing::debug!(path = %hash, "looking a narinfo up ahead of Nix failed {context}: {e}")
+                }
+            }
+        });
+    }
+    prefetch_nar(state, prefetch, path);
+}
+
+/// Queues a fetch of an upstream path's NAR ahead of Nix's request, when
+/// it is small enough; once it has a slot, it fetches it unless it is held
+/// here, being fetched, or Nix asked for it meanwhile: from the peer
+/// gateways that offer it when peers are preferred or the upstream is
+/// unavailable, else from the upstream. A NAR request that comes while it
+/// runs waits for it instead of starting its own.
+fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamPath) {
     let nar_hash = path.narinfo.nar_hash;
     let size = path.narinfo.nar_size;
-    let Some(claim) = prefetch.claim(nar_hash, size) else {
+    if !prefetch.small_enough(size) {
+        return;
+    }
+    let Some(queued) = prefetch.nars.queue(nar_hash) else {
         return;
     };
     let state = state.clone();
+    let prefetch = prefetch.clone();
     tokio::spawn(async move {
-        let _claim = claim;
+        let Some(_slot) = prefetch.nars.slot(&queued).await else {
+            return;
+        };
+        let Some(_claim) = prefetch.nars.claim(nar_hash) else {
+            return;
+        };
         let catalog = state.catalog.clone();
         let held = match tokio::task::spawn_blocking(move || catalog.nar_locations(&nar_hash)).await
         {
             Ok(Ok(locations)) => held_here(&state, &locations).await.is_some(),
             _ => false,
         };
-        if held || !state.upstreams.available(&path) {
+        if held {
             return;
         }
-        if state.prefer_peers
-            && !upstream::peer_locations(&state.upstreams, &state.node, &path)
-                .await
-                .is_empty()
-        {
+        let upstream_up = state.upstreams.available(&path);
+        if state.prefer_peers || !upstream_up {
+            let from_peers = upstream::peer_locations(&state.upstreams, &state.node, &path).await;
+            if !from_peers.is_empty() {
+                tracing::debug!(nar = %nar_hash, "prefetching a NAR from peer gateways");
+                if fetch_from_peers(&state, nar_hash, size, from_peers).await {
+                    Metrics::inc(&state.metrics.peer_nar_prefetched);
+                }
+                return;
+            }
+        }
+        if !upstream_up {
             return;
         }
         let (url, body, done) = fetch_from_upstream(&state, path);
@@ -601,6 +689,51 @@ fn prefetch(state: &Arc<AppState>, path: UpstreamPath) {
             Metrics::inc(&state.metrics.upstream_nar_prefetched);
         }
     });
+}
+
+/// Fetches a NAR over IPFS from the first of `locations` whose bytes are
+/// it, verified and imported through [`tee_import`] with nobody reading;
+/// whether one was.
+async fn fetch_from_peers(
+    state: &Arc<AppState>,
+    nar_hash: NarHash,
+    size: u64,
+    locations: Vec<NarLocation>,
+) -> bool {
+    for location in locations {
+        let Ok(cid) = location.cid.parse::<cid::Cid>() else {
+            continue;
+        };
+        let (body, done) = tee_import(
+            state.clone(),
+            from_peers(state, cid),
+            nar_hash,
+            size,
+            refuter(state, nar_hash, cid),
+            None,
+        );
+        drop(body);
+        if let Ok(Some(_)) = done.await {
+            return true;
+        }
+    }
+    false
+}
+
+/// A CID's bytes over IPFS, counted in `peer_bytes` as they come.
+fn from_peers(
+    state: &AppState,
+    cid: cid::Cid,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, crate::store::ipfs::IpfsError>>
+       + Send
+       + Unpin
+       + 'static {
+    let metrics = state.metrics.clone();
+    Box::pin(state.node.cat(cid).inspect(move |c| {
+        if let Ok(c) = c {
+            Metrics::add(&metrics.peer_bytes, c.len() as u64);
+        }
+    }))
 }
 
 /// The first of `locations` whose bytes were verified and are all held

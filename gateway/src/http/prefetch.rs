@@ -1,89 +1,184 @@
-//! Which upstream NARs are being fetched ahead of Nix's request for them.
+//! What is fetched ahead of Nix's requests for it: upstream narinfos and
+//! small NARs.
 //!
-//! Nix substitutes one request at a time: each path's narinfo, later its
-//! NAR. Once an upstream's narinfo is served, its NAR is nearly always
-//! asked for next, so a small one is fetched (and verified and imported)
-//! at once, behind the narinfo's answer; the NAR request then finds it in
-//! the local blocks, or waits for the fetch under way instead of starting
-//! a second one.
+//! Nix substitutes one request at a time: it walks a closure narinfo by
+//! narinfo, then asks for the NARs. Every round trip to a cold gateway
+//! costs an upstream request (or a question to peer gateways), so the
+//! gateway asks ahead of Nix:
+//! - once a narinfo an upstream signed is served, the narinfos of its
+//!   references (Nix asks for them next, unless it holds them) are looked
+//!   up in the background, so they are answered from memory;
+//! - once such a narinfo is served to Nix, its NAR, if small, is fetched
+//!   (and verified and imported) at once; the NAR request then finds it in
+//!   the local blocks, or waits for the fetch under way instead of
+//!   starting a second one.
 //!
 //! # Goals
-//! - At most one fetch of a NAR at a time, and a bounded number at once.
-//! - A NAR request for a NAR being prefetched waits for that fetch (for a
-//!   bounded time), then is served as usual.
+//! - At most one lookup of a narinfo and one fetch of a NAR at a time, and
+//!   a bounded number at once; a request for either under way waits for it
+//!   (for a bounded time), then is answered as usual.
+//! - Work waiting for a free slot holds up no request: Nix's request for
+//!   that narinfo or NAR takes it off the queue and does it itself.
 //!
 //! # Non-goals
 //! - Large NARs: their time is the transfer, not the round trip, and a
 //!   narinfo asked for without its NAR (`nix path-info`) should not cost
-//!   much upstream bandwidth. Only NARs up to `upstream_prefetch_max` bytes.
-//! - Queueing: with every slot taken, a NAR is fetched when Nix asks.
+//!   much upstream bandwidth. Only NARs up to `upstream_prefetch_max` bytes,
+//!   and only those of narinfos Nix asked for (a reference Nix already
+//!   holds costs its narinfo, never its NAR).
+//! - Looking further ahead than one step: each narinfo Nix asks for leads
+//!   to its own references' lookups.
+//! - Unbounded queues: past [`QUEUED`] waiting, Nix's requests do the work.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anchor_registry::NarHash;
+use anchor_registry::{NarHash, StorePathHash};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-/// Prefetches running at once.
+use crate::store::index::UpstreamPath;
+
+/// NAR prefetches running at once.
 pub const CONCURRENT: usize = 4;
 
-/// How long a NAR request waits for a prefetch of its NAR under way.
+/// Narinfo lookups ahead of Nix running at once: each is mostly waiting for
+/// an upstream's answer.
+pub const LOOKUPS: usize = 8;
+
+/// Fetches or lookups waiting for a slot, at most, of each kind; more are
+/// left for Nix to ask.
+const QUEUED: usize = 4096;
+
+/// Narinfos looked up ahead and not yet asked for, at most (then forgotten).
+const AHEAD: usize = 8192;
+
+/// How long a request waits for a fetch or lookup of the same thing.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The prefetches under way; shared by the narinfo and NAR handlers.
+/// The fetches and lookups ahead of Nix; shared by the narinfo and NAR
+/// handlers.
 #[derive(Debug)]
 pub struct Prefetch {
     max_size: u64,
-    slots: Arc<Semaphore>,
-    running: Arc<Mutex<HashMap<NarHash, watch::Receiver<()>>>>,
-}
-
-/// One NAR's prefetch, under way while this lives; dropping it wakes
-/// whoever waits for that NAR.
-#[derive(Debug)]
-pub struct Claim {
-    nar_hash: NarHash,
-    running: Arc<Mutex<HashMap<NarHash, watch::Receiver<()>>>>,
-    _done: watch::Sender<()>,
-    _slot: OwnedSemaphorePermit,
+    /// NAR fetches, by NarHash.
+    pub nars: Ahead<NarHash>,
+    /// Narinfo lookups, by store path hash.
+    pub narinfos: Ahead<StorePathHash>,
+    looked_ahead: Mutex<HashMap<StorePathHash, UpstreamPath>>,
 }
 
 impl Prefetch {
-    /// Prefetches NARs of at most `max_size` bytes, [`CONCURRENT`] at once.
+    /// Prefetches NARs of at most `max_size` bytes, [`CONCURRENT`] at once,
+    /// and looks up narinfos [`LOOKUPS`] at once.
     pub fn new(max_size: u64) -> Self {
         Self {
             max_size,
-            slots: Arc::new(Semaphore::new(CONCURRENT)),
+            nars: Ahead::new(CONCURRENT),
+            narinfos: Ahead::new(LOOKUPS),
+            looked_ahead: Mutex::default(),
+        }
+    }
+
+    /// Whether a NAR of this size is fetched ahead.
+    pub fn small_enough(&self, size: u64) -> bool {
+        size <= self.max_size
+    }
+
+    /// Keeps a path looked up ahead until Nix asks for its narinfo.
+    pub fn looked_ahead(&self, path: UpstreamPath) {
+        let mut ahead = lock(&self.looked_ahead);
+        if ahead.len() >= AHEAD {
+            ahead.clear();
+        }
+        ahead.insert(*path.narinfo.store_path.hash(), path);
+    }
+
+    /// The path looked up ahead under this hash, once: Nix asked for it.
+    pub fn take_looked_ahead(&self, hash: &StorePathHash) -> Option<UpstreamPath> {
+        lock(&self.looked_ahead).remove(hash)
+    }
+}
+
+/// Work of one kind done ahead of Nix: queued, then run in a bounded number
+/// of slots, one run per key at a time.
+#[derive(Debug)]
+pub struct Ahead<K> {
+    slots: Arc<Semaphore>,
+    queued: Arc<Mutex<HashSet<K>>>,
+    running: Arc<Mutex<HashMap<K, watch::Receiver<()>>>>,
+}
+
+/// A key queued ahead of Nix; dropping it unqueues the key.
+#[derive(Debug)]
+pub struct Queued<K: Eq + Hash> {
+    key: K,
+    queued: Arc<Mutex<HashSet<K>>>,
+}
+
+/// One key's work, under way while this lives; dropping it wakes whoever
+/// waits for that key.
+#[derive(Debug)]
+pub struct Running<K: Eq + Hash> {
+    key: K,
+    running: Arc<Mutex<HashMap<K, watch::Receiver<()>>>>,
+    _done: watch::Sender<()>,
+}
+
+impl<K: Eq + Hash + Copy> Ahead<K> {
+    fn new(slots: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(slots)),
+            queued: Arc::default(),
             running: Arc::default(),
         }
     }
 
-    /// Claims a prefetch of this NAR: `None` when it is too large, already
-    /// being fetched, or every slot is taken.
-    pub fn claim(&self, nar_hash: NarHash, size: u64) -> Option<Claim> {
-        if size > self.max_size {
+    /// Queues work on `key`: `None` when it is queued already or the queue
+    /// is full.
+    pub fn queue(&self, key: K) -> Option<Queued<K>> {
+        let mut queued = lock(&self.queued);
+        if queued.len() >= QUEUED || !queued.insert(key) {
             return None;
         }
-        let mut running = lock(&self.running);
-        if running.contains_key(&nar_hash) {
-            return None;
-        }
-        let slot = self.slots.clone().try_acquire_owned().ok()?;
-        let (done, waiter) = watch::channel(());
-        running.insert(nar_hash, waiter);
-        Some(Claim {
-            nar_hash,
-            running: self.running.clone(),
-            _done: done,
-            _slot: slot,
+        Some(Queued {
+            key,
+            queued: self.queued.clone(),
         })
     }
 
-    /// Waits until a prefetch of this NAR under way ends (at most [`WAIT`]);
-    /// returns at once when there is none.
-    pub async fn wait(&self, nar_hash: &NarHash) {
-        let waiter = lock(&self.running).get(nar_hash).cloned();
+    /// Takes `key` off the queue: a request does that work itself.
+    pub fn unqueue(&self, key: &K) {
+        lock(&self.queued).remove(key);
+    }
+
+    /// A slot for one run, once one is free; then whether its key is still
+    /// queued (not taken off by a request meanwhile).
+    pub async fn slot(&self, queued: &Queued<K>) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slots.clone().acquire_owned().await.ok()?;
+        lock(&self.queued).contains(&queued.key).then_some(slot)
+    }
+
+    /// Claims the work on `key`: `None` when it is under way.
+    pub fn claim(&self, key: K) -> Option<Running<K>> {
+        let mut running = lock(&self.running);
+        if running.contains_key(&key) {
+            return None;
+        }
+        let (done, waiter) = watch::channel(());
+        running.insert(key, waiter);
+        Some(Running {
+            key,
+            running: self.running.clone(),
+            _done: done,
+        })
+    }
+
+    /// Waits until work on `key` under way ends (at most [`WAIT`]); returns
+    /// at once when there is none.
+    pub async fn wait(&self, key: &K) {
+        let waiter = lock(&self.running).get(key).cloned();
         if let Some(mut waiter) = waiter {
             // Err once the claim is dropped: that is the end being waited for.
             let _ = tokio::time::timeout(WAIT, waiter.changed()).await;
@@ -91,9 +186,15 @@ impl Prefetch {
     }
 }
 
-impl Drop for Claim {
+impl<K: Eq + Hash> Drop for Queued<K> {
     fn drop(&mut self) {
-        lock(&self.running).remove(&self.nar_hash);
+        lock(&self.queued).remove(&self.key);
+    }
+}
+
+impl<K: Eq + Hash> Drop for Running<K> {
+    fn drop(&mut self) {
+        lock(&self.running).remove(&self.key);
     }
 }
 
@@ -105,50 +206,94 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_nar_is_claimed_once_within_its_size_and_the_slots() {
-        let prefetch = Prefetch::new(100);
+    #[tokio::test]
+    async fn work_is_queued_once_run_in_the_slots_and_skipped_once_a_request_took_it() {
+        let ahead = Ahead::new(2);
         let a = NarHash::digest(b"a");
-        assert!(prefetch.claim(a, 101).is_none(), "too large");
-        let claim = prefetch.claim(a, 100).unwrap();
-        assert!(prefetch.claim(a, 100).is_none(), "already under way");
-        drop(claim);
-        let again = prefetch.claim(a, 100);
-        assert!(again.is_some(), "claimable again once ended");
-        let others: Vec<Claim> = (1..CONCURRENT)
-            .map(|i| prefetch.claim(NarHash::digest(&[i as u8]), 1).unwrap())
-            .collect();
+        let queued = ahead.queue(a).unwrap();
+        assert!(ahead.queue(a).is_none(), "queued already");
+        drop(queued);
+        let queued = ahead.queue(a).expect("queueable again once unqueued");
+        let slot = ahead.slot(&queued).await;
+        assert!(slot.is_some(), "a free slot, and still queued");
+        drop(slot);
+        ahead.unqueue(&a);
         assert!(
-            prefetch
-                .claim(NarHash::digest(b"one too many"), 1)
-                .is_none(),
+            ahead.slot(&queued).await.is_none(),
+            "a request took it off the queue"
+        );
+        // Both slots taken: a third run waits for one.
+        let (b, c, d) = (
+            NarHash::digest(b"b"),
+            NarHash::digest(b"c"),
+            NarHash::digest(b"d"),
+        );
+        let (qb, qc, qd) = (
+            ahead.queue(b).unwrap(),
+            ahead.queue(c).unwrap(),
+            ahead.queue(d).unwrap(),
+        );
+        let sb = ahead.slot(&qb).await.unwrap();
+        let _sc = ahead.slot(&qc).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), ahead.slot(&qd))
+                .await
+                .is_err(),
             "every slot taken"
         );
-        drop(others);
-        assert!(prefetch
-            .claim(NarHash::digest(b"one too many"), 1)
-            .is_some());
+        drop(sb);
+        assert!(ahead.slot(&qd).await.is_some());
     }
 
     #[tokio::test]
-    async fn waiting_ends_when_the_prefetch_does() {
-        let prefetch = Arc::new(Prefetch::new(100));
+    async fn one_run_per_key_and_waiting_ends_when_it_does() {
+        let ahead = Arc::new(Ahead::new(1));
         let a = NarHash::digest(b"a");
         // Nothing under way: no wait.
-        tokio::time::timeout(Duration::from_millis(100), prefetch.wait(&a))
+        tokio::time::timeout(Duration::from_millis(100), ahead.wait(&a))
             .await
             .unwrap();
-        let claim = prefetch.claim(a, 1).unwrap();
+        let claim = ahead.claim(a).unwrap();
+        assert!(ahead.claim(a).is_none(), "one run at a time");
         let waiter = tokio::spawn({
-            let prefetch = prefetch.clone();
-            async move { prefetch.wait(&a).await }
+            let ahead = ahead.clone();
+            async move { ahead.wait(&a).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiter.is_finished(), "waits while the prefetch runs");
+        assert!(!waiter.is_finished(), "waits while the run is under way");
         drop(claim);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .unwrap()
             .unwrap();
+        assert!(ahead.claim(a).is_some(), "claimable again once ended");
+    }
+
+    #[test]
+    fn a_path_looked_up_ahead_is_kept_until_asked_once() {
+        let prefetch = Prefetch::new(100);
+        assert!(prefetch.small_enough(100) && !prefetch.small_enough(101));
+        let store_path =
+            anchor_registry::StorePath::parse("/nix/store/0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-up")
+                .unwrap();
+        let hash = *store_path.hash();
+        prefetch.looked_ahead(UpstreamPath {
+            upstream: "http://127.0.0.1:1".to_owned(),
+            narinfo: anchor_registry::NarInfo {
+                store_path,
+                url: "nar/x.nar".into(),
+                compression: None,
+                file_hash: None,
+                file_size: None,
+                nar_hash: NarHash::digest(b"nar"),
+                nar_size: 3,
+                references: Vec::new(),
+                deriver: None,
+                sigs: Vec::new(),
+                ca: None,
+            },
+        });
+        assert!(prefetch.take_looked_ahead(&hash).is_some());
+        assert!(prefetch.take_looked_ahead(&hash).is_none(), "taken once");
     }
 }

@@ -737,15 +737,16 @@ impl Upstreams {
 /// upstream signed: the first answer whose signature verifies under a
 /// configured upstream's keys and that the policy accepts is recorded as
 /// that upstream's (so the NAR can also come from it once reachable). The
-/// CIDs the peers gave for that NAR are kept for [`peer_locations`].
+/// CIDs the peers gave for that NAR are kept for [`peer_locations`]. With
+/// a found answer comes the upstream path it was made from.
 pub async fn lookup_peers(
     catalog: &Catalog,
     upstreams: &Upstreams,
     node: &crate::store::ipfs::Node,
     hash: StorePathHash,
-) -> Result<Lookup<Bytes>, IndexError> {
+) -> Result<(Lookup<Bytes>, Option<UpstreamPath>), IndexError> {
     if upstreams.is_empty() {
-        return Ok(Lookup::NotFound);
+        return Ok((Lookup::NotFound, None));
     }
     let mut checked = Vec::new();
     for (peer, answer) in node.ask_peers(hash.as_str(), PEER_TIMEOUT).await {
@@ -762,12 +763,12 @@ pub async fn lookup_peers(
         let (nar_hash, nar_size) = (path.narinfo.nar_hash, path.narinfo.nar_size);
         let (sigs, keys) = upstreams.valid_signatures(&path);
         let catalog = catalog.clone();
-        let found = tokio::task::spawn_blocking(move || {
+        let (found, path) = tokio::task::spawn_blocking(move || {
             let answer = catalog.serve_upstream(&path, sigs, &keys)?;
             if matches!(answer, Lookup::Found(_)) {
                 catalog.index().put_upstream_path(&path)?;
             }
-            Ok::<_, IndexError>(answer)
+            Ok::<_, IndexError>((answer, path))
         })
         .await
         .map_err(|e| IndexError::Storage(e.to_string()))??;
@@ -780,10 +781,11 @@ pub async fn lookup_peers(
                 nar_size,
             );
             upstreams.remember_heard(nar_hash, cids, Instant::now());
-            return Ok(found);
+            let path = matches!(found, Lookup::Found(_)).then_some(path);
+            return Ok((found, path));
         }
     }
-    Ok(Lookup::NotFound)
+    Ok((Lookup::NotFound, None))
 }
 
 /// Where connected gateways hold the verified NAR of an upstream path: CIDs

@@ -150,6 +150,9 @@ counters! {
     /// Of those, fetched ahead of Nix's request, once their narinfo was
     /// served (`upstream_prefetch_max`).
     upstream_nar_prefetched,
+    /// Upstream-signed narinfos looked up (from the upstreams or peer
+    /// gateways) ahead of Nix's request, as references of one it asked for.
+    narinfo_looked_ahead,
     /// Upstream NAR downloads refused: NarHash, NarSize, FileHash or
     /// FileSize did not match, or the file did not decompress.
     upstream_nar_refused,
@@ -161,8 +164,12 @@ counters! {
     /// Answers from peer gateways ignored: not a narinfo of the asked path
     /// signed by a configured upstream key, or not a valid answer at all.
     peer_answers_refused,
-    /// narinfo requests answered from a peer gateway's upstream-signed narinfo.
+    /// Upstream-signed narinfos taken from a peer gateway's answer (for a
+    /// request, or looked up ahead of one).
     peer_narinfo_served,
+    /// NARs of upstream paths fetched from peer gateways over IPFS ahead
+    /// of Nix's request, once their narinfo was served.
+    peer_nar_prefetched,
     /// NARs pinned because `seed_fetched` is on.
     seeded_fetched,
     /// Seed candidates refused because the DAG behind the CID held more

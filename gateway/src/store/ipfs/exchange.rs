@@ -5,8 +5,13 @@
 //!
 //! # Goals
 //! - One request per stream: the asker writes a store path's hash part and
-//!   a newline, then closes its side; the answerer writes its answer (empty:
-//!   unknown) and closes. Sizes are capped on both sides.
+//!   a newline, then closes its side; the answerer writes its answer (or
+//!   [`UNKNOWN`]) and closes. Sizes are capped on both sides.
+//! - A question is not lost to a busy answerer: libp2p-stream drops an
+//!   inbound stream when the previous one has not been taken yet, which
+//!   the asker sees as an empty answer or a closed stream. So "unknown" is
+//!   said out loud, such a question is asked again (within the caller's
+//!   time), and a gateway asks each peer one question at a time.
 //! - The protocol only carries bytes; what they mean (a narinfo signed by
 //!   an upstream key, a CID) and whether to believe them is the caller's:
 //!   every answer is checked against the configured keys, every NAR byte
@@ -16,6 +21,7 @@
 //! - Discovery: the peers asked are the ones connected (static peers, or
 //!   those the DHT found).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +38,12 @@ const MAX_REQUEST: u64 = 128;
 pub const MAX_ANSWER: u64 = 64 * 1024;
 /// How long an answerer waits for a request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The answer that says "I know nothing of this path".
+const UNKNOWN: &[u8] = b"-";
+/// How often a question whose stream the answerer dropped is asked.
+const ATTEMPTS: u32 = 4;
+/// Peers whose turns are kept before idle ones are forgotten.
+const MAX_PEERS_ASKED: usize = 1024;
 
 /// What answers a request: the request text in, the answer (if any) out.
 pub type Responder = Arc<dyn Fn(String) -> BoxFuture<'static, Option<Vec<u8>>> + Send + Sync>;
@@ -40,6 +52,8 @@ pub type Responder = Arc<dyn Fn(String) -> BoxFuture<'static, Option<Vec<u8>>> +
 pub struct Exchange {
     control: Control,
     incoming: Mutex<Option<IncomingStreams>>,
+    /// One question at a time to each peer (see the goals).
+    asking: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -55,6 +69,7 @@ impl Exchange {
         Self {
             control,
             incoming: Mutex::new(Some(incoming)),
+            asking: Mutex::default(),
         }
     }
 
@@ -86,30 +101,60 @@ impl Exchange {
         request: &str,
         timeout: Duration,
     ) -> std::io::Result<Option<Vec<u8>>> {
-        let mut control = self.control.clone();
-        let exchange = async move {
-            let mut stream = control
-                .open_stream(peer, PROTOCOL)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            stream.write_all(request.as_bytes()).await?;
-            stream.write_all(b"\n").await?;
-            stream.close().await?;
-            let mut out = Vec::new();
-            (&mut stream)
-                .take(MAX_ANSWER + 1)
-                .read_to_end(&mut out)
-                .await?;
-            if out.len() as u64 > MAX_ANSWER {
-                return Err(std::io::Error::other(format!(
-                    "answer longer than {MAX_ANSWER} bytes"
-                )));
+        let turn = {
+            let mut asking = self.asking.lock().unwrap_or_else(|p| p.into_inner());
+            if asking.len() >= MAX_PEERS_ASKED {
+                asking.retain(|_, turn| Arc::strong_count(turn) > 1);
             }
-            Ok((!out.is_empty()).then_some(out))
+            asking.entry(peer).or_default().clone()
+        };
+        let exchange = async move {
+            let _turn = turn.lock().await;
+            let mut attempt = 1;
+            loop {
+                // A dropped stream reads as empty, or as a closed stream.
+                let failed = match self.ask_once(peer, request).await {
+                    Ok(out) if out.is_empty() => std::io::Error::other("empty answer"),
+                    Ok(out) => return Ok((out != UNKNOWN).then_some(out)),
+                    Err(e) => e,
+                };
+                if attempt == ATTEMPTS {
+                    return Err(std::io::Error::other(format!(
+                        "no answer in {ATTEMPTS} attempts, the last: {failed}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+                attempt += 1;
+            }
         };
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+    }
+
+    /// One stream: the request out, the answer (empty if the peer dropped
+    /// the stream) in.
+    async fn ask_once(&self, peer: PeerId, request: &str) -> std::io::Result<Vec<u8>> {
+        let mut stream = self
+            .control
+            .clone()
+            .open_stream(peer, PROTOCOL)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        stream.write_all(request.as_bytes()).await?;
+        stream.write_all(b"\n").await?;
+        stream.close().await?;
+        let mut out = Vec::new();
+        (&mut stream)
+            .take(MAX_ANSWER + 1)
+            .read_to_end(&mut out)
+            .await?;
+        if out.len() as u64 > MAX_ANSWER {
+            return Err(std::io::Error::other(format!(
+                "answer longer than {MAX_ANSWER} bytes"
+            )));
+        }
+        Ok(out)
     }
 }
 
@@ -127,10 +172,11 @@ async fn answer(mut stream: rust_ipfs::Stream, responder: Responder) -> std::io:
         return Err(std::io::Error::other("request too long"));
     }
     let text = String::from_utf8_lossy(&request).trim().to_owned();
-    if let Some(answer) = responder(text).await {
-        if answer.len() as u64 <= MAX_ANSWER {
-            stream.write_all(&answer).await?;
+    match responder(text).await {
+        Some(answer) if answer.len() as u64 <= MAX_ANSWER && answer != UNKNOWN => {
+            stream.write_all(&answer).await?
         }
+        _ => stream.write_all(UNKNOWN).await?,
     }
     stream.close().await
 }

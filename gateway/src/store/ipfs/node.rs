@@ -1251,6 +1251,49 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn questions_to_a_busy_peer_are_each_answered() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = node(da.path(), Duration::from_secs(1)).await;
+        let b = node(db.path(), Duration::from_secs(1)).await;
+        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+        // A takes no question yet, like a gateway too busy to take them as
+        // fast as they come: its inbound streams pile up.
+        let questions: Vec<String> = (0..12)
+            .map(|i| format!("{}{i}", if i % 3 == 0 { 'u' } else { 'k' }))
+            .collect();
+        let asked = tokio::spawn({
+            let b = b.clone();
+            let questions = questions.clone();
+            async move {
+                futures::future::join_all(
+                    questions
+                        .iter()
+                        .map(|q| b.ask_peers(q, Duration::from_secs(20))),
+                )
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A knows the paths whose name starts with "k".
+        a.serve_exchange(Arc::new(|request: String| {
+            Box::pin(async move {
+                request
+                    .starts_with('k')
+                    .then(|| format!("answer to {request}").into_bytes())
+            })
+        }));
+        let answers = asked.await.unwrap();
+        for (question, answer) in questions.iter().zip(answers) {
+            let expected = question
+                .starts_with('k')
+                .then(|| (a.peer_id(), format!("answer to {question}").into_bytes()));
+            assert_eq!(answer.into_iter().next(), expected, "{question}");
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn identity_and_pins_survive_restart_and_gc_frees_unpinned() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
