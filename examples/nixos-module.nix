@@ -262,8 +262,9 @@ in
             default = "4M";
             description = ''
               Upstream NARs up to this size (e.g. "4M") are fetched, checked
-              and imported as soon as their narinfo is served, since Nix asks
-              for the NAR next. "0" turns it off.
+              and imported as soon as their narinfo is served, and the
+              narinfos of its references looked up, since Nix asks for them
+              next. "0" turns both off.
             '';
           };
           log_format = mkOption {

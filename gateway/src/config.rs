@@ -80,9 +80,10 @@ pub struct Config {
     /// beyond it the least recently accessed are evicted. User pins and
     /// uploads never are. None: no budget.
     pub cache_max_size: Option<String>,
-    /// Upstream NARs of at most this size (e.g. `"4M"`; `"0"`: none) are
-    /// fetched as soon as their narinfo is served, since Nix asks for the
-    /// NAR next: its request then finds the NAR here.
+    /// Upstream NARs of at most this size (e.g. `"4M"`) are fetched as
+    /// soon as their narinfo is served, and the narinfos of its references
+    /// looked up, since Nix asks for them next: its requests then find them
+    /// here. `"0"` turns both off.
     pub upstream_prefetch_max: String,
     /// Log lines as `text` (for people) or `json` (one object per line,
     /// for collectors); `--log-format` overrides it.

@@ -1,4 +1,4 @@
-//! `/nixpfs/narinfo/1.0.0`: how a gateway asks the nixpfs gateways it is
+//! `/nixpfs/narinfo/1.1.0`: how a gateway asks the nixpfs gateways it is
 //! connected to what they know about a store path, so paths an upstream
 //! served one gateway can be served by others from IPFS when that upstream
 //! is out of reach.
@@ -11,7 +11,7 @@
 //!   inbound stream when the previous one has not been taken yet, which
 //!   the asker sees as an empty answer or a closed stream. So "unknown" is
 //!   said out loud, such a question is asked again (within the caller's
-//!   time), and a gateway asks each peer one question at a time.
+//!   time), and a gateway has few questions in flight to each peer.
 //! - The protocol only carries bytes; what they mean (a narinfo signed by
 //!   an upstream key, a CID) and whether to believe them is the caller's:
 //!   every answer is checked against the configured keys, every NAR byte
@@ -30,8 +30,9 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p_stream::{Control, IncomingStreams};
 use rust_ipfs::{PeerId, StreamProtocol};
 
-/// The protocol id.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/nixpfs/narinfo/1.0.0");
+/// The protocol id. 1.1.0 says "unknown" as [`UNKNOWN`], where 1.0.0 sent
+/// nothing (which cannot be told from a dropped question).
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/nixpfs/narinfo/1.1.0");
 /// Longest request accepted (a hash part is 32 characters).
 const MAX_REQUEST: u64 = 128;
 /// Longest answer accepted (a narinfo and a CID).
@@ -40,8 +41,11 @@ pub const MAX_ANSWER: u64 = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The answer that says "I know nothing of this path".
 const UNKNOWN: &[u8] = b"-";
-/// How often a question whose stream the answerer dropped is asked.
-const ATTEMPTS: u32 = 4;
+/// Questions in flight to one peer at once: more pile up in its inbound
+/// queue, which holds one.
+const PER_PEER: usize = 2;
+/// The longest pause before a dropped question is asked again.
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// Peers whose turns are kept before idle ones are forgotten.
 const MAX_PEERS_ASKED: usize = 1024;
 
@@ -52,8 +56,8 @@ pub type Responder = Arc<dyn Fn(String) -> BoxFuture<'static, Option<Vec<u8>>> +
 pub struct Exchange {
     control: Control,
     incoming: Mutex<Option<IncomingStreams>>,
-    /// One question at a time to each peer (see the goals).
-    asking: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
+    /// At most [`PER_PEER`] questions in flight to each peer (see the goals).
+    asking: Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -101,30 +105,33 @@ impl Exchange {
         request: &str,
         timeout: Duration,
     ) -> std::io::Result<Option<Vec<u8>>> {
-        let turn = {
+        let turns = {
             let mut asking = self.asking.lock().unwrap_or_else(|p| p.into_inner());
             if asking.len() >= MAX_PEERS_ASKED {
-                asking.retain(|_, turn| Arc::strong_count(turn) > 1);
+                asking.retain(|_, turns| Arc::strong_count(turns) > 1);
             }
-            asking.entry(peer).or_default().clone()
+            asking
+                .entry(peer)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PER_PEER)))
+                .clone()
         };
         let exchange = async move {
-            let _turn = turn.lock().await;
-            let mut attempt = 1;
+            let _turn = turns
+                .acquire()
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let mut backoff = Duration::from_millis(5);
             loop {
-                // A dropped stream reads as empty, or as a closed stream.
+                // A dropped stream reads as empty, or as a closed stream:
+                // asked again until the caller's time is up.
                 let failed = match self.ask_once(peer, request).await {
                     Ok(out) if out.is_empty() => std::io::Error::other("empty answer"),
                     Ok(out) => return Ok((out != UNKNOWN).then_some(out)),
                     Err(e) => e,
                 };
-                if attempt == ATTEMPTS {
-                    return Err(std::io::Error::other(format!(
-                        "no answer in {ATTEMPTS} attempts, the last: {failed}"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
-                attempt += 1;
+                tracing::debug!(%peer, "narinfo exchange, asking again in {backoff:?}: {failed}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         };
         tokio::time::timeout(timeout, exchange)
