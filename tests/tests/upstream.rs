@@ -856,6 +856,11 @@ fn peers_share_what_an_unreachable_upstream_served_and_liars_change_nothing() {
         b.metric("peer_bytes")
     );
     assert!(b.metric("peer_narinfo_served") >= 2);
+    assert_eq!(
+        b.metric("peer_nar_prefetched"),
+        1,
+        "the small top NAR came from peers ahead of Nix's request (the 8 MiB one is over the limit)"
+    );
     assert!(
         b.metric("peer_answers_refused") >= 2,
         "L's answers were refused"

@@ -638,7 +638,8 @@ fn follow_up(state: &Arc<AppState>, path: UpstreamPath) {
 /// it is small enough; once it has a slot, it fetches it unless it is held
 /// here, being fetched, or Nix asked for it meanwhile: from the peer
 /// gateways that offer it when peers are preferred or the upstream is
-/// unavailable, else from the upstream. A NAR request that comes while it
+/// unavailable (only with `seed_fetched`, which imports it anyway), else
+/// from the upstream. A NAR request that comes while it
 /// runs waits for it instead of starting its own.
 fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamPath) {
     let nar_hash = path.narinfo.nar_hash;
@@ -670,10 +671,14 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
         let upstream_up = state.upstreams.available(&path);
         if state.prefer_peers || !upstream_up {
             let from_peers = upstream::peer_locations(&state.upstreams, &state.node, &path).await;
+            // Without `seed_fetched` a NAR from peers is streamed to Nix,
+            // not imported: fetching it ahead would add an import.
             if !from_peers.is_empty() {
-                tracing::debug!(nar = %nar_hash, "prefetching a NAR from peer gateways");
-                if fetch_from_peers(&state, nar_hash, size, from_peers).await {
-                    Metrics::inc(&state.metrics.peer_nar_prefetched);
+                if state.seed_fetched {
+                    tracing::debug!(nar = %nar_hash, "prefetching a NAR from peer gateways");
+                    if fetch_from_peers(&state, nar_hash, size, from_peers).await {
+                        Metrics::inc(&state.metrics.peer_nar_prefetched);
+                    }
                 }
                 return;
             }
