@@ -669,6 +669,13 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
             return;
         }
         let upstream_up = state.upstreams.available(&path);
+        if !upstream_up && !state.seed_fetched {
+            // Only peers could serve it, and without `seed_fetched` their
+            // bytes are streamed to Nix, not imported: nothing to fetch
+            // ahead (and asking them now would cost the NAR request the
+            // CIDs they named with the narinfo).
+            return;
+        }
         if state.prefer_peers || !upstream_up {
             let from_peers = upstream::peer_locations(&state.upstreams, &state.node, &path).await;
             // Without `seed_fetched` a NAR from peers is streamed to Nix,
