@@ -584,6 +584,11 @@ async fn look_up(
     }
 }
 
+/// Whether memory holds the answer about `hash` (own or upstream-signed).
+fn in_memory(state: &AppState, hash: &StorePathHash) -> bool {
+    state.catalog.cached(hash).is_some() || state.catalog.cached_upstream(hash).is_some()
+}
+
 /// What follows an upstream-signed narinfo Nix asked for: its references'
 /// narinfos are looked up and its NAR, if small, is fetched, ahead of
 /// Nix's requests for them.
@@ -595,10 +600,7 @@ fn follow_up(state: &Arc<AppState>, path: UpstreamPath) {
     prefetch.take_looked_ahead(&own);
     for reference in &path.narinfo.references {
         let hash = *reference.hash();
-        if hash == own
-            || state.catalog.cached(&hash).is_some()
-            || state.catalog.cached_upstream(&hash).is_some()
-        {
+        if hash == own || in_memory(state, &hash) {
             continue;
         }
         let Some(queued) = prefetch.narinfos.queue(hash) else {
@@ -608,15 +610,10 @@ fn follow_up(state: &Arc<AppState>, path: UpstreamPath) {
         let prefetch = prefetch.clone();
         tokio::spawn(async move {
             // None: Nix's request for it came first and looks it up.
-            let Some(_slot) = prefetch.narinfos.slot(&queued).await else {
+            let Some(_turn) = prefetch.narinfos.turn(&queued).await else {
                 return;
             };
-            let Some(_claim) = prefetch.narinfos.claim(hash) else {
-                return;
-            };
-            if state.catalog.cached(&hash).is_some()
-                || state.catalog.cached_upstream(&hash).is_some()
-            {
+            if in_memory(&state, &hash) {
                 return;
             }
             match look_up(&state, hash).await {
@@ -639,8 +636,8 @@ fn follow_up(state: &Arc<AppState>, path: UpstreamPath) {
 /// here, being fetched, or Nix asked for it meanwhile: from the peer
 /// gateways that offer it when peers are preferred or the upstream is
 /// unavailable (only with `seed_fetched`, which imports it anyway), else
-/// from the upstream. A NAR request that comes while it
-/// runs waits for it instead of starting its own.
+/// from the upstream. A NAR request that comes while it runs waits for it
+/// instead of starting its own.
 fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamPath) {
     let nar_hash = path.narinfo.nar_hash;
     let size = path.narinfo.nar_size;
@@ -653,10 +650,7 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
     let state = state.clone();
     let prefetch = prefetch.clone();
     tokio::spawn(async move {
-        let Some(_slot) = prefetch.nars.slot(&queued).await else {
-            return;
-        };
-        let Some(_claim) = prefetch.nars.claim(nar_hash) else {
+        let Some(_turn) = prefetch.nars.turn(&queued).await else {
             return;
         };
         let catalog = state.catalog.clone();

@@ -160,6 +160,13 @@ impl<K: Eq + Hash + Copy> Ahead<K> {
         lock(&self.queued).contains(&queued.key).then_some(slot)
     }
 
+    /// A queued key's turn to run: a free slot, the key still queued, and
+    /// no run of it under way; `None` when a request took it meanwhile.
+    pub async fn turn(&self, queued: &Queued<K>) -> Option<(OwnedSemaphorePermit, Running<K>)> {
+        let slot = self.slot(queued).await?;
+        Some((slot, self.claim(queued.key)?))
+    }
+
     /// Claims the work on `key`: `None` when it is under way.
     pub fn claim(&self, key: K) -> Option<Running<K>> {
         let mut running = lock(&self.running);
