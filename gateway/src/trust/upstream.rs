@@ -476,8 +476,15 @@ pub fn nar_stream(
                 return;
             }
         };
+        let mut sent = 0u64;
         loop {
-            let mut buf = vec![0u8; NAR_CHUNK];
+            // Only as big as what is left of the NAR: zeroing a whole leaf's
+            // worth for each small NAR cost more CPU than hashing it. At
+            // least one byte, so that bytes past NarSize still come through
+            // (and are refused by the NarHash check).
+            let left = path.narinfo.nar_size.saturating_sub(sent);
+            let len = usize::try_from(left).map_or(NAR_CHUNK, |l| l.clamp(1, NAR_CHUNK));
+            let mut buf = vec![0u8; len];
             let mut filled = 0;
             let failed = loop {
                 match reader.read(&mut buf[filled..]) {
@@ -493,6 +500,7 @@ pub fn nar_stream(
                 }
             };
             if filled > 0 {
+                sent += filled as u64;
                 buf.truncate(filled);
                 Metrics::add(&upstreams.metrics.upstream_bytes, filled as u64);
                 if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
@@ -505,7 +513,7 @@ pub fn nar_stream(
                 let _ = tx.blocking_send(Err(io::Error::new(e.kind(), message)));
                 return;
             }
-            if filled < NAR_CHUNK {
+            if filled < len {
                 return;
             }
         }
