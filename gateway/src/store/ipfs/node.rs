@@ -1294,6 +1294,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_questions_get_their_own_answers_when_answered_out_of_order() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = node(da.path(), Duration::from_secs(1)).await;
+        let b = node(db.path(), Duration::from_secs(1)).await;
+        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+        // Later questions are answered sooner: the answers must still go
+        // to the questions they answer.
+        a.serve_exchange(Arc::new(|request: String| {
+            Box::pin(async move {
+                let i: u64 = request.trim_start_matches('q').parse().ok()?;
+                tokio::time::sleep(Duration::from_millis(20 - i % 20)).await;
+                (i % 7 != 0).then(|| format!("answer to {request}").into_bytes())
+            })
+        }));
+        let questions: Vec<String> = (0..200).map(|i| format!("q{i}")).collect();
+        let answers = futures::future::join_all(
+            questions
+                .iter()
+                .map(|q| b.ask_peers(q, Duration::from_secs(20))),
+        )
+        .await;
+        for (i, (question, answer)) in questions.iter().zip(answers).enumerate() {
+            let expected =
+                (i % 7 != 0).then(|| (a.peer_id(), format!("answer to {question}").into_bytes()));
+            assert_eq!(answer.into_iter().next(), expected, "{question}");
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn identity_and_pins_survive_restart_and_gc_frees_unpinned() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
