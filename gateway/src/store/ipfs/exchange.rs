@@ -14,9 +14,9 @@
 //!   costs a stream negotiation each, and libp2p-stream drops an inbound
 //!   stream that arrives before the previous one was taken (1.1.0 had to
 //!   keep two questions in flight per peer because of it, which made a
-//!   300-path closure's walk wait). A stream that is dropped or breaks
-//!   fails every question on it; each is asked again, on a new stream,
-//!   within its caller's time.
+//!   300-path closure's walk wait). A stream that is dropped, breaks, or
+//!   gets no answer for [`STALLED`] fails every question on it; each is
+//!   asked again, on a new stream, within its caller's time.
 //! - The protocol only carries bytes; what they mean (a narinfo signed by
 //!   an upstream key, a CID) and whether to believe them is the caller's:
 //!   every answer is checked against the configured keys, every NAR byte
@@ -56,6 +56,8 @@ const ANSWERING: usize = 16;
 const QUEUED: usize = 256;
 /// A stream with no question in flight for this long is closed.
 const IDLE: Duration = Duration::from_secs(30);
+/// A stream whose questions got no answer for this long is given up.
+const STALLED: Duration = Duration::from_secs(5);
 /// The longest pause before a failed question is asked again.
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -197,7 +199,17 @@ async fn ask_on_stream(
     let (answered_tx, mut answered) = mpsc::unbounded_channel::<()>();
     let read = async move {
         loop {
-            let answer = read_answer(&mut reader).await;
+            // A peer that stops answering holds up every question behind
+            // the one it sits on: the stream is given up (and each question
+            // asked again on a new one) once none came for [`STALLED`].
+            let answer = match tokio::time::timeout(STALLED, read_answer(&mut reader)).await {
+                Ok(answer) => answer,
+                Err(_) if lock(&pending).is_empty() => continue,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer in {STALLED:?}"),
+                )),
+            };
             let Some(tx) = lock(&pending).pop_front() else {
                 return match answer {
                     Ok(_) => Err(std::io::Error::other("an answer nobody asked for")),

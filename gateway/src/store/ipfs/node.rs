@@ -1325,6 +1325,31 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_question_stuck_on_a_stream_is_asked_again_on_a_new_one() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = node(da.path(), Duration::from_secs(1)).await;
+        let b = node(db.path(), Duration::from_secs(1)).await;
+        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+        // A sits on the first question it gets, as a hung peer would.
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        a.serve_exchange(Arc::new(move |request: String| {
+            let first = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            Box::pin(async move {
+                if first {
+                    futures::future::pending::<()>().await;
+                }
+                Some(format!("answer to {request}").into_bytes())
+            })
+        }));
+        let t0 = Instant::now();
+        let answers = b.ask_peers("k1", Duration::from_secs(20)).await;
+        assert_eq!(answers, vec![(a.peer_id(), b"answer to k1".to_vec())]);
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn identity_and_pins_survive_restart_and_gc_frees_unpinned() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
