@@ -32,13 +32,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anchor_registry::{NarHash, StorePathHash};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::store::index::UpstreamPath;
+use crate::util::sync::lock;
 
 /// NAR prefetches running at once.
 pub const CONCURRENT: usize = 4;
@@ -203,10 +204,6 @@ impl<K: Eq + Hash> Drop for Running<K> {
     fn drop(&mut self) {
         lock(&self.running).remove(&self.key);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

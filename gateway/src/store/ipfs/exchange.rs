@@ -39,6 +39,8 @@ use libp2p_stream::{Control, IncomingStreams};
 use rust_ipfs::{PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::util::sync::lock;
+
 /// The protocol id. 1.2.0 pipelines questions on one stream, where 1.1.0
 /// opened a stream per question.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/nixpfs/narinfo/1.2.0");
@@ -98,11 +100,7 @@ impl Exchange {
     /// Starts answering requests with `responder` (once; later calls do
     /// nothing). Until then inbound requests wait.
     pub fn serve(&self, responder: Responder) -> Option<tokio::task::JoinHandle<()>> {
-        let mut incoming = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()?;
+        let mut incoming = lock(&self.incoming).take()?;
         Some(tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
                 let responder = responder.clone();
@@ -157,7 +155,7 @@ impl Exchange {
     /// The queue of the stream to `peer`: the open one, or a new one whose
     /// task opens the stream.
     fn stream_to(&self, peer: PeerId) -> mpsc::Sender<Question> {
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let mut streams = lock(&self.streams);
         streams.retain(|_, queue| !queue.is_closed());
         if let Some(queue) = streams.get(&peer) {
             return queue.clone();
@@ -280,10 +278,6 @@ async fn read_answer<R: futures::AsyncRead + Unpin>(reader: &mut R) -> std::io::
     let mut out = vec![0u8; len as usize];
     reader.read_exact(&mut out).await?;
     Ok(out)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The answering side of one stream: questions read as they come, up to

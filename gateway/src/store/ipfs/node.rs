@@ -35,6 +35,7 @@ use super::routers::Routers;
 use super::storeblocks::{Backing, StoreBlocks};
 use super::IpfsError;
 use crate::util::metrics::Metrics;
+use crate::util::sync::lock;
 
 /// How to start a [`Node`].
 #[derive(Debug, Clone)]
@@ -924,10 +925,6 @@ impl Node {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// First wait before re-dialling an unreachable configured peer; it doubles
 /// up to [`REDIAL_MAX`] while the peer stays away.
 const REDIAL_MIN: Duration = Duration::from_secs(1);
@@ -1250,12 +1247,29 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn questions_to_a_busy_peer_are_each_answered() {
+    /// Two nodes, B connected to A, in directories that live as long as
+    /// the first item.
+    async fn connected_pair() -> ((tempfile::TempDir, tempfile::TempDir), Node, Node) {
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let a = node(da.path(), Duration::from_secs(1)).await;
         let b = node(db.path(), Duration::from_secs(1)).await;
         b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+        ((da, db), a, b)
+    }
+
+    /// B's answers from its peers to each question, asked all at once.
+    async fn ask_each(b: &Node, questions: &[String]) -> Vec<Vec<(PeerId, Vec<u8>)>> {
+        futures::future::join_all(
+            questions
+                .iter()
+                .map(|q| b.ask_peers(q, Duration::from_secs(20))),
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn questions_to_a_busy_peer_are_each_answered() {
+        let (_dirs, a, b) = connected_pair().await;
         // A takes no question yet, like a gateway too busy to take them as
         // fast as they come: its inbound streams pile up.
         let questions: Vec<String> = (0..12)
@@ -1264,14 +1278,7 @@ mod tests {
         let asked = tokio::spawn({
             let b = b.clone();
             let questions = questions.clone();
-            async move {
-                futures::future::join_all(
-                    questions
-                        .iter()
-                        .map(|q| b.ask_peers(q, Duration::from_secs(20))),
-                )
-                .await
-            }
+            async move { ask_each(&b, &questions).await }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
         // A knows the paths whose name starts with "k".
@@ -1295,10 +1302,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pipelined_questions_get_their_own_answers_when_answered_out_of_order() {
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = node(da.path(), Duration::from_secs(1)).await;
-        let b = node(db.path(), Duration::from_secs(1)).await;
-        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+        let (_dirs, a, b) = connected_pair().await;
         // Later questions are answered sooner: the answers must still go
         // to the questions they answer.
         a.serve_exchange(Arc::new(|request: String| {
@@ -1309,12 +1313,7 @@ mod tests {
             })
         }));
         let questions: Vec<String> = (0..200).map(|i| format!("q{i}")).collect();
-        let answers = futures::future::join_all(
-            questions
-                .iter()
-                .map(|q| b.ask_peers(q, Duration::from_secs(20))),
-        )
-        .await;
+        let answers = ask_each(&b, &questions).await;
         for (i, (question, answer)) in questions.iter().zip(answers).enumerate() {
             let expected =
                 (i % 7 != 0).then(|| (a.peer_id(), format!("answer to {question}").into_bytes()));
@@ -1326,10 +1325,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_question_stuck_on_a_stream_is_asked_again_on_a_new_one() {
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = node(da.path(), Duration::from_secs(1)).await;
-        let b = node(db.path(), Duration::from_secs(1)).await;
-        b.connect(a.listen_addrs()[0].clone()).await.unwrap();
+        let (_dirs, a, b) = connected_pair().await;
         // A sits on the first question it gets, as a hung peer would.
         let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         a.serve_exchange(Arc::new(move |request: String| {
