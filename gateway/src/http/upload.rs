@@ -44,6 +44,7 @@ use crate::store::ipfs::{Cid, Node};
 use crate::store::nar::{self, NarError, NarSummary};
 use crate::trust::catalog::Catalog;
 use crate::util::metrics::Metrics;
+use crate::util::sync::lock;
 
 /// How long an uploaded NAR waits for its narinfo before it is forgotten;
 /// its unpinned blocks then go at the next `nixpfs gc`.
@@ -345,7 +346,7 @@ impl Uploads {
     }
 
     fn staging(&self) -> std::sync::MutexGuard<'_, Staging> {
-        self.staged.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.staged)
     }
 
     /// Checks the request's credentials against the token.

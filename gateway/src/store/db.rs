@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::util::sync::lock;
 use redb::{
     Builder, CommitError, Database, DatabaseError, ReadTransaction, StorageError, TransactionError,
     WriteTransaction,
@@ -135,7 +136,7 @@ impl Db {
     /// Closes and reopens the database, unless another thread already
     /// replaced the handle of `generation`.
     fn reopen(&self, generation: u64) -> Result<(), StorageError> {
-        let _only_one = self.reopening.lock().unwrap_or_else(|p| p.into_inner());
+        let _only_one = lock(&self.reopening);
         let old = {
             let mut handle = self.handle.write().unwrap_or_else(|p| p.into_inner());
             if handle.generation != generation {

@@ -13,6 +13,7 @@ use anchor_registry::{
 use bytes::Bytes;
 
 use crate::store::index::{Index, IndexError, LocalPath, NarLocation};
+use crate::util::sync::lock;
 
 /// What the catalog knows about a store path; `T` is the narinfo to send,
 /// parsed or as the text the endpoint sends.
@@ -416,7 +417,7 @@ impl Catalog {
     }
 
     fn lock_refuted(&self) -> std::sync::MutexGuard<'_, HashSet<(NarHash, String)>> {
-        self.refuted.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.refuted)
     }
 
     /// Rewrites a narinfo for serving: our URL, uncompressed, our signature
@@ -429,10 +430,6 @@ impl Catalog {
         narinfo.sign(&self.key);
         narinfo
     }
-}
-
-fn lock(cache: &Mutex<TextCache>) -> std::sync::MutexGuard<'_, TextCache> {
-    cache.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Where a mapping says its NAR's bytes are; unverified until hashed here.

@@ -34,6 +34,7 @@ use crate::store::index::{Index, IndexError, UpstreamPath};
 use crate::store::nar::compression::Compression;
 use crate::trust::catalog::{Catalog, Lookup};
 use crate::util::metrics::Metrics;
+use crate::util::sync::lock;
 
 /// The longest a narinfo miss waits on all upstreams together.
 pub const NARINFO_DEADLINE: Duration = Duration::from_secs(4);
@@ -124,7 +125,7 @@ struct Entry {
 
 impl Entry {
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
-        self.health.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.health)
     }
 
     fn skipped(&self, now: Instant) -> bool {
@@ -222,14 +223,14 @@ impl Upstreams {
     }
 
     fn negative_hit(&self, hash: &StorePathHash, now: Instant) -> bool {
-        let negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        let negative = lock(&self.negative);
         negative
             .get(hash)
             .is_some_and(|at| now.saturating_duration_since(*at) < NEGATIVE_TTL)
     }
 
     fn remember_heard(&self, nar_hash: NarHash, cids: Vec<String>, now: Instant) {
-        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut heard = lock(&self.heard);
         if heard.len() >= HEARD_ENTRIES {
             heard.clear();
         }
@@ -238,7 +239,7 @@ impl Upstreams {
 
     /// The CIDs peers named for this NAR moments ago, once.
     fn take_heard(&self, nar_hash: &NarHash, now: Instant) -> Option<Vec<String>> {
-        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut heard = lock(&self.heard);
         heard
             .remove(nar_hash)
             .filter(|(_, at)| now.saturating_duration_since(*at) < HEARD_TTL)
@@ -246,7 +247,7 @@ impl Upstreams {
     }
 
     fn remember_miss(&self, hash: StorePathHash, now: Instant) {
-        let mut negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+        let mut negative = lock(&self.negative);
         if negative.len() >= NEGATIVE_ENTRIES {
             negative.clear();
         }

@@ -31,6 +31,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::store::db::Db;
+use crate::util::sync::lock;
 
 const LOCAL_PATHS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_paths");
 const NAR_LOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nar_locations");
@@ -463,7 +464,7 @@ impl Index {
     pub fn replace_set(&self, state: &TrustedState, staged: StagedSet) -> Result<(), IndexError> {
         let header = state.header().header();
         let owner = state_owner(state);
-        let _one_at_a_time = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = lock(&self.replacing);
         if let Some(current) =
             self.trusted_state(header.kind, header.anchor.as_str(), &header.key)?
         {
@@ -597,7 +598,7 @@ impl Index {
         &self,
         keep: impl Fn(&TrustedState) -> bool,
     ) -> Result<Vec<TrustedState>, IndexError> {
-        let _one_at_a_time = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = lock(&self.replacing);
         let purged: Vec<TrustedState> = self
             .trusted_states()?
             .into_iter()

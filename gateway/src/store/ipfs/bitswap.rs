@@ -57,6 +57,7 @@ use super::block::{self, Block};
 use super::blockstore::BlockStore;
 use super::pb::{self, Fields};
 use super::IpfsError;
+use crate::util::sync::lock;
 
 /// The only bitswap version we speak (Helia speaks only this one too).
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/bitswap/1.2.0");
@@ -916,11 +917,11 @@ fn priority(seq: u64) -> i32 {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (plain maps).
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn lock_inbound(&self) -> MutexGuard<'_, HashMap<PeerId, Inbound>> {
-        self.inbound.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inbound)
     }
 
     /// A place for a new inbound stream of `peer`, or why there is none.

@@ -303,7 +303,7 @@ impl Node {
     }
 
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
-        self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner.tasks)
     }
 
     /// This node's peer id (stable across restarts).

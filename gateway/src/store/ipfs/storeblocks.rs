@@ -44,6 +44,7 @@ use super::IpfsError;
 use crate::store::db::Db;
 use crate::store::nar::layout::{FileStamp, LayoutFile, NarLayout, Segment};
 use crate::util::metrics::Metrics;
+use crate::util::sync::lock;
 
 /// Root CID bytes → encoded [`Backing`].
 const BACKINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("store_backings");
@@ -326,7 +327,7 @@ impl StoreBlocks {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Arc<Loaded>>> {
-        self.inner.loaded.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner.loaded)
     }
 
     /// Records (durably) how the leaves of the DAG `root` are rebuilt.
