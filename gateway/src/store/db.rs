@@ -25,11 +25,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::util::sync::lock;
 use redb::{
     Builder, CommitError, Database, DatabaseError, ReadTransaction, StorageError, TransactionError,
     WriteTransaction,
 };
+
+use crate::util::sync::lock;
 
 /// How long a reopen waits for transactions still open on the old handle
 /// (they hold its file lock).
