@@ -895,6 +895,47 @@ pub fn walk_blocks<S: BlockSource>(
     })
 }
 
+/// The whole file `root` read from `store` alone, on the calling thread:
+/// `None` when a block is missing or the file exceeds `max` bytes (at most
+/// `max` bytes are read before giving up). A small file held here is then
+/// one blocking call, where [`read_range`] spends a task and a blocking
+/// hop on every block: for the small NARs a gateway serves most, those
+/// hops cost more than the reads.
+pub fn read_local(store: &BlockStore, root: Cid, max: u64) -> Result<Option<Bytes>, IpfsError> {
+    let mut walker = Walker::new(
+        std::sync::Arc::new(store.clone()),
+        Mode::Read,
+        root,
+        0,
+        u64::MAX,
+        1,
+    );
+    let mut parts = Vec::new();
+    let mut len = 0u64;
+    while let Some(slot) = walker.queue.pop_front() {
+        let Some(block) = store.get(&slot.cid)? else {
+            return Ok(None);
+        };
+        if let Some(Out::Data(part)) = walker.visit(slot, Got::Bytes(block.into_data()))? {
+            len = len.saturating_add(part.len() as u64);
+            if len > max {
+                return Ok(None);
+            }
+            parts.push(part);
+        }
+    }
+    Ok(Some(match parts.len() {
+        1 => parts.swap_remove(0),
+        _ => {
+            let mut whole = BytesMut::with_capacity(len as usize);
+            for part in parts {
+                whole.extend_from_slice(&part);
+            }
+            whole.freeze()
+        }
+    }))
+}
+
 /// File size of the UnixFS file (or raw block) `root`, from its root block.
 pub async fn file_size<S: BlockSource>(source: &S, root: Cid) -> Result<u64, IpfsError> {
     let bytes = source.get(root).await?;
@@ -1047,6 +1088,32 @@ mod tests {
             assert_eq!(got, data[off..(off + n).min(len)], "range {off}+{n}");
         }
         assert_eq!(file_size(&store, imp.cid).await.unwrap(), len as u64);
+    }
+
+    #[tokio::test]
+    async fn local_read_is_the_whole_file_or_nothing() {
+        for len in [0, 1000, CHUNK_SIZE, 2 * CHUNK_SIZE + 7] {
+            let (_d, store, imp) = store_with(len).await;
+            let whole = read_local(&store, imp.cid, len as u64).unwrap();
+            assert_eq!(whole.as_deref(), Some(&pattern(len)[..]), "{len} bytes");
+        }
+        // Larger than allowed: nothing, whatever it holds.
+        let (_d, store, imp) = store_with(2 * CHUNK_SIZE + 7).await;
+        assert_eq!(
+            read_local(&store, imp.cid, 2 * CHUNK_SIZE as u64).unwrap(),
+            None
+        );
+        // A block gone (collected): nothing, so the caller asks peers.
+        let leaf = *Block::from_data(RAW, Bytes::from(pattern(CHUNK_SIZE))).cid();
+        assert!(store.delete(&leaf).unwrap() > 0);
+        assert_eq!(read_local(&store, imp.cid, u64::MAX).unwrap(), None);
+        // A damaged parent-child size is still an error, not bytes.
+        let (_d, store, imp) = store_with(2 * CHUNK_SIZE).await;
+        std::fs::write(store.path_of(&leaf), b"short").unwrap();
+        assert!(matches!(
+            read_local(&store, imp.cid, u64::MAX),
+            Err(IpfsError::Malformed { cid, .. }) if cid == leaf
+        ));
     }
 
     #[tokio::test]

@@ -747,6 +747,13 @@ impl Node {
         self.cat_range(cid, 0, None)
     }
 
+    /// The whole file when every block is stored here and it is at most
+    /// `max` bytes, else `None` (see [`dag::read_local`]). It reads files,
+    /// so call it off the async runtime, as with the index.
+    pub fn read_local(&self, cid: Cid, max: u64) -> Result<Option<Bytes>, IpfsError> {
+        dag::read_local(&self.inner.store, cid, max)
+    }
+
     /// `len` bytes (`None`: to the end) of the file from `offset`.
     pub fn cat_range(
         &self,
