@@ -1233,12 +1233,26 @@ fn block_charge(len: usize) -> u32 {
 /// Drains inbound streams as fast as possible (libp2p-stream keeps only one
 /// waiting) and reads each in its own task, within the stream caps; a
 /// stream beyond them is dropped, which resets it.
+/// Reads each admitted stream on its own task. The readers belong to this
+/// loop, so aborting it (the node shutting down) ends them too: a reader
+/// left behind would hold the block store, and with it the pins database,
+/// open until its peer closed the stream.
 async fn accept_loop(shared: Arc<Shared>, mut incoming: IncomingStreams) {
-    while let Some((peer, stream)) = incoming.next().await {
-        if let Ok(slot) = shared.admit(peer) {
-            tokio::spawn(read_stream(shared.clone(), slot, stream));
+    let mut readers = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            next = incoming.next() => match next {
+                Some((peer, stream)) => {
+                    if let Ok(slot) = shared.admit(peer) {
+                        readers.spawn(read_stream(shared.clone(), slot, stream));
+                    }
+                }
+                None => break,
+            },
+            Some(_) = readers.join_next(), if !readers.is_empty() => {}
         }
     }
+    while readers.join_next().await.is_some() {}
 }
 
 async fn read_stream(shared: Arc<Shared>, slot: InboundSlot, mut stream: Stream) {
