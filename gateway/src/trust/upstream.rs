@@ -56,6 +56,11 @@ const MAX_NARINFO: u64 = 64 * 1024;
 /// of a NAR download.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections kept open to each upstream. Nix's own requests, the
+/// narinfos looked up ahead and the NARs prefetched run side by side; with
+/// ureq's default of one, every other request opened a new connection
+/// (measured: 265 connects for A's 600 requests in a 300-path copy).
+const IDLE_PER_UPSTREAM: usize = 32;
 
 /// One configured upstream cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +173,7 @@ impl Upstreams {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(CONNECT_TIMEOUT)
             .timeout_read(READ_TIMEOUT)
+            .max_idle_connections_per_host(IDLE_PER_UPSTREAM)
             .build();
         Self {
             entries: upstreams
