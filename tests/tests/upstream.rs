@@ -793,6 +793,12 @@ fn peers_share_what_an_unreachable_upstream_served_and_liars_change_nothing() {
     );
     assert_eq!(p.metric("upstream_bytes"), 0);
     assert!(p.metric("peer_bytes") > 0);
+    assert_eq!(
+        p.metric("peer_nar_prefetched"),
+        1,
+        "without seed_fetched the small top NAR is held in memory ahead of Nix's request"
+    );
+    assert_eq!(p.metric("seeded_fetched"), 0, "P seeds nothing");
     let q_dir = env.path().join("q");
     write_config(
         &q_dir,

@@ -302,6 +302,13 @@ async fn nar_answer(
         // ends. One still queued is this request's to do.
         prefetch.nars.unqueue(&nar_hash);
         prefetch.nars.wait(&nar_hash).await;
+        if let Some(nar) = (!headers.contains_key(header::RANGE))
+            .then(|| prefetch.take_held(&nar_hash))
+            .flatten()
+        {
+            Metrics::inc(&state.metrics.nar_served);
+            return nar_response(StatusCode::OK, nar.len() as u64, None, Body::from(nar));
+        }
     }
     let catalog = state.catalog.clone();
     let node = state.node.clone();
@@ -718,23 +725,34 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
             return;
         }
         let upstream_up = state.upstreams.available(&path);
-        if !upstream_up && !state.seed_fetched {
-            // Only peers could serve it, and without `seed_fetched` their
-            // bytes are streamed to Nix, not imported: nothing to fetch
-            // ahead (and asking them now would cost the NAR request the
-            // CIDs they named with the narinfo).
+        if !upstream_up && !state.seed_fetched && size > SMALL_NAR {
+            // Only peers could serve it, and without `seed_fetched` what
+            // they send is not imported: too large to hold in memory, it
+            // streams to Nix when asked.
             return;
         }
         if state.prefer_peers || !upstream_up {
             let from_peers = upstream::peer_locations(&state.upstreams, &state.node, &path).await;
-            // Without `seed_fetched` a NAR from peers is streamed to Nix,
-            // not imported: fetching it ahead would add an import.
             if !from_peers.is_empty() {
-                if state.seed_fetched {
+                // With `seed_fetched` it is imported (and seeded); without,
+                // held in memory for Nix, so nothing lands in the store.
+                let fetched = if state.seed_fetched {
                     tracing::debug!(nar = %nar_hash, "prefetching a NAR from peer gateways");
-                    if fetch_from_peers(&state, nar_hash, size, from_peers).await {
-                        Metrics::inc(&state.metrics.peer_nar_prefetched);
+                    fetch_from_peers(&state, nar_hash, size, from_peers).await
+                } else if size <= SMALL_NAR {
+                    tracing::debug!(nar = %nar_hash, "prefetching a NAR from peer gateways into memory");
+                    match fetch_to_memory(&state, nar_hash, size, from_peers).await {
+                        Some(nar) => {
+                            prefetch.hold(nar_hash, nar);
+                            true
+                        }
+                        None => false,
                     }
+                } else {
+                    false
+                };
+                if fetched {
+                    Metrics::inc(&state.metrics.peer_nar_prefetched);
                 }
                 return;
             }
@@ -779,6 +797,40 @@ async fn fetch_from_peers(
         }
     }
     false
+}
+
+/// A NAR fetched over IPFS from the first of `locations` whose bytes are
+/// it, whole, in memory: every byte checked against its CID and the whole
+/// against NarHash (a mismatch is refuted and the next one tried).
+async fn fetch_to_memory(
+    state: &Arc<AppState>,
+    nar_hash: NarHash,
+    size: u64,
+    locations: Vec<NarLocation>,
+) -> Option<bytes::Bytes> {
+    'candidates: for location in locations {
+        let Ok(cid) = location.cid.parse::<cid::Cid>() else {
+            continue;
+        };
+        let mut verified = VerifiedNar::new(
+            from_peers(state, cid),
+            nar_hash,
+            size,
+            refuter(state, nar_hash, cid),
+        );
+        let mut whole = bytes::BytesMut::with_capacity(size.min(SMALL_NAR) as usize);
+        while let Some(chunk) = verified.next().await {
+            match chunk {
+                Ok(chunk) => whole.extend_from_slice(&chunk),
+                Err(e) => {
+                    tracing::debug!(nar = %nar_hash, %cid, "prefetching a NAR into memory failed: {e}");
+                    continue 'candidates;
+                }
+            }
+        }
+        return Some(whole.freeze());
+    }
+    None
 }
 
 /// A CID's bytes over IPFS, counted in `peer_bytes` as they come.

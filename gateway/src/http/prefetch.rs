@@ -11,7 +11,9 @@
 //! - once such a narinfo is served to Nix, its NAR, if small, is fetched
 //!   (and verified and imported) at once; the NAR request then finds it in
 //!   the local blocks, or waits for the fetch under way instead of
-//!   starting a second one.
+//!   starting a second one. A NAR that only peers offer, on a gateway
+//!   that does not seed what it fetches (`seed_fetched` off), is not
+//!   imported: it is held in memory, verified, until Nix asks for it.
 //!
 //! # Goals
 //! - At most one lookup of a narinfo and one fetch of a NAR at a time, and
@@ -29,13 +31,16 @@
 //! - Looking further ahead than one step: each narinfo Nix asks for leads
 //!   to its own references' lookups.
 //! - Unbounded queues: past [`QUEUED`] waiting, Nix's requests do the work.
+//! - Unbounded memory: past [`HELD_BYTES`] held, the oldest NARs held go
+//!   (Nix's request for one of them then fetches it again).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anchor_registry::{NarHash, StorePathHash};
+use bytes::Bytes;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::store::index::UpstreamPath;
@@ -55,6 +60,9 @@ const QUEUED: usize = 4096;
 /// Narinfos looked up ahead and not yet asked for, at most (then forgotten).
 const AHEAD: usize = 8192;
 
+/// Bytes of verified NARs held in memory for Nix, at most.
+pub const HELD_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How long a request waits for a fetch or lookup of the same thing.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -68,6 +76,15 @@ pub struct Prefetch {
     /// Narinfo lookups, by store path hash.
     pub narinfos: Ahead<StorePathHash>,
     looked_ahead: Mutex<HashMap<StorePathHash, UpstreamPath>>,
+    held: Mutex<Held>,
+}
+
+/// Verified NARs held in memory until Nix asks for them, oldest first.
+#[derive(Debug, Default)]
+struct Held {
+    order: VecDeque<NarHash>,
+    nars: HashMap<NarHash, Bytes>,
+    bytes: u64,
 }
 
 impl Prefetch {
@@ -79,7 +96,44 @@ impl Prefetch {
             nars: Ahead::new(CONCURRENT),
             narinfos: Ahead::new(LOOKUPS),
             looked_ahead: Mutex::default(),
+            held: Mutex::default(),
         }
+    }
+
+    /// Holds a NAR's bytes, verified against `nar_hash` by the caller,
+    /// until [`take_held`](Self::take_held); the oldest held go while more
+    /// than [`HELD_BYTES`] are.
+    pub fn hold(&self, nar_hash: NarHash, nar: Bytes) {
+        let len = nar.len() as u64;
+        if len > HELD_BYTES {
+            return;
+        }
+        let mut held = lock(&self.held);
+        if let Some(old) = held.nars.insert(nar_hash, nar) {
+            held.bytes -= old.len() as u64;
+        } else {
+            held.order.push_back(nar_hash);
+        }
+        held.bytes += len;
+        while held.bytes > HELD_BYTES {
+            let Some(oldest) = held.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = held.nars.remove(&oldest) {
+                held.bytes -= gone.len() as u64;
+            }
+        }
+    }
+
+    /// The held bytes of this NAR, once: Nix asked for it.
+    pub fn take_held(&self, nar_hash: &NarHash) -> Option<Bytes> {
+        let mut held = lock(&self.held);
+        let nar = held.nars.remove(nar_hash)?;
+        held.bytes -= nar.len() as u64;
+        if let Some(at) = held.order.iter().position(|h| h == nar_hash) {
+            held.order.remove(at);
+        }
+        Some(nar)
     }
 
     /// Whether a NAR of this size is fetched ahead.
@@ -247,6 +301,35 @@ mod tests {
         );
         drop(sb);
         assert!(ahead.slot(&qd).await.is_some());
+    }
+
+    #[test]
+    fn held_nars_are_taken_once_and_the_oldest_go_past_the_budget() {
+        let prefetch = Prefetch::new(100);
+        let (a, b, c) = (
+            NarHash::digest(b"a"),
+            NarHash::digest(b"b"),
+            NarHash::digest(b"c"),
+        );
+        let half = (HELD_BYTES / 2) as usize;
+        prefetch.hold(a, Bytes::from(vec![1; half]));
+        prefetch.hold(b, Bytes::from(vec![2; half]));
+        assert_eq!(prefetch.take_held(&b).map(|n| n[0]), Some(2));
+        assert_eq!(prefetch.take_held(&b), None, "taken once");
+        // b's room is free again: c fits beside a.
+        prefetch.hold(c, Bytes::from(vec![3; half]));
+        assert!(lock(&prefetch.held).nars.contains_key(&a));
+        // One byte more than fits: the oldest, a, goes.
+        prefetch.hold(b, Bytes::from(vec![2; 1]));
+        assert_eq!(prefetch.take_held(&a), None, "evicted");
+        assert_eq!(prefetch.take_held(&c).map(|n| n.len()), Some(half));
+        assert_eq!(prefetch.take_held(&b).map(|n| n.len()), Some(1));
+        let held = lock(&prefetch.held);
+        assert_eq!((held.bytes, held.order.len()), (0, 0));
+        drop(held);
+        // Larger than the whole budget: not held at all.
+        prefetch.hold(a, Bytes::from(vec![0; HELD_BYTES as usize + 1]));
+        assert_eq!(prefetch.take_held(&a), None);
     }
 
     #[tokio::test]
