@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::Router;
 use futures::StreamExt;
 
-use crate::http::prefetch::Prefetch;
+use crate::http::prefetch::{Prefetch, Running};
 use crate::publish::retention::Retention;
 use crate::store::index::{Index, NarLocation, UpstreamPath};
 use crate::store::ipfs::Node;
@@ -525,6 +525,7 @@ async fn serve_first_of(
                 size,
                 refuter(state, nar_hash, cid),
                 None,
+                None,
             );
             match body.next().await {
                 Some(Ok(first)) => {
@@ -712,7 +713,7 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
     let state = state.clone();
     let prefetch = prefetch.clone();
     tokio::spawn(async move {
-        let Some(_turn) = prefetch.nars.turn(&queued).await else {
+        let Some((_slot, claim)) = prefetch.nars.turn(&queued).await else {
             return;
         };
         let catalog = state.catalog.clone();
@@ -738,7 +739,7 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
                 // held in memory for Nix, so nothing lands in the store.
                 let fetched = if state.seed_fetched {
                     tracing::debug!(nar = %nar_hash, "prefetching a NAR from peer gateways");
-                    fetch_from_peers(&state, nar_hash, size, from_peers).await
+                    fetch_from_peers(&state, nar_hash, size, from_peers, claim).await
                 } else if size <= SMALL_NAR {
                     tracing::debug!(nar = %nar_hash, "prefetching a NAR from peer gateways into memory");
                     match fetch_to_memory(&state, nar_hash, size, from_peers).await {
@@ -760,7 +761,7 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
         if !upstream_up {
             return;
         }
-        let (url, body, done) = fetch_from_upstream(&state, path);
+        let (url, body, done) = fetch_from_upstream(&state, path, Some(claim));
         tracing::debug!(nar = %nar_hash, %url, "prefetching a NAR from its upstream");
         // Nobody reads the body: the import goes on without it.
         drop(body);
@@ -772,13 +773,15 @@ fn prefetch_nar(state: &Arc<AppState>, prefetch: &Arc<Prefetch>, path: UpstreamP
 
 /// Fetches a NAR over IPFS from the first of `locations` whose bytes are
 /// it, verified and imported through [`tee_import`] with nobody reading;
-/// whether one was.
+/// whether one was. The prefetch's `claim` goes with the first attempt.
 async fn fetch_from_peers(
     state: &Arc<AppState>,
     nar_hash: NarHash,
     size: u64,
     locations: Vec<NarLocation>,
+    claim: Running<NarHash>,
 ) -> bool {
+    let mut claim = Some(claim);
     for location in locations {
         let Ok(cid) = location.cid.parse::<cid::Cid>() else {
             continue;
@@ -790,6 +793,7 @@ async fn fetch_from_peers(
             size,
             refuter(state, nar_hash, cid),
             None,
+            claim.take(),
         );
         drop(body);
         if let Ok(Some(_)) = done.await {
@@ -869,6 +873,7 @@ async fn held_here(state: &AppState, locations: &[NarLocation]) -> Option<NarLoc
 fn fetch_from_upstream(
     state: &Arc<AppState>,
     path: UpstreamPath,
+    claim: Option<Running<NarHash>>,
 ) -> (
     String,
     impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
@@ -899,6 +904,7 @@ fn fetch_from_upstream(
         size,
         on_mismatch,
         Some(|m: &Metrics| &m.upstream_nar_fetched),
+        claim,
     );
     (url, body, done)
 }
@@ -929,7 +935,7 @@ async fn serve_from_upstream(
                 .into_response())
         }
     };
-    let (url, mut body, done) = fetch_from_upstream(state, path);
+    let (url, mut body, done) = fetch_from_upstream(state, path, None);
     tracing::info!(nar = %nar_hash, %url, "fetching a NAR from its upstream");
     if let Some((start, end)) = range {
         while let Some(chunk) = body.next().await {
@@ -990,7 +996,9 @@ impl Drop for ImportRunning {
 /// The import goes on when Nix hangs up, so the bytes are not fetched twice;
 /// an import that fails after Nix got its verified bytes is logged, and the
 /// NAR is simply not held here.
-/// `fetched` names the counter of NARs verified this way, if any.
+/// `fetched` names the counter of NARs verified this way, if any; a
+/// prefetch's `claim` is released once the NAR is recorded (or failed), so
+/// a NAR request waiting for it is served without waiting for the seeding.
 /// Returns the response's chunks and the task's end: the CID when recorded.
 fn tee_import<S, E>(
     state: Arc<AppState>,
@@ -999,6 +1007,7 @@ fn tee_import<S, E>(
     size: u64,
     on_mismatch: impl FnOnce(&crate::store::verify::VerifyError) + Send + 'static,
     fetched: Option<fn(&Metrics) -> &std::sync::atomic::AtomicU64>,
+    claim: Option<Running<NarHash>>,
 ) -> (
     impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin + 'static,
     tokio::task::JoinHandle<Option<cid::Cid>>,
@@ -1087,6 +1096,7 @@ where
             }
             Err(e) => tracing::error!(nar = %nar_hash, %cid, "cannot record a verified NAR: {e}"),
         }
+        drop(claim);
         if state.seed_fetched {
             seed(&state, cid, nar_hash).await;
         }
