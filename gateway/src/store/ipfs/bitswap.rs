@@ -1233,10 +1233,10 @@ fn block_charge(len: usize) -> u32 {
 /// Drains inbound streams as fast as possible (libp2p-stream keeps only one
 /// waiting) and reads each in its own task, within the stream caps; a
 /// stream beyond them is dropped, which resets it.
-/// Reads each admitted stream on its own task. The readers belong to this
-/// loop, so aborting it (the node shutting down) ends them too: a reader
-/// left behind would hold the block store, and with it the pins database,
-/// open until its peer closed the stream.
+///
+/// The reading tasks belong to this loop, so aborting it (the node shutting
+/// down) ends them too: a reader left behind would hold the block store,
+/// and with it the pins database, open until its peer closed the stream.
 async fn accept_loop(shared: Arc<Shared>, mut incoming: IncomingStreams) {
     let mut readers = tokio::task::JoinSet::new();
     loop {

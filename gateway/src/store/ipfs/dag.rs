@@ -896,8 +896,8 @@ pub fn walk_blocks<S: BlockSource>(
 }
 
 /// The whole file `root` read from `store` alone, on the calling thread:
-/// `None` when a block is missing or the file exceeds `max` bytes (at most
-/// `max` bytes are read before giving up). A small file held here is then
+/// `None` when a block is missing or the file exceeds `max` bytes (it gives
+/// up at the first block past `max`). A small file held here is then
 /// one blocking call, where [`read_range`] spends a task and a blocking
 /// hop on every block: for the small NARs a gateway serves most, those
 /// hops cost more than the reads.
