@@ -297,22 +297,19 @@ async fn nar_answer(
             )
         }
     };
+    let whole = !headers.contains_key(header::RANGE);
     if let Some(prefetch) = &state.prefetch {
         // A prefetch of this NAR under way: its bytes are here once it
         // ends. One still queued is this request's to do.
         prefetch.nars.unqueue(&nar_hash);
         prefetch.nars.wait(&nar_hash).await;
-        if let Some(nar) = (!headers.contains_key(header::RANGE))
-            .then(|| prefetch.take_held(&nar_hash))
-            .flatten()
-        {
+        if let Some(nar) = whole.then(|| prefetch.take_held(&nar_hash)).flatten() {
             Metrics::inc(&state.metrics.nar_served);
             return nar_response(StatusCode::OK, nar.len() as u64, None, Body::from(nar));
         }
     }
     let catalog = state.catalog.clone();
     let node = state.node.clone();
-    let whole = !headers.contains_key(header::RANGE);
     let (locations, from_upstream) = match tokio::task::spawn_blocking(move || {
         let locations = catalog.nar_locations(&nar_hash)?;
         if whole {
@@ -552,12 +549,7 @@ async fn serve_first_of(
         // Stream them while checking NarHash, holding back the end until it
         // matches; the first chunk is awaited here so a CID that fails at
         // once falls through to the next candidate.
-        let mut verified = VerifiedNar::new(
-            from_peers(state, cid),
-            nar_hash,
-            size,
-            refuter(state, nar_hash, cid),
-        );
+        let mut verified = verified_from_peers(state, cid, nar_hash, size);
         let first = match verified.next().await {
             Some(Ok(chunk)) => chunk,
             Some(Err(e)) => {
@@ -816,12 +808,7 @@ async fn fetch_to_memory(
         let Ok(cid) = location.cid.parse::<cid::Cid>() else {
             continue;
         };
-        let mut verified = VerifiedNar::new(
-            from_peers(state, cid),
-            nar_hash,
-            size,
-            refuter(state, nar_hash, cid),
-        );
+        let mut verified = verified_from_peers(state, cid, nar_hash, size);
         let mut whole = bytes::BytesMut::with_capacity(size.min(SMALL_NAR) as usize);
         while let Some(chunk) = verified.next().await {
             match chunk {
@@ -835,6 +822,28 @@ async fn fetch_to_memory(
         return Some(whole.freeze());
     }
     None
+}
+
+/// A CID's bytes over IPFS checked as they come against the NAR they should
+/// be (see [`VerifiedNar`]: the end is held back until NarHash matches); a
+/// mismatch refutes the CID.
+fn verified_from_peers(
+    state: &AppState,
+    cid: cid::Cid,
+    nar_hash: NarHash,
+    size: u64,
+) -> VerifiedNar<
+    impl futures::Stream<Item = Result<bytes::Bytes, crate::store::ipfs::IpfsError>>
+        + Send
+        + Unpin
+        + 'static,
+> {
+    VerifiedNar::new(
+        from_peers(state, cid),
+        nar_hash,
+        size,
+        refuter(state, nar_hash, cid),
+    )
 }
 
 /// A CID's bytes over IPFS, counted in `peer_bytes` as they come.
