@@ -928,6 +928,10 @@ impl Node {
         for t in self.lock_tasks().drain(..) {
             t.abort();
         }
+        // Each peer's bitswap writer holds the engine, and with it the block
+        // store and the pins database, until its sender goes; with peer
+        // tracking stopped, only this drops them.
+        self.inner.bitswap.set_peers(&[]).await;
         self.inner.ipfs.clone().exit_daemon().await;
     }
 }
